@@ -1,0 +1,362 @@
+//! Host side of the hypervisor: builds the BIOS and UEFI disk images (bootloader + ramdisk with
+//! guest images and VM configuration) and runs them on QEMU (nested KVM or TCG) or Bochs, with the
+//! serial console on stdout and in a log file, a timeout, and the run's status.
+//!
+//! The integration tests in `tests/` use this crate as a library.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use hypervisor::status::{EndLine, RunStatus};
+
+mod platforms;
+
+pub use platforms::{detect_kvm, Platform};
+
+/// The hypervisor image that users run.
+pub const HYPERVISOR_KERNEL: &str = env!("CARGO_BIN_FILE_HYPERVISOR_hypervisor");
+/// A test build that takes a page fault right after bring-up.
+pub const FAULT_TEST_KERNEL: &str = env!("CARGO_BIN_FILE_HYPERVISOR_hypervisor-fault-test");
+/// Name of the VM configuration inside the ramdisk.
+pub const VM_CONFIG_FILE: &str = "vms.conf";
+
+/// Which firmware boots the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// Legacy BIOS (SeaBIOS under QEMU, Bochs's BIOS).
+    Bios,
+    /// UEFI (OVMF under QEMU).
+    Uefi,
+}
+
+impl Firmware {
+    /// Parses `bios` or `uefi`.
+    pub fn parse(text: &str) -> Result<Self, BootError> {
+        match text {
+            "bios" => Ok(Firmware::Bios),
+            "uefi" => Ok(Firmware::Uefi),
+            other => Err(BootError::Usage(format!("unknown firmware {other:?}: expected bios or uefi"))),
+        }
+    }
+}
+
+impl fmt::Display for Firmware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        })
+    }
+}
+
+/// Everything that can go wrong before or around a run (not inside it: that is the serial log).
+#[derive(Debug)]
+pub enum BootError {
+    /// A program is missing.
+    MissingTool {
+        /// Program name.
+        tool: &'static str,
+        /// Debian package that provides it.
+        package: &'static str,
+    },
+    /// A firmware or ROM file is missing.
+    MissingFile {
+        /// Expected path.
+        path: PathBuf,
+        /// Debian package that provides it.
+        package: &'static str,
+    },
+    /// A file could not be read or written.
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// The bootloader could not build a disk image.
+    Image(String),
+    /// A platform was requested that cannot run here.
+    PlatformUnavailable(String),
+    /// Bad command-line usage.
+    Usage(String),
+}
+
+impl fmt::Display for BootError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BootError::MissingTool { tool, package } => {
+                write!(f, "{tool} not found: install the Debian package {package} (scripts/run.sh installs it)")
+            }
+            BootError::MissingFile { path, package } => write!(
+                f,
+                "{} not found: install the Debian package {package} (scripts/run.sh installs it)",
+                path.display()
+            ),
+            BootError::Io { context, source } => write!(f, "{context}: {source}"),
+            BootError::Image(e) => write!(f, "building the disk image failed: {e}"),
+            BootError::PlatformUnavailable(why) => f.write_str(why),
+            BootError::Usage(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for BootError {}
+
+pub(crate) fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> BootError {
+    let context = context.into();
+    move |source| BootError::Io { context, source }
+}
+
+/// Files to pack into the ramdisk: `(name inside the archive, contents)`.
+pub type RamdiskFiles = Vec<(String, Vec<u8>)>;
+
+/// The ramdisk for a VM configuration file: the file itself as `vms.conf`. Guest images named
+/// by the configuration join it once VMs can be configured.
+pub fn ramdisk_files(vm_config: Option<&Path>) -> Result<RamdiskFiles, BootError> {
+    let mut files = Vec::new();
+    if let Some(path) = vm_config {
+        let text = fs::read(path).map_err(io_error(format!("reading VM configuration {}", path.display())))?;
+        files.push((VM_CONFIG_FILE.to_string(), text));
+    }
+    Ok(files)
+}
+
+/// Packs files into the cpio archive the hypervisor reads.
+pub fn pack_ramdisk(files: &RamdiskFiles) -> Vec<u8> {
+    let entries: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
+    hypervisor::ramdisk::build(&entries)
+}
+
+/// Builds a bootable disk image of `kernel` for `firmware` with `ramdisk` at `out`.
+pub fn build_image(kernel: &Path, firmware: Firmware, ramdisk: &[u8], out: &Path) -> Result<(), BootError> {
+    let ramdisk_path = out.with_extension("ramdisk.cpio");
+    fs::write(&ramdisk_path, ramdisk).map_err(io_error(format!("writing {}", ramdisk_path.display())))?;
+    let result = match firmware {
+        Firmware::Bios => bootloader::BiosBoot::new(kernel).set_ramdisk(&ramdisk_path).create_disk_image(out),
+        Firmware::Uefi => bootloader::UefiBoot::new(kernel).set_ramdisk(&ramdisk_path).create_disk_image(out),
+    };
+    result.map_err(|e| BootError::Image(format!("{e:#}")))
+}
+
+/// One run of the hypervisor.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Emulator or accelerator.
+    pub platform: Platform,
+    /// Firmware path.
+    pub firmware: Firmware,
+    /// Hypervisor ELF to boot.
+    pub kernel: PathBuf,
+    /// Files for the ramdisk.
+    pub ramdisk: RamdiskFiles,
+    /// Wall-clock limit; the emulator is killed when it passes.
+    pub timeout: Duration,
+    /// Copy of the serial log (always written; defaults to the run directory).
+    pub log_path: Option<PathBuf>,
+    /// Echo serial output to stdout as it arrives.
+    pub echo: bool,
+    /// Connect our stdin to the guest's serial input (QEMU only).
+    pub interactive: bool,
+}
+
+impl RunConfig {
+    /// A quiet, non-interactive run of `kernel` with an empty ramdisk.
+    pub fn new(platform: Platform, firmware: Firmware, kernel: impl Into<PathBuf>) -> Self {
+        RunConfig {
+            platform,
+            firmware,
+            kernel: kernel.into(),
+            ramdisk: Vec::new(),
+            timeout: Duration::from_secs(120),
+            log_path: None,
+            echo: false,
+            interactive: false,
+        }
+    }
+}
+
+/// What happened in a run.
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    /// Everything the machine wrote to COM1.
+    pub serial: String,
+    /// The hypervisor's end line, if it printed one.
+    pub end: Option<(RunStatus, String)>,
+    /// The emulator was killed by the timeout.
+    pub timed_out: bool,
+    /// How the emulator process ended.
+    pub emulator_exit: String,
+    /// The emulator's own diagnostics (stderr, Bochs log tail).
+    pub emulator_messages: String,
+    /// Wall-clock duration.
+    pub elapsed: Duration,
+    /// Where the serial log was written.
+    pub log_path: PathBuf,
+}
+
+impl RunOutcome {
+    /// The run ended with a success end line and, where the emulator carries a status, a
+    /// matching one.
+    pub fn succeeded(&self) -> bool {
+        !self.timed_out && matches!(self.end, Some((RunStatus::Success, _)))
+    }
+
+    /// A one-line verdict for humans.
+    pub fn summary(&self) -> String {
+        match (&self.end, self.timed_out) {
+            (_, true) => format!("timed out after {:.1} s without an end line", self.elapsed.as_secs_f64()),
+            (Some((status, reason)), _) => format!(
+                "hypervisor ended with {} ({reason}) after {:.1} s; emulator {}",
+                if *status == RunStatus::Success { "success" } else { "failure" },
+                self.elapsed.as_secs_f64(),
+                self.emulator_exit
+            ),
+            (None, false) => format!("emulator {} without an end line from the hypervisor", self.emulator_exit),
+        }
+    }
+}
+
+/// A fresh directory for one run's images and logs, under `target/runs`.
+pub fn run_directory() -> Result<PathBuf, BootError> {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/runs");
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let dir = root.join(format!("{stamp}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
+    Ok(dir)
+}
+
+/// Builds the image and runs it to its end, its crash or the timeout.
+pub fn run(config: &RunConfig) -> Result<RunOutcome, BootError> {
+    platforms::check_available(config.platform, config.firmware)?;
+    let dir = run_directory()?;
+    let image = dir.join(format!("hypervisor-{}.img", config.firmware));
+    build_image(&config.kernel, config.firmware, &pack_ramdisk(&config.ramdisk), &image)?;
+    let log_path = config.log_path.clone().unwrap_or_else(|| dir.join("serial.log"));
+    let launch = platforms::launch(config, &image, &dir)?;
+    supervise(config, launch, log_path)
+}
+
+/// A started emulator and where its serial output comes from.
+pub(crate) struct Launch {
+    pub child: Child,
+    pub serial: SerialSource,
+    /// Files whose contents explain an emulator failure (Bochs's log).
+    pub diagnostics: Vec<PathBuf>,
+}
+
+/// QEMU writes the serial port to its stdout; Bochs writes it to a file.
+pub(crate) enum SerialSource {
+    Stdout,
+    File(PathBuf),
+}
+
+fn supervise(config: &RunConfig, mut launch: Launch, log_path: PathBuf) -> Result<RunOutcome, BootError> {
+    let start = Instant::now();
+    let mut log = fs::File::create(&log_path).map_err(io_error(format!("creating {}", log_path.display())))?;
+    let captured = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let echo = config.echo;
+
+    let sink = {
+        let captured = Arc::clone(&captured);
+        move |bytes: &[u8]| {
+            captured.lock().unwrap().extend_from_slice(bytes);
+            if echo {
+                let mut out = io::stdout().lock();
+                let _ = out.write_all(bytes);
+                let _ = out.flush();
+            }
+        }
+    };
+    let stderr = launch.child.stderr.take().map(|mut e| {
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = e.read_to_string(&mut text);
+            text
+        })
+    });
+    let mut reader: Option<thread::JoinHandle<()>> = None;
+    let mut tail: Option<(fs::File, PathBuf)> = None;
+    match &launch.serial {
+        SerialSource::Stdout => {
+            let mut out = launch.child.stdout.take().expect("stdout is piped");
+            let sink = sink.clone();
+            reader = Some(thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = out.read(&mut buf) {
+                    sink(&buf[..n]);
+                }
+            }));
+        }
+        SerialSource::File(path) => tail = Some((wait_for_file(path)?, path.clone())),
+    }
+
+    let mut poll_tail = |sink: &dyn Fn(&[u8])| {
+        if let Some((file, _)) = tail.as_mut() {
+            let mut buf = Vec::new();
+            if file.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
+                sink(&buf);
+            }
+        }
+    };
+    let deadline = start + config.timeout;
+    let mut timed_out = false;
+    let status = loop {
+        poll_tail(&sink);
+        if let Some(status) = launch.child.try_wait().map_err(io_error("waiting for the emulator"))? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            timed_out = true;
+            let _ = launch.child.kill();
+            break launch.child.wait().ok();
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    poll_tail(&sink);
+    if let Some(reader) = reader {
+        let _ = reader.join();
+    }
+    let elapsed = start.elapsed();
+
+    let serial_bytes = captured.lock().unwrap().clone();
+    log.write_all(&serial_bytes).map_err(io_error(format!("writing {}", log_path.display())))?;
+    let serial = String::from_utf8_lossy(&serial_bytes).into_owned();
+    let mut emulator_messages = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+    for path in &launch.diagnostics {
+        if let Ok(text) = fs::read_to_string(path) {
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(40);
+            emulator_messages.push_str(&format!("--- last lines of {} ---\n", path.display()));
+            emulator_messages.push_str(&lines[from..].join("\n"));
+            emulator_messages.push('\n');
+        }
+    }
+    let end = EndLine::find_last(&serial).map(|e| (e.status, e.reason.to_string()));
+    let emulator_exit = match (status, timed_out) {
+        (_, true) => "killed by the timeout".to_string(),
+        (Some(s), false) => platforms::describe_exit(config.platform, s),
+        (None, false) => "ended".to_string(),
+    };
+    Ok(RunOutcome { serial, end, timed_out, emulator_exit, emulator_messages, elapsed, log_path })
+}
+
+/// Bochs creates its serial file only once it has started.
+fn wait_for_file(path: &Path) -> Result<fs::File, BootError> {
+    for _ in 0..500 {
+        if let Ok(file) = fs::File::open(path) {
+            return Ok(file);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    // Create it ourselves so a run that never starts still has a (empty) log to show.
+    fs::File::create(path).map_err(io_error(format!("creating {}", path.display())))?;
+    fs::File::open(path).map_err(io_error(format!("opening {}", path.display())))
+}

@@ -1,0 +1,224 @@
+//! The three ways to run the image: QEMU with nested KVM, QEMU TCG (SVM with NPT), Bochs (VMX).
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+
+use crate::{io_error, BootError, Firmware, Launch, RunConfig, RunStatus, SerialSource};
+
+const QEMU: &str = "qemu-system-x86_64";
+const QEMU_PACKAGE: &str = "qemu-system-x86";
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+const BOCHS: &str = "bochs";
+const BOCHS_BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
+const BOCHS_VGA_BIOS: &str = "/usr/share/vgabios/vgabios.bin";
+const BOCHS_SDL_PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_sdl2.so";
+/// A Bochs model with VMX, EPT, VPID and unrestricted guest.
+pub const BOCHS_CPU_MODEL: &str = "corei7_skylake_x";
+/// The QEMU TCG CPU: SVM with nested paging (TCG has no VMX).
+pub const TCG_CPU: &str = "qemu64,+svm,+npt";
+/// Guest RAM of the machine the hypervisor runs on.
+const MACHINE_MEMORY_MIB: u32 = 1024;
+
+/// Where the hypervisor runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Platform {
+    /// QEMU with `-enable-kvm -cpu host` on a host with nested virtualization.
+    Kvm,
+    /// QEMU's TCG emulator with SVM and NPT.
+    Tcg,
+    /// Bochs with a VMX CPU model.
+    Bochs,
+}
+
+impl Platform {
+    /// Parses `kvm`, `tcg`, `bochs`, or `auto` (nested KVM when usable, otherwise TCG).
+    pub fn parse(text: &str) -> Result<Self, BootError> {
+        match text {
+            "kvm" => Ok(Platform::Kvm),
+            "tcg" => Ok(Platform::Tcg),
+            "bochs" => Ok(Platform::Bochs),
+            "auto" => Ok(if detect_kvm().is_ok() { Platform::Kvm } else { Platform::Tcg }),
+            other => Err(BootError::Usage(format!("unknown platform {other:?}: expected auto, kvm, tcg or bochs"))),
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Platform::Kvm => "kvm",
+            Platform::Tcg => "tcg",
+            Platform::Bochs => "bochs",
+        })
+    }
+}
+
+/// Nested KVM is usable when /dev/kvm opens read-write, the host CPU has VMX or SVM, and the
+/// KVM module has nested virtualization on. Returns why not otherwise.
+pub fn detect_kvm() -> Result<(), String> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("/dev/kvm cannot be opened read-write ({e})"))?;
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").map_err(|e| format!("/proc/cpuinfo: {e}"))?;
+    let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+    let module = if flags.split_whitespace().any(|f| f == "vmx") {
+        "kvm_intel"
+    } else if flags.split_whitespace().any(|f| f == "svm") {
+        "kvm_amd"
+    } else {
+        return Err("the host CPU shows neither vmx nor svm, so KVM cannot offer them to a nested guest".into());
+    };
+    let parameter = format!("/sys/module/{module}/parameters/nested");
+    match fs::read_to_string(&parameter).map(|s| s.trim().to_string()) {
+        Ok(v) if v == "Y" || v == "1" => Ok(()),
+        Ok(v) => Err(format!("{parameter} is {v}: load {module} with nested=1")),
+        Err(_) => Err(format!("{module} is not loaded ({parameter} missing)")),
+    }
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join(program)).find(|p| p.is_file())
+}
+
+fn require_tool(tool: &'static str, package: &'static str) -> Result<(), BootError> {
+    find_in_path(tool).map(|_| ()).ok_or(BootError::MissingTool { tool, package })
+}
+
+fn require_file(path: &str, package: &'static str) -> Result<(), BootError> {
+    if Path::new(path).is_file() {
+        Ok(())
+    } else {
+        Err(BootError::MissingFile { path: path.into(), package })
+    }
+}
+
+/// Checks that everything the platform needs is installed, with a one-line hint if not.
+pub(crate) fn check_available(platform: Platform, firmware: Firmware) -> Result<(), BootError> {
+    match platform {
+        Platform::Kvm | Platform::Tcg => {
+            require_tool(QEMU, QEMU_PACKAGE)?;
+            if firmware == Firmware::Uefi {
+                require_file(OVMF, "ovmf")?;
+            }
+            if platform == Platform::Kvm {
+                detect_kvm().map_err(|why| BootError::PlatformUnavailable(format!("nested KVM is not usable: {why}")))?;
+            }
+            Ok(())
+        }
+        Platform::Bochs => {
+            if firmware == Firmware::Uefi {
+                return Err(BootError::PlatformUnavailable(
+                    "Bochs has no UEFI firmware: use --firmware bios with --platform bochs".into(),
+                ));
+            }
+            require_tool(BOCHS, "bochs")?;
+            require_file(BOCHS_BIOS, "bochsbios")?;
+            require_file(BOCHS_VGA_BIOS, "vgabios")?;
+            require_file(BOCHS_SDL_PLUGIN, "bochs-sdl")
+        }
+    }
+}
+
+pub(crate) fn launch(config: &RunConfig, image: &Path, dir: &Path) -> Result<Launch, BootError> {
+    match config.platform {
+        Platform::Kvm | Platform::Tcg => launch_qemu(config, image),
+        Platform::Bochs => launch_bochs(image, dir),
+    }
+}
+
+fn launch_qemu(config: &RunConfig, image: &Path) -> Result<Launch, BootError> {
+    let mut qemu = Command::new(QEMU);
+    match config.platform {
+        Platform::Kvm => qemu.args(["-enable-kvm", "-cpu", "host"]),
+        _ => qemu.args(["-accel", "tcg", "-cpu", TCG_CPU]),
+    };
+    if config.firmware == Firmware::Uefi {
+        qemu.args(["-bios", OVMF]);
+    }
+    qemu.args(["-m", &MACHINE_MEMORY_MIB.to_string(), "-smp", "1", "-display", "none", "-monitor", "none"])
+        .args(["-serial", "stdio", "-no-reboot"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .arg("-drive")
+        .arg(format!("format=raw,file={}", image.display()))
+        .stdin(if config.interactive { Stdio::inherit() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = qemu.spawn().map_err(io_error(format!("starting {QEMU}")))?;
+    Ok(Launch { child, serial: SerialSource::Stdout, diagnostics: Vec::new() })
+}
+
+/// Bochs needs a CHS geometry that covers the image exactly: pad to whole 16-head, 63-sector
+/// cylinders.
+fn bochs_disk(image: &Path, dir: &Path) -> Result<(PathBuf, u64), BootError> {
+    const CYLINDER: u64 = 16 * 63 * 512;
+    let mut bytes = fs::read(image).map_err(io_error(format!("reading {}", image.display())))?;
+    let cylinders = (bytes.len() as u64).div_ceil(CYLINDER);
+    bytes.resize((cylinders * CYLINDER) as usize, 0);
+    let disk = dir.join("bochs-disk.img");
+    fs::write(&disk, bytes).map_err(io_error(format!("writing {}", disk.display())))?;
+    Ok((disk, cylinders))
+}
+
+fn launch_bochs(image: &Path, dir: &Path) -> Result<Launch, BootError> {
+    let (disk, cylinders) = bochs_disk(image, dir)?;
+    let serial = dir.join("bochs-serial.log");
+    let bochs_log = dir.join("bochs.log");
+    let config = format!(
+        "megs: {MACHINE_MEMORY_MIB}\n\
+         cpu: model={BOCHS_CPU_MODEL}, count=1, ips=100000000, reset_on_triple_fault=0\n\
+         romimage: file={BOCHS_BIOS}, options=fastboot\n\
+         vgaromimage: file={BOCHS_VGA_BIOS}\n\
+         ata0-master: type=disk, path=\"{}\", mode=flat, cylinders={cylinders}, heads=16, spt=63\n\
+         boot: disk\n\
+         display_library: sdl2\n\
+         com1: enabled=1, mode=file, dev=\"{}\"\n\
+         clock: sync=none, time0=utc\n\
+         log: \"{}\"\n\
+         panic: action=fatal\n\
+         error: action=report\n\
+         info: action=ignore\n\
+         debug: action=ignore\n",
+        disk.display(),
+        serial.display(),
+        bochs_log.display()
+    );
+    let config_path = dir.join("bochsrc");
+    fs::write(&config_path, config).map_err(io_error(format!("writing {}", config_path.display())))?;
+    // Debian's Bochs is a debugger build: it reads commands from this file, not from a prompt.
+    let commands = dir.join("bochs-commands");
+    fs::write(&commands, "c\nq\n").map_err(io_error(format!("writing {}", commands.display())))?;
+    let child = Command::new(BOCHS)
+        .args(["-q", "-unlock", "-f"])
+        .arg(&config_path)
+        .arg("-rc")
+        .arg(&commands)
+        .current_dir(dir)
+        .env("SDL_VIDEODRIVER", "dummy")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io_error(format!("starting {BOCHS}")))?;
+    Ok(Launch { child, serial: SerialSource::File(serial), diagnostics: vec![bochs_log] })
+}
+
+/// How the emulator's exit status reads, decoding QEMU's isa-debug-exit codes.
+pub(crate) fn describe_exit(platform: Platform, status: ExitStatus) -> String {
+    let code = status.code();
+    match (platform, code) {
+        (Platform::Kvm | Platform::Tcg, Some(c)) if c == RunStatus::Success.qemu_exit_code() => {
+            "exited through isa-debug-exit with the success code".into()
+        }
+        (Platform::Kvm | Platform::Tcg, Some(c)) if c == RunStatus::Failure.qemu_exit_code() => {
+            "exited through isa-debug-exit with the failure code".into()
+        }
+        (Platform::Kvm | Platform::Tcg, Some(0)) => "exited with code 0 (machine reset or powered off)".into(),
+        (Platform::Bochs, Some(1)) => "exited with code 1 (shutdown port or fatal error)".into(),
+        (_, Some(c)) => format!("exited with code {c}"),
+        (_, None) => format!("ended by a signal ({status})"),
+    }
+}

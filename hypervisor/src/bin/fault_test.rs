@@ -1,0 +1,25 @@
+//! A test build that faults on purpose right after bring-up, to prove the exception report path.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+bootloader_api::entry_point!(start, config = &hypervisor::platform::BOOT_CONFIG);
+
+/// Canonical, never mapped by the bootloader (it places everything in the upper half or near the
+/// kernel), so reading it raises #PF.
+#[cfg(target_os = "none")]
+const UNMAPPED: u64 = 0x0000_7ead_beef_0000;
+
+#[cfg(target_os = "none")]
+fn start(boot_info: &'static mut bootloader_api::BootInfo) -> ! {
+    let _host = hypervisor::platform::bring_up(boot_info);
+    log::info!("fault test: reading unmapped address {UNMAPPED:#x}");
+    // SAFETY: deliberately invalid; the read never completes because the #PF handler ends the run.
+    let value = unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
+    panic!("fault test: read of {UNMAPPED:#x} returned {value:#x} instead of faulting");
+}
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!("the fault-test hypervisor build runs on bare metal: the integration tests boot it");
+    std::process::exit(2);
+}

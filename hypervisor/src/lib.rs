@@ -1,0 +1,16 @@
+//! The hypervisor core.
+//!
+//! Everything outside [`platform`] is hardware-independent and compiles for the host as well, so it
+//! is unit-tested with `cargo test`. [`platform`] is the bare-metal layer: it exists only when the
+//! crate is built for `x86_64-unknown-none`.
+#![cfg_attr(target_os = "none", no_std)]
+
+extern crate alloc;
+
+pub mod mm;
+pub mod ramdisk;
+pub mod status;
+pub mod virt;
+
+#[cfg(target_os = "none")]
+pub mod platform;

@@ -1,0 +1,221 @@
+//! Host IDT: every CPU exception is reported with the full register state, then the run ends.
+//!
+//! The stubs are assembly so the report can show every general-purpose register as it was at
+//! the fault (the `x86-interrupt` ABI would only give the hardware frame).
+
+use core::fmt;
+
+use x86_64::instructions::tables::lidt;
+use x86_64::registers::control::{Cr0, Cr2, Cr3, Cr4};
+use x86_64::structures::DescriptorTablePointer;
+use x86_64::VirtAddr;
+
+use super::{exit, gdt, serial};
+use crate::status::{LineBuf, RunStatus};
+
+/// Registers as the stubs leave them on the stack, lowest address first.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ExceptionFrame {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rbp: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rbx: u64,
+    rax: u64,
+    vector: u64,
+    error_code: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+/// Each stub is padded to this size, so stub N lives at `start + N * STUB_SIZE`.
+const STUB_SIZE: u64 = 16;
+const EXCEPTION_VECTORS: usize = 32;
+
+// Vectors for which the CPU pushes an error code get no dummy push.
+macro_rules! exception_stubs {
+    ($($vector:literal $dummy:literal),* $(,)?) => {
+        core::arch::global_asm!(
+            ".pushsection .text.hv_exception_stubs, \"ax\"",
+            ".balign 16",
+            ".global hv_exception_stubs_start",
+            "hv_exception_stubs_start:",
+            $(concat!(".balign 16\n", $dummy, "\npush ", $vector, "\njmp hv_exception_common"),)*
+            "hv_exception_common:",
+            "push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
+            "push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14", "push r15",
+            "mov rdi, rsp",
+            "cld",
+            "call {report}",
+            "ud2",
+            ".popsection",
+            report = sym exception_report,
+        );
+    };
+}
+
+exception_stubs!(
+    0 "push 0", 1 "push 0", 2 "push 0", 3 "push 0", 4 "push 0", 5 "push 0", 6 "push 0", 7 "push 0",
+    8 "", 9 "push 0", 10 "", 11 "", 12 "", 13 "", 14 "", 15 "push 0",
+    16 "push 0", 17 "", 18 "push 0", 19 "push 0", 20 "push 0", 21 "", 22 "push 0", 23 "push 0",
+    24 "push 0", 25 "push 0", 26 "push 0", 27 "push 0", 28 "push 0", 29 "", 30 "", 31 "push 0",
+);
+
+unsafe extern "C" {
+    static hv_exception_stubs_start: u8;
+}
+
+#[repr(C, align(16))]
+struct Idt([u64; 512]);
+
+static mut IDT: Idt = Idt([0; 512]);
+
+/// Fills and loads the IDT. Call once, on the boot CPU, after the GDT.
+pub fn init() {
+    let stubs = (&raw const hv_exception_stubs_start) as u64;
+    let code_selector = gdt::selectors().code.0;
+    // SAFETY: single-threaded bring-up; nothing else references IDT until `lidt` below, and the
+    // table is static so it outlives every use by the CPU.
+    unsafe {
+        let idt = &mut *(&raw mut IDT);
+        for vector in 0..EXCEPTION_VECTORS {
+            let ist = if vector == 8 { gdt::DOUBLE_FAULT_IST as u64 + 1 } else { 0 };
+            let (low, high) = interrupt_gate(stubs + vector as u64 * STUB_SIZE, code_selector, ist);
+            idt.0[vector * 2] = low;
+            idt.0[vector * 2 + 1] = high;
+        }
+        lidt(&DescriptorTablePointer { limit: (size_of::<Idt>() - 1) as u16, base: VirtAddr::from_ptr(idt) });
+    }
+}
+
+/// A present, DPL 0, 64-bit interrupt gate (Intel SDM Vol. 3, 6.14.1).
+fn interrupt_gate(handler: u64, selector: u16, ist: u64) -> (u64, u64) {
+    const PRESENT_INTERRUPT_GATE: u64 = 0x8e;
+    let low = (handler & 0xffff)
+        | (selector as u64) << 16
+        | (ist & 0x7) << 32
+        | PRESENT_INTERRUPT_GATE << 40
+        | ((handler >> 16) & 0xffff) << 48;
+    (low, handler >> 32)
+}
+
+const NAMES: [&str; EXCEPTION_VECTORS] = [
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound range",
+    "#UD invalid opcode",
+    "#NM device not available",
+    "#DF double fault",
+    "coprocessor segment overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved (15)",
+    "#MF x87 floating point",
+    "#AC alignment check",
+    "#MC machine check",
+    "#XM SIMD floating point",
+    "#VE virtualization",
+    "#CP control protection",
+    "reserved (22)",
+    "reserved (23)",
+    "reserved (24)",
+    "reserved (25)",
+    "reserved (26)",
+    "reserved (27)",
+    "#HV hypervisor injection",
+    "#VC VMM communication",
+    "#SX security",
+    "reserved (31)",
+];
+
+struct PageFaultCode(u64);
+
+impl fmt::Display for PageFaultCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.0;
+        let pick = |bit: u64, yes, no| if c & (1 << bit) != 0 { yes } else { no };
+        write!(
+            f,
+            "{} {} in {} mode{}{}",
+            pick(0, "protection violation on", "not-present page on"),
+            if c & (1 << 4) != 0 { "instruction fetch" } else { pick(1, "write", "read") },
+            pick(2, "user", "supervisor"),
+            pick(3, ", reserved bit set", ""),
+            pick(5, ", protection key", ""),
+        )
+    }
+}
+
+extern "C" fn exception_report(frame: &ExceptionFrame) -> ! {
+    let vector = frame.vector as usize;
+    let name = NAMES.get(vector).copied().unwrap_or("unknown vector");
+    let f = frame;
+    serial::emergency_write(format_args!(
+        "\nEXCEPTION {name} (vector {vector}) error code {:#x}\n",
+        f.error_code
+    ));
+    if vector == 14 {
+        serial::emergency_write(format_args!(
+            "  page fault: {} at address {:#018x}\n",
+            PageFaultCode(f.error_code),
+            Cr2::read_raw()
+        ));
+    }
+    serial::emergency_write(format_args!(
+        "  RIP={:#018x} CS={:#06x} RFLAGS={:#018x} RSP={:#018x} SS={:#06x}\n\
+        \x20 RAX={:#018x} RBX={:#018x} RCX={:#018x} RDX={:#018x}\n\
+        \x20 RSI={:#018x} RDI={:#018x} RBP={:#018x} R8 ={:#018x}\n\
+        \x20 R9 ={:#018x} R10={:#018x} R11={:#018x} R12={:#018x}\n\
+        \x20 R13={:#018x} R14={:#018x} R15={:#018x}\n\
+        \x20 CR0={:#018x} CR2={:#018x} CR3={:#018x} CR4={:#018x}\n",
+        f.rip,
+        f.cs,
+        f.rflags,
+        f.rsp,
+        f.ss,
+        f.rax,
+        f.rbx,
+        f.rcx,
+        f.rdx,
+        f.rsi,
+        f.rdi,
+        f.rbp,
+        f.r8,
+        f.r9,
+        f.r10,
+        f.r11,
+        f.r12,
+        f.r13,
+        f.r14,
+        f.r15,
+        Cr0::read_raw(),
+        Cr2::read_raw(),
+        Cr3::read_raw().0.start_address().as_u64(),
+        Cr4::read_raw(),
+    ));
+    let mut reason = LineBuf::<160>::new();
+    let _ = fmt::Write::write_fmt(
+        &mut reason,
+        format_args!("host exception {name} (vector {vector}) at RIP {:#x}", f.rip),
+    );
+    exit::end(RunStatus::Failure, reason.as_str())
+}

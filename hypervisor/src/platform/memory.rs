@@ -1,0 +1,157 @@
+//! Physical memory: the frame allocator built from the boot memory map, and the heap.
+
+use bootloader_api::info::{BootInfo, MemoryRegionKind};
+use linked_list_allocator::LockedHeap;
+use spin::Mutex;
+use x86_64::registers::control::Cr3;
+
+use crate::mm::frames::{FrameAllocator, PhysRange, FRAME_SIZE};
+
+/// Free ranges and reservations the allocator can track; memory maps have a few dozen entries.
+pub type Frames = FrameAllocator<512, 128>;
+
+/// The host's physical frames.
+pub static FRAMES: Mutex<Frames> = Mutex::new(Frames::new());
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+const HEAP_BYTES: u64 = 16 << 20;
+const MIN_HEAP_BYTES: u64 = 1 << 20;
+/// Real-mode IVT, BIOS data and option ROMs live below 1 MiB: never hand it out.
+const LOW_MEMORY: PhysRange = PhysRange { start: 0, end: 1 << 20 };
+
+/// Where physical memory is mapped in the hypervisor's address space.
+#[derive(Clone, Copy)]
+pub struct PhysMap {
+    offset: u64,
+}
+
+impl PhysMap {
+    /// Virtual address of a physical address.
+    pub fn virt(&self, phys: u64) -> u64 {
+        self.offset + phys
+    }
+
+    /// Reads one page-table entry (or any aligned u64) of physical memory.
+    fn read_u64(&self, phys: u64) -> u64 {
+        // SAFETY: the bootloader maps all physical memory at `offset` (BOOT_CONFIG asks for
+        // it), and callers pass 8-byte-aligned addresses from page-table entries.
+        unsafe { core::ptr::read_volatile(self.virt(phys) as *const u64) }
+    }
+
+    /// Translates a virtual address of the current address space, or `None` if unmapped.
+    pub fn translate(&self, virt: u64) -> Option<u64> {
+        let mut table = Cr3::read().0.start_address().as_u64();
+        for level in (1..=4u32).rev() {
+            let index = (virt >> (12 + 9 * (level - 1))) & 0x1ff;
+            let entry = self.read_u64(table + index * 8);
+            if entry & PRESENT == 0 {
+                return None;
+            }
+            let address = entry & ADDRESS_MASK;
+            if level == 1 || (level <= 3 && entry & HUGE != 0) {
+                let page_mask = (1u64 << (12 + 9 * (level - 1))) - 1;
+                return Some((address & !page_mask) | (virt & page_mask));
+            }
+            table = address;
+        }
+        None
+    }
+
+    /// Calls `f` with the physical address of every page-table frame of the current address space.
+    fn for_each_table(&self, mut f: impl FnMut(u64)) {
+        let root = Cr3::read().0.start_address().as_u64();
+        f(root);
+        self.walk(root, 4, &mut f);
+    }
+
+    fn walk(&self, table: u64, level: u32, f: &mut impl FnMut(u64)) {
+        if level == 1 {
+            return;
+        }
+        for index in 0..512 {
+            let entry = self.read_u64(table + index * 8);
+            if entry & PRESENT == 0 || (level <= 3 && entry & HUGE != 0) {
+                continue;
+            }
+            let next = entry & ADDRESS_MASK;
+            f(next);
+            self.walk(next, level - 1, f);
+        }
+    }
+}
+
+const PRESENT: u64 = 1;
+const HUGE: u64 = 1 << 7;
+const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// What memory bring-up found, for the boot log.
+pub struct MemorySummary {
+    /// Physical-memory mapping.
+    pub phys: PhysMap,
+    /// Bytes the memory map calls usable.
+    pub usable_bytes: u64,
+    /// Heap size.
+    pub heap_bytes: u64,
+}
+
+/// Builds the frame allocator from the memory map, reserving everything the bootloader placed
+/// in memory, then carves out the heap.
+pub fn init(boot_info: &BootInfo) -> MemorySummary {
+    let offset = boot_info
+        .physical_memory_offset
+        .into_option()
+        .expect("the bootloader did not map physical memory (BOOT_CONFIG asks it to)");
+    let phys = PhysMap { offset };
+    let mut frames = FRAMES.lock();
+
+    let mut usable_bytes = 0;
+    let regions = &boot_info.memory_regions;
+    for region in regions.iter().filter(|r| r.kind == MemoryRegionKind::Usable) {
+        usable_bytes += region.end - region.start;
+        if let Err(e) = frames.add_usable(PhysRange { start: region.start, end: region.end }) {
+            log::warn!("memory: usable region {:#x}..{:#x}: {e}", region.start, region.end);
+        }
+    }
+
+    // The bootloader already marks these regions as not usable; reserving them again (after the
+    // usable memory is in, so even an unrecorded reservation is cut out) means a wrong memory
+    // map cannot make us hand out our own kernel, page tables or ramdisk.
+    let mut reserve = |range: PhysRange, what: &str| {
+        if let Err(e) = frames.reserve(range) {
+            log::warn!("memory: reserving {what} at {:#x}: {e}", range.start);
+        }
+    };
+    reserve(LOW_MEMORY, "low memory");
+    reserve(PhysRange::new(boot_info.kernel_addr, boot_info.kernel_len), "kernel image");
+    phys.for_each_table(|table| reserve(PhysRange::new(table, FRAME_SIZE), "page table"));
+    let boot_info_start = boot_info as *const BootInfo as u64;
+    for (virt, len, what) in [
+        (boot_info_start, size_of::<BootInfo>() as u64, "boot info"),
+        (regions.as_ptr() as u64, size_of_val(&**regions) as u64, "memory map"),
+        (boot_info.ramdisk_addr.into_option().unwrap_or(0), boot_info.ramdisk_len, "ramdisk"),
+    ] {
+        for page in (virt & !(FRAME_SIZE - 1)..virt + len).step_by(FRAME_SIZE as usize) {
+            if let Some(frame) = phys.translate(page) {
+                reserve(PhysRange::new(frame & !(FRAME_SIZE - 1), FRAME_SIZE), what);
+            }
+        }
+    }
+
+    let mut heap_bytes = HEAP_BYTES;
+    let heap_start = loop {
+        if let Some(start) = frames.alloc(heap_bytes / FRAME_SIZE, FRAME_SIZE) {
+            break start;
+        }
+        heap_bytes /= 2;
+        assert!(heap_bytes >= MIN_HEAP_BYTES, "not even {MIN_HEAP_BYTES} contiguous bytes of RAM for the heap");
+    };
+    // SAFETY: the range was just taken from the frame allocator, so nothing else uses it, and it
+    // is mapped through the physical-memory window for the whole run.
+    unsafe { HEAP.lock().init(phys.virt(heap_start) as *mut u8, heap_bytes as usize) };
+    if frames.lost_bytes() > 0 {
+        log::warn!("memory: {} KiB unusable because the memory map is too fragmented", frames.lost_bytes() / 1024);
+    }
+    MemorySummary { phys, usable_bytes, heap_bytes }
+}

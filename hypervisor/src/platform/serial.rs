@@ -1,0 +1,118 @@
+//! COM1 console and the `log` backend: every record carries a timestamp and its level.
+
+use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use spin::Mutex;
+use uart_16550::SerialPort;
+use x86_64::instructions::port::Port;
+
+const COM1: u16 = 0x3f8;
+
+// SAFETY: 0x3f8 is COM1 on every PC platform we boot on (QEMU, Bochs, real hardware).
+static SERIAL: Mutex<SerialPort> = Mutex::new(unsafe { SerialPort::new(COM1) });
+static LOGGER: Logger = Logger;
+static TSC_AT_BOOT: AtomicU64 = AtomicU64::new(0);
+static TSC_PER_MICROSECOND: AtomicU64 = AtomicU64::new(0);
+
+/// Programs COM1 (8N1: Bochs starts it at 5 data bits), calibrates the timestamp clock and
+/// installs the logger.
+pub fn init() {
+    SERIAL.lock().init();
+    TSC_AT_BOOT.store(rdtsc(), Ordering::Relaxed);
+    TSC_PER_MICROSECOND.store(calibrate_tsc_with_pit().unwrap_or(0), Ordering::Relaxed);
+    log::set_logger(&LOGGER).expect("logger installed twice");
+    log::set_max_level(log::LevelFilter::Info);
+    if TSC_PER_MICROSECOND.load(Ordering::Relaxed) == 0 {
+        log::warn!("TSC calibration against the PIT failed: timestamps are raw TSC ticks");
+    }
+}
+
+/// Writes to COM1 even if the lock is held: for exception and panic reports, where the holder
+/// may be the very code that faulted and will never release it.
+pub fn emergency_write(args: fmt::Arguments<'_>) {
+    // SAFETY: only called on the way to ending the run; interleaving with a half-written line
+    // is acceptable, a deadlock is not.
+    unsafe { SERIAL.force_unlock() };
+    let _ = SERIAL.lock().write_fmt(args);
+}
+
+/// Sends raw bytes to COM1.
+pub fn write_str(s: &str) {
+    let _ = SERIAL.lock().write_str(s);
+}
+
+/// Microseconds since `init`, or raw TSC ticks if calibration failed.
+pub fn uptime_micros() -> u64 {
+    let ticks = rdtsc().wrapping_sub(TSC_AT_BOOT.load(Ordering::Relaxed));
+    match TSC_PER_MICROSECOND.load(Ordering::Relaxed) {
+        0 => ticks,
+        rate => ticks / rate,
+    }
+}
+
+/// TSC frequency in ticks per microsecond (0 if unknown).
+pub fn tsc_per_microsecond() -> u64 {
+    TSC_PER_MICROSECOND.load(Ordering::Relaxed)
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects and is allowed at CPL 0.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Counts TSC ticks across 10 ms of PIT channel 2 (1.193182 MHz, mode 0, speaker gated off).
+fn calibrate_tsc_with_pit() -> Option<u64> {
+    const PIT_HZ: u64 = 1_193_182;
+    const COUNT: u16 = (PIT_HZ / 100) as u16;
+    let mut gate: Port<u8> = Port::new(0x61);
+    let mut command: Port<u8> = Port::new(0x43);
+    let mut channel2: Port<u8> = Port::new(0x42);
+    // SAFETY: ports 0x42/0x43/0x61 are the legacy PIT and speaker gate; channel 2 drives only
+    // the speaker, which stays disconnected (bit 1 clear).
+    unsafe {
+        let old = gate.read();
+        gate.write((old & !0x02) | 0x01);
+        command.write(0b1011_0000); // channel 2, lobyte/hibyte, mode 0, binary
+        channel2.write(COUNT as u8);
+        channel2.write((COUNT >> 8) as u8);
+        let start = rdtsc();
+        // Bounded: a missing PIT must not hang boot.
+        for _ in 0..50_000_000u32 {
+            if gate.read() & 0x20 != 0 {
+                let elapsed = rdtsc() - start;
+                gate.write(old);
+                let per_us = elapsed * 100 / 1_000_000;
+                return (per_us > 0).then_some(per_us);
+            }
+        }
+        gate.write(old);
+    }
+    None
+}
+
+struct Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let micros = uptime_micros();
+        let mut serial = SERIAL.lock();
+        let _ = writeln!(
+            serial,
+            "[{:>5}.{:06}] {:<5} {}",
+            micros / 1_000_000,
+            micros % 1_000_000,
+            record.level(),
+            record.args()
+        );
+    }
+
+    fn flush(&self) {}
+}
