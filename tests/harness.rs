@@ -1,1 +1,78 @@
-//! placeholder
+//! Shared helpers for the integration tests: boot the real image in a real emulator and judge
+//! the serial log, printing the whole log whenever an expectation fails.
+
+use std::time::Duration;
+
+pub use boot::{Firmware, Platform, RunOutcome, RunStatus};
+
+/// Generous for a loaded two-core CI machine; a healthy run takes a few seconds.
+pub const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Boots `kernel` on `platform` with `firmware` and an empty VM set, and returns the outcome.
+/// A run that cannot even start (missing emulator, image build failure) fails the test with
+/// the reason.
+pub fn boot(platform: Platform, firmware: Firmware, kernel: &str) -> RunOutcome {
+    let mut config = boot::RunConfig::new(platform, firmware, kernel);
+    config.timeout = TIMEOUT;
+    match boot::run(&config) {
+        Ok(outcome) => outcome,
+        Err(e) => panic!("could not run the hypervisor on {platform} with {firmware}: {e}"),
+    }
+}
+
+/// Assertions over one run's serial log.
+pub struct Log<'a>(pub &'a RunOutcome);
+
+impl Log<'_> {
+    fn fail(&self, what: &str) -> ! {
+        panic!(
+            "{what}\n--- run: {}\n--- serial log ({}):\n{}\n--- emulator messages:\n{}",
+            self.0.summary(),
+            self.0.log_path.display(),
+            self.0.serial,
+            self.0.emulator_messages
+        )
+    }
+
+    /// The log contains `needle`.
+    pub fn contains(&self, needle: &str) -> &Self {
+        if !self.0.serial.contains(needle) {
+            self.fail(&format!("serial log lacks {needle:?}"));
+        }
+        self
+    }
+
+    /// Some line contains every one of `needles` (for facts reported on one line).
+    pub fn line_with_all(&self, needles: &[&str]) -> &Self {
+        if !self.0.serial.lines().any(|line| needles.iter().all(|n| line.contains(n))) {
+            self.fail(&format!("no serial line contains all of {needles:?}"));
+        }
+        self
+    }
+
+    /// The run ended with this end-line status and a reason containing `reason`, and nothing
+    /// followed the end line.
+    pub fn ended(&self, status: RunStatus, reason: &str) -> &Self {
+        match &self.0.end {
+            Some((s, r)) if *s == status && r.contains(reason) => {}
+            _ => self.fail(&format!("expected the run to end with {status:?} ({reason:?})")),
+        }
+        let last = self.0.serial.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        if !last.starts_with(hypervisor_end_marker()) {
+            self.fail("the end line is not the last line of the log");
+        }
+        self
+    }
+
+    /// The emulator's own exit status says what the end line says.
+    pub fn emulator_exit_contains(&self, text: &str) -> &Self {
+        if !self.0.emulator_exit.contains(text) {
+            self.fail(&format!("emulator exit {:?} does not mention {text:?}", self.0.emulator_exit));
+        }
+        self
+    }
+}
+
+fn hypervisor_end_marker() -> &'static str {
+    "HV-END "
+}

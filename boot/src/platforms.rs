@@ -13,7 +13,7 @@ const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 const BOCHS: &str = "bochs";
 const BOCHS_BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
 const BOCHS_VGA_BIOS: &str = "/usr/share/vgabios/vgabios.bin";
-const BOCHS_SDL_PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_sdl2.so";
+const BOCHS_SDL_PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_sdl2_gui.so";
 /// A Bochs model with VMX, EPT, VPID and unrestricted guest.
 pub const BOCHS_CPU_MODEL: &str = "corei7_skylake_x";
 /// The QEMU TCG CPU: SVM with nested paging (TCG has no VMX).
@@ -105,7 +105,8 @@ pub(crate) fn check_available(platform: Platform, firmware: Firmware) -> Result<
                 require_file(OVMF, "ovmf")?;
             }
             if platform == Platform::Kvm {
-                detect_kvm().map_err(|why| BootError::PlatformUnavailable(format!("nested KVM is not usable: {why}")))?;
+                detect_kvm()
+                    .map_err(|why| BootError::PlatformUnavailable(format!("nested KVM is not usable: {why}")))?;
             }
             Ok(())
         }

@@ -91,13 +91,7 @@ impl<const N: usize, const R: usize> Default for FrameAllocator<N, R> {
 impl<const N: usize, const R: usize> FrameAllocator<N, R> {
     /// An allocator with no memory.
     pub const fn new() -> Self {
-        FrameAllocator {
-            free: [EMPTY; N],
-            free_len: 0,
-            reserved: [EMPTY; R],
-            reserved_len: 0,
-            lost_bytes: 0,
-        }
+        FrameAllocator { free: [EMPTY; N], free_len: 0, reserved: [EMPTY; R], reserved_len: 0, lost_bytes: 0 }
     }
 
     /// Adds usable memory, shrunk inward to whole frames and minus every reserved range.
@@ -187,7 +181,7 @@ impl<const N: usize, const R: usize> FrameAllocator<N, R> {
 
     /// Returns `frames` frames at `start` to the free list, refusing double frees and reserved memory.
     pub fn free(&mut self, start: u64, frames: u64) -> Result<(), FrameError> {
-        if start % FRAME_SIZE != 0 {
+        if !start.is_multiple_of(FRAME_SIZE) {
             return Err(FrameError::Unaligned);
         }
         let range = PhysRange::new(start, frames.saturating_mul(FRAME_SIZE));
@@ -294,7 +288,7 @@ impl<const N: usize, const R: usize> FrameAllocator<N, R> {
 }
 
 fn align_up(addr: u64) -> u64 {
-    addr.checked_add(FRAME_SIZE - 1).map_or(u64::MAX & !(FRAME_SIZE - 1), |a| a & !(FRAME_SIZE - 1))
+    addr.checked_add(FRAME_SIZE - 1).map_or(!(FRAME_SIZE - 1), |a| a & !(FRAME_SIZE - 1))
 }
 
 #[cfg(test)]
@@ -391,10 +385,7 @@ mod tests {
         a.reserve(PhysRange::new(0x80_0000, FRAME_SIZE)).unwrap();
         // A third, separate reservation has no slot, but is still cut from the free list.
         assert_eq!(a.reserve(PhysRange::new(0x90_0000, FRAME_SIZE)), Err(FrameError::TooFragmented));
-        assert_eq!(
-            ranges(&a),
-            [(0, 0x10_0000), (0x16_4000, 0x80_0000), (0x80_1000, 0x90_0000), (0x90_1000, 16 * MIB)]
-        );
+        assert_eq!(ranges(&a), [(0, 0x10_0000), (0x16_4000, 0x80_0000), (0x80_1000, 0x90_0000), (0x90_1000, 16 * MIB)]);
     }
 
     #[test]

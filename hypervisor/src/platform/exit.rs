@@ -14,6 +14,7 @@ const BOCHS_SHUTDOWN_PORT: u16 = 0x8900;
 pub fn end(status: RunStatus, reason: &str) -> ! {
     x86_64::instructions::interrupts::disable();
     serial::emergency_write(format_args!("{}\n", EndLine { status, reason }));
+    serial::drain();
     // SAFETY: both ports are unclaimed on real PCs and on the other emulator, so writing them
     // there does nothing; the machine halts below either way.
     unsafe {

@@ -5,6 +5,8 @@
 
 use core::fmt;
 
+use spin::Lazy;
+
 use x86_64::instructions::tables::lidt;
 use x86_64::registers::control::{Cr0, Cr2, Cr3, Cr4};
 use x86_64::structures::DescriptorTablePointer;
@@ -81,24 +83,25 @@ unsafe extern "C" {
 #[repr(C, align(16))]
 struct Idt([u64; 512]);
 
-static mut IDT: Idt = Idt([0; 512]);
-
-/// Fills and loads the IDT. Call once, on the boot CPU, after the GDT.
-pub fn init() {
+static IDT: Lazy<Idt> = Lazy::new(|| {
     let stubs = (&raw const hv_exception_stubs_start) as u64;
     let code_selector = gdt::selectors().code.0;
-    // SAFETY: single-threaded bring-up; nothing else references IDT until `lidt` below, and the
-    // table is static so it outlives every use by the CPU.
-    unsafe {
-        let idt = &mut *(&raw mut IDT);
-        for vector in 0..EXCEPTION_VECTORS {
-            let ist = if vector == 8 { gdt::DOUBLE_FAULT_IST as u64 + 1 } else { 0 };
-            let (low, high) = interrupt_gate(stubs + vector as u64 * STUB_SIZE, code_selector, ist);
-            idt.0[vector * 2] = low;
-            idt.0[vector * 2 + 1] = high;
-        }
-        lidt(&DescriptorTablePointer { limit: (size_of::<Idt>() - 1) as u16, base: VirtAddr::from_ptr(idt) });
+    let mut idt = Idt([0; 512]);
+    for vector in 0..EXCEPTION_VECTORS {
+        let ist = if vector == 8 { gdt::DOUBLE_FAULT_IST as u64 + 1 } else { 0 };
+        let (low, high) = interrupt_gate(stubs + vector as u64 * STUB_SIZE, code_selector, ist);
+        idt.0[vector * 2] = low;
+        idt.0[vector * 2 + 1] = high;
     }
+    idt
+});
+
+/// Loads the IDT. Call on each CPU after its GDT.
+pub fn init() {
+    let idt: &'static Idt = &IDT;
+    // SAFETY: the table is static, so it outlives every use by the CPU, and each gate points at
+    // a stub of `exception_stubs!` with the GDT's code selector.
+    unsafe { lidt(&DescriptorTablePointer { limit: (size_of::<Idt>() - 1) as u16, base: VirtAddr::from_ptr(idt) }) };
 }
 
 /// A present, DPL 0, 64-bit interrupt gate (Intel SDM Vol. 3, 6.14.1).
@@ -169,10 +172,7 @@ extern "C" fn exception_report(frame: &ExceptionFrame) -> ! {
     let vector = frame.vector as usize;
     let name = NAMES.get(vector).copied().unwrap_or("unknown vector");
     let f = frame;
-    serial::emergency_write(format_args!(
-        "\nEXCEPTION {name} (vector {vector}) error code {:#x}\n",
-        f.error_code
-    ));
+    serial::emergency_write(format_args!("\nEXCEPTION {name} (vector {vector}) error code {:#x}\n", f.error_code));
     if vector == 14 {
         serial::emergency_write(format_args!(
             "  page fault: {} at address {:#018x}\n",
@@ -213,9 +213,7 @@ extern "C" fn exception_report(frame: &ExceptionFrame) -> ! {
         Cr4::read_raw(),
     ));
     let mut reason = LineBuf::<160>::new();
-    let _ = fmt::Write::write_fmt(
-        &mut reason,
-        format_args!("host exception {name} (vector {vector}) at RIP {:#x}", f.rip),
-    );
+    let _ =
+        fmt::Write::write_fmt(&mut reason, format_args!("host exception {name} (vector {vector}) at RIP {:#x}", f.rip));
     exit::end(RunStatus::Failure, reason.as_str())
 }

@@ -19,6 +19,8 @@ static TSC_PER_MICROSECOND: AtomicU64 = AtomicU64::new(0);
 /// installs the logger.
 pub fn init() {
     SERIAL.lock().init();
+    // The UEFI/BIOS boot stage may leave its last line unterminated.
+    write_str("\n");
     TSC_AT_BOOT.store(rdtsc(), Ordering::Relaxed);
     TSC_PER_MICROSECOND.store(calibrate_tsc_with_pit().unwrap_or(0), Ordering::Relaxed);
     log::set_logger(&LOGGER).expect("logger installed twice");
@@ -35,6 +37,21 @@ pub fn emergency_write(args: fmt::Arguments<'_>) {
     // is acceptable, a deadlock is not.
     unsafe { SERIAL.force_unlock() };
     let _ = SERIAL.lock().write_fmt(args);
+}
+
+/// Waits (bounded) until the UART has shifted out every byte, so an emulator that exits right
+/// after the last write does not cut the end of the log.
+pub fn drain() {
+    const LINE_STATUS: u16 = COM1 + 5;
+    const TRANSMITTER_EMPTY: u8 = 1 << 6;
+    let mut status: Port<u8> = Port::new(LINE_STATUS);
+    for _ in 0..1_000_000 {
+        // SAFETY: reading the line status register of COM1 has no side effects.
+        if unsafe { status.read() } & TRANSMITTER_EMPTY != 0 {
+            return;
+        }
+        core::hint::spin_loop();
+    }
 }
 
 /// Sends raw bytes to COM1.

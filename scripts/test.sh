@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, lints (host and bare-metal), host unit tests, and the
+# integration tests that boot the real images under QEMU TCG (SVM) and Bochs (VMX).
+set -euo pipefail
+SCRIPT_NAME=test.sh
+cd "$(dirname "$0")/.."
+source scripts/lib/setup.sh
+
+ensure_packages "${QEMU_PACKAGES[@]}" "${BOCHS_PACKAGES[@]}"
+ensure_toolchain
+
+step() { say "== $*"; }
+step "cargo fmt --check"
+cargo fmt --all --check
+step "clippy (host)"
+cargo clippy --quiet --workspace --all-targets -- -D warnings
+step "clippy (bare metal)"
+cargo clippy --quiet -p hypervisor --target x86_64-unknown-none -- -D warnings
+step "tests"
+cargo test --workspace
+say "all checks passed"
