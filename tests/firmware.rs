@@ -37,3 +37,16 @@ fn bios_image_under_bochs_reports_vmx_with_ept_vpid_and_unrestricted_guest() {
     log.line_with_all(&["cpu: GenuineIntel", "VMX: EPT yes", "VPID yes", "unrestricted guest yes"]);
     assert_clean_bring_up(&log);
 }
+
+#[test]
+fn cpu_without_virtualization_is_reported_and_the_run_fails() {
+    let mut config = boot::RunConfig::new(Platform::Tcg, Firmware::Bios, boot::HYPERVISOR_KERNEL);
+    config.qemu_cpu = Some("qemu64,-svm".into());
+    config.timeout = integration_tests::TIMEOUT;
+    let outcome = boot::run(&config).expect("run under QEMU TCG");
+    Log(&outcome)
+        .line_with_all(&["cpu: AuthenticAMD", "no VMX or SVM"])
+        .contains("virtualization unusable: the CPU offers neither VMX nor SVM")
+        .ended(RunStatus::Failure, "virtualization unusable")
+        .emulator_exit_contains("isa-debug-exit with the failure code");
+}

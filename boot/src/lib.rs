@@ -164,6 +164,8 @@ pub struct RunConfig {
     pub echo: bool,
     /// Connect our stdin to the guest's serial input (QEMU only).
     pub interactive: bool,
+    /// QEMU `-cpu` model instead of the platform's default (for tests of unusable CPUs).
+    pub qemu_cpu: Option<String>,
 }
 
 impl RunConfig {
@@ -178,6 +180,7 @@ impl RunConfig {
             log_path: None,
             echo: false,
             interactive: false,
+            qemu_cpu: None,
         }
     }
 }

@@ -133,10 +133,17 @@ pub(crate) fn launch(config: &RunConfig, image: &Path, dir: &Path) -> Result<Lau
 
 fn launch_qemu(config: &RunConfig, image: &Path) -> Result<Launch, BootError> {
     let mut qemu = Command::new(QEMU);
-    match config.platform {
-        Platform::Kvm => qemu.args(["-enable-kvm", "-cpu", "host"]),
-        _ => qemu.args(["-accel", "tcg", "-cpu", TCG_CPU]),
+    let default_cpu = match config.platform {
+        Platform::Kvm => {
+            qemu.arg("-enable-kvm");
+            "host"
+        }
+        _ => {
+            qemu.args(["-accel", "tcg"]);
+            TCG_CPU
+        }
     };
+    qemu.args(["-cpu", config.qemu_cpu.as_deref().unwrap_or(default_cpu)]);
     if config.firmware == Firmware::Uefi {
         qemu.args(["-bios", OVMF]);
     }

@@ -10,6 +10,7 @@ extern crate alloc;
 pub mod mm;
 pub mod ramdisk;
 pub mod status;
+pub mod vcpu;
 pub mod virt;
 
 #[cfg(target_os = "none")]

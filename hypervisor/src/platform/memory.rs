@@ -6,6 +6,7 @@ use spin::Mutex;
 use x86_64::registers::control::Cr3;
 
 use crate::mm::frames::{FrameAllocator, PhysRange, FRAME_SIZE};
+use crate::mm::second_level::TableMemory;
 
 /// Free ranges and reservations the allocator can track; memory maps have a few dozen entries.
 pub type Frames = FrameAllocator<512, 128>;
@@ -82,6 +83,59 @@ impl PhysMap {
     }
 }
 
+static PHYS_OFFSET: spin::Once<u64> = spin::Once::new();
+
+/// The physical-memory mapping (available once [`init`] ran).
+pub fn phys_map() -> PhysMap {
+    PhysMap { offset: *PHYS_OFFSET.get().expect("memory::init has not run") }
+}
+
+/// Allocates `frames` zeroed, contiguous frames aligned to `align` bytes; returns the physical
+/// address, or `None` when memory is exhausted.
+pub fn alloc_zeroed(frames: u64, align: u64) -> Option<u64> {
+    let start = FRAMES.lock().alloc(frames, align)?;
+    // SAFETY: the frames were just handed to us, so nothing else aliases them, and they are
+    // mapped in the physical-memory window.
+    unsafe { core::ptr::write_bytes(phys_map().virt(start) as *mut u8, 0, (frames * FRAME_SIZE) as usize) };
+    Some(start)
+}
+
+/// A mutable view of host-physical memory owned by the caller.
+///
+/// # Safety
+/// The caller owns `[phys, phys + len)` (allocated from [`FRAMES`] and not shared), so no other
+/// reference to it exists while the slice lives.
+pub unsafe fn phys_slice_mut<'a>(phys: u64, len: usize) -> &'a mut [u8] {
+    // SAFETY: forwarded to the caller; the window maps all physical memory.
+    unsafe { core::slice::from_raw_parts_mut(phys_map().virt(phys) as *mut u8, len) }
+}
+
+/// Second-level page tables live in host frames reached through the physical-memory window.
+pub struct HostTables;
+
+impl TableMemory for HostTables {
+    fn alloc_table(&mut self) -> Option<u64> {
+        alloc_zeroed(1, FRAME_SIZE)
+    }
+
+    fn free_table(&mut self, phys: u64) {
+        if let Err(e) = FRAMES.lock().free(phys, 1) {
+            log::error!("memory: freeing page-table frame {phys:#x}: {e}");
+        }
+    }
+
+    fn table(&self, phys: u64) -> &[u64; 512] {
+        // SAFETY: `phys` is a table frame this allocator handed out (4 KiB, aligned), owned by
+        // the page-table builder that asks.
+        unsafe { &*(phys_map().virt(phys) as *const [u64; 512]) }
+    }
+
+    fn table_mut(&mut self, phys: u64) -> &mut [u64; 512] {
+        // SAFETY: as in `table`; the builder holds `&mut self`, so the view is unique.
+        unsafe { &mut *(phys_map().virt(phys) as *mut [u64; 512]) }
+    }
+}
+
 const PRESENT: u64 = 1;
 const HUGE: u64 = 1 << 7;
 const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
@@ -104,6 +158,7 @@ pub fn init(boot_info: &BootInfo) -> MemorySummary {
         .into_option()
         .expect("the bootloader did not map physical memory (BOOT_CONFIG asks it to)");
     let phys = PhysMap { offset };
+    PHYS_OFFSET.call_once(|| offset);
     let mut frames = FRAMES.lock();
 
     let mut usable_bytes = 0;

@@ -6,6 +6,8 @@ pub mod gdt;
 pub mod idt;
 pub mod memory;
 pub mod serial;
+pub mod svm;
+pub mod xstate;
 
 use alloc::format;
 use core::fmt::Write;

@@ -1,0 +1,151 @@
+//! Extended FPU/SSE/AVX state of a guest, kept apart from the host's.
+//!
+//! The host is built soft-float and never touches these registers itself, but anything the
+//! guest leaves in them must not leak to another guest, and the guest must find them as it left
+//! them. Each vCPU owns an XSAVE area; the world switch swaps XCR0 and the areas around entry.
+
+use core::arch::asm;
+
+use raw_cpuid::cpuid;
+
+use super::memory;
+use crate::mm::frames::FRAME_SIZE;
+use crate::vcpu::{XCR0_AVX, XCR0_SSE, XCR0_X87};
+
+/// What the CPU offers, probed once by [`enable`].
+#[derive(Clone, Copy, Debug)]
+pub struct XFeatures {
+    /// XSAVE/XRSTOR/XSETBV usable (CR4.OSXSAVE set by us).
+    pub xsave: bool,
+    /// XCR0 bits among x87/SSE/AVX the CPU supports.
+    pub supported_xcr0: u64,
+}
+
+static FEATURES: spin::Once<XFeatures> = spin::Once::new();
+
+/// Turns on CR4.OSFXSR and, where present, CR4.OSXSAVE with the full supported XCR0 for the
+/// host. Call on each CPU before running guests.
+pub fn enable() -> XFeatures {
+    *FEATURES.call_once(|| {
+        let leaf1 = cpuid!(1);
+        let xsave = leaf1.ecx & (1 << 26) != 0;
+        let supported_xcr0 = if xsave { cpuid!(0xd, 0).eax as u64 & (XCR0_X87 | XCR0_SSE | XCR0_AVX) } else { 0 };
+        // SAFETY: OSFXSR and OSXSAVE only enable instructions; OSXSAVE is set only when CPUID
+        // reports XSAVE, and XCR0 gets only supported bits with x87 set.
+        unsafe {
+            let mut cr4: u64;
+            asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack));
+            cr4 |= 1 << 9; // OSFXSR
+            if xsave {
+                cr4 |= 1 << 18; // OSXSAVE
+            }
+            asm!("mov cr4, {}", in(reg) cr4, options(nostack));
+            if xsave {
+                set_xcr0(supported_xcr0);
+            }
+        }
+        XFeatures { xsave, supported_xcr0 }
+    })
+}
+
+/// Loads XCR0.
+///
+/// # Safety
+/// CR4.OSXSAVE is set and `value` is valid for this CPU.
+unsafe fn set_xcr0(value: u64) {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("xsetbv", in("ecx") 0, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack)) };
+}
+
+/// One save area (a whole frame: XSAVE of x87/SSE/AVX needs 832 bytes, FXSAVE 512).
+pub struct XSaveArea {
+    phys: u64,
+}
+
+impl XSaveArea {
+    /// A zeroed area, with the legacy header giving x87 and SSE their reset values.
+    pub fn new() -> Option<Self> {
+        let phys = memory::alloc_zeroed(1, FRAME_SIZE)?;
+        let area = XSaveArea { phys };
+        // SAFETY: the frame was just allocated for this area.
+        let bytes = unsafe { memory::phys_slice_mut(phys, FRAME_SIZE as usize) };
+        bytes[0..2].copy_from_slice(&0x037fu16.to_le_bytes()); // FCW after FINIT
+        bytes[24..28].copy_from_slice(&0x1f80u32.to_le_bytes()); // MXCSR at reset
+        Some(area)
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        memory::phys_map().virt(self.phys) as *mut u8
+    }
+
+    /// Saves the current extended state (components in `xcr0`) into the area.
+    pub fn save(&mut self, features: &XFeatures, xcr0: u64) {
+        // SAFETY: the area is a 4 KiB-aligned frame owned by `self`, large enough for every
+        // component in XCR0 (x87, SSE, AVX), and the instructions are enabled by `enable`.
+        unsafe {
+            if features.xsave {
+                asm!("xsave64 [{}]", in(reg) self.ptr(), in("eax") xcr0 as u32, in("edx") (xcr0 >> 32) as u32,
+                    options(nostack));
+            } else {
+                asm!("fxsave64 [{}]", in(reg) self.ptr(), options(nostack));
+            }
+        }
+    }
+
+    /// Loads the area's extended state (components in `xcr0`).
+    pub fn restore(&self, features: &XFeatures, xcr0: u64) {
+        // SAFETY: as in `save`; the area holds either zeroes with a valid legacy header or a
+        // previous save, both valid XRSTOR/FXRSTOR images.
+        unsafe {
+            if features.xsave {
+                asm!("xrstor64 [{}]", in(reg) self.ptr(), in("eax") xcr0 as u32, in("edx") (xcr0 >> 32) as u32,
+                    options(nostack));
+            } else {
+                asm!("fxrstor64 [{}]", in(reg) self.ptr(), options(nostack));
+            }
+        }
+    }
+}
+
+/// The host's and one guest's extended state, swapped around guest execution.
+pub struct XState {
+    features: XFeatures,
+    host: XSaveArea,
+    guest: XSaveArea,
+    /// The guest's XCR0 (starts as x87 only, as after reset).
+    pub guest_xcr0: u64,
+}
+
+impl XState {
+    /// Areas for one vCPU.
+    pub fn new() -> Option<Self> {
+        Some(XState { features: enable(), host: XSaveArea::new()?, guest: XSaveArea::new()?, guest_xcr0: XCR0_X87 })
+    }
+
+    /// Before entry: park the host's state, load the guest's XCR0 and state.
+    pub fn enter_guest(&mut self) {
+        let host_xcr0 = self.features.supported_xcr0;
+        self.host.save(&self.features, host_xcr0);
+        if self.features.xsave {
+            // SAFETY: guest_xcr0 was validated against supported_xcr0 by the exit handler.
+            unsafe { set_xcr0(self.guest_xcr0) };
+        }
+        self.guest.restore(&self.features, self.guest_xcr0);
+    }
+
+    /// After exit: save the guest's state, bring the host's XCR0 and state back.
+    pub fn leave_guest(&mut self) {
+        self.guest.save(&self.features, self.guest_xcr0);
+        let host_xcr0 = self.features.supported_xcr0;
+        if self.features.xsave {
+            // SAFETY: the host's XCR0 is what `enable` validated.
+            unsafe { set_xcr0(host_xcr0) };
+        }
+        self.host.restore(&self.features, host_xcr0);
+    }
+
+    /// The XCR0 bits the guest may enable.
+    pub fn supported_xcr0(&self) -> u64 {
+        self.features.supported_xcr0
+    }
+}

@@ -1,0 +1,258 @@
+//! The one vCPU interface that both hardware backends (VMX in `platform::vmx`, SVM in
+//! `platform::svm`) implement, and the architecture-neutral exit type.
+//!
+//! Everything above this interface (exit handling, devices, VM lifecycle) is written once and
+//! compiles for the host, where it is tested against a mock vCPU.
+
+use core::fmt;
+
+/// General-purpose registers saved and restored by the world switch. RSP and RIP live in the
+/// VMCS/VMCB and are reached through [`Vcpu`] methods. The layout is shared with the assembly
+/// world switches: do not reorder.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gprs {
+    /// RAX (on SVM the world switch moves it to and from the VMCB).
+    pub rax: u64,
+    /// RBX.
+    pub rbx: u64,
+    /// RCX.
+    pub rcx: u64,
+    /// RDX.
+    pub rdx: u64,
+    /// RSI.
+    pub rsi: u64,
+    /// RDI.
+    pub rdi: u64,
+    /// RBP.
+    pub rbp: u64,
+    /// R8.
+    pub r8: u64,
+    /// R9.
+    pub r9: u64,
+    /// R10.
+    pub r10: u64,
+    /// R11.
+    pub r11: u64,
+    /// R12.
+    pub r12: u64,
+    /// R13.
+    pub r13: u64,
+    /// R14.
+    pub r14: u64,
+    /// R15.
+    pub r15: u64,
+}
+
+/// How a vCPU starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartMode {
+    /// 64-bit long mode: CR0.PE|PG, CR4.PAE, EFER.LME|LMA, flat 64-bit code (selector 0x08) and
+    /// data (0x10) segments, paging rooted at guest-physical `cr3`, interrupts disabled.
+    Long64 {
+        /// Entry point (guest-virtual, identity-mapped).
+        rip: u64,
+        /// Initial stack pointer.
+        rsp: u64,
+        /// Guest-physical address of the PML4.
+        cr3: u64,
+        /// Passed in RSI (a boot-parameter pointer, as in the Linux 64-bit boot protocol).
+        rsi: u64,
+    },
+    /// Real mode at `cs:ip` (segment base `cs << 4`), as after reset but with a chosen entry.
+    Real {
+        /// Code segment.
+        cs: u16,
+        /// Instruction pointer.
+        ip: u16,
+    },
+}
+
+/// A port I/O exit, decoded by the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoExit {
+    /// Port number.
+    pub port: u16,
+    /// Access width in bytes: 1, 2 or 4.
+    pub size: u8,
+    /// OUT/OUTS (true) or IN/INS (false).
+    pub write: bool,
+    /// INS/OUTS: data goes to or from memory at ES:RDI / DS:RSI.
+    pub string: bool,
+    /// REP prefix: RCX holds the count.
+    pub rep: bool,
+}
+
+/// Why the guest stopped running, independent of VMX or SVM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// CPUID: leaf in EAX, subleaf in ECX.
+    Cpuid,
+    /// RDMSR: MSR number in ECX.
+    Rdmsr,
+    /// WRMSR: MSR number in ECX, value in EDX:EAX.
+    Wrmsr,
+    /// HLT.
+    Hlt,
+    /// XSETBV: XCR number in ECX, value in EDX:EAX.
+    Xsetbv,
+    /// Port I/O.
+    Io(IoExit),
+    /// A guest-physical access the second-level tables do not allow (EPT violation / NPF):
+    /// MMIO, or a stray access.
+    NestedFault {
+        /// Guest-physical address.
+        gpa: u64,
+        /// The access was a write.
+        write: bool,
+        /// The access was an instruction fetch.
+        fetch: bool,
+    },
+    /// The guest can now take an interrupt (requested with [`Vcpu::set_interrupt_window_exiting`]).
+    InterruptWindow,
+    /// A host interrupt arrived while the guest ran.
+    ExternalInterrupt,
+    /// MOV to or from a control register that the backend intercepts.
+    CrAccess {
+        /// Control register number.
+        cr: u8,
+        /// MOV to CR (true) or from CR (false).
+        write: bool,
+        /// The general-purpose register operand (0 = RAX ... 15 = R15).
+        gpr: u8,
+    },
+    /// Triple fault (VMX) or shutdown intercept (SVM): the VM cannot continue.
+    TripleFault,
+    /// VM entry failed; the backend logged the decoded reason.
+    EntryFailed {
+        /// VMX VM-instruction error / SVM VMEXIT_INVALID.
+        code: u64,
+    },
+    /// Anything else: the raw exit reason, reported and fatal to the VM.
+    Unhandled {
+        /// VMX basic exit reason or SVM exit code.
+        reason: u64,
+        /// Exit qualification (VMX) or EXITINFO1 (SVM).
+        info: u64,
+    },
+}
+
+impl Exit {
+    /// A short name for exit statistics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Exit::Cpuid => "cpuid",
+            Exit::Rdmsr => "rdmsr",
+            Exit::Wrmsr => "wrmsr",
+            Exit::Hlt => "hlt",
+            Exit::Xsetbv => "xsetbv",
+            Exit::Io(io) if io.string => "io-string",
+            Exit::Io(_) => "io",
+            Exit::NestedFault { .. } => "nested-fault",
+            Exit::InterruptWindow => "interrupt-window",
+            Exit::ExternalInterrupt => "external-interrupt",
+            Exit::CrAccess { .. } => "cr-access",
+            Exit::TripleFault => "triple-fault",
+            Exit::EntryFailed { .. } => "entry-failed",
+            Exit::Unhandled { .. } => "unhandled",
+        }
+    }
+}
+
+/// The segment and mode facts exit handlers need to interpret guest state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestMode {
+    /// CR0.
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// EFER.
+    pub efer: u64,
+    /// CS.L: 64-bit code.
+    pub long_code: bool,
+    /// CS.D: 32-bit default operand size (outside 64-bit code).
+    pub default_32: bool,
+    /// CS base (for real and protected mode).
+    pub cs_base: u64,
+}
+
+/// One virtual CPU on one hardware backend. Not `Send`: a VMCS/VMCB is bound to the physical
+/// CPU that loaded it.
+pub trait Vcpu {
+    /// Enters the guest and runs it until the next exit.
+    fn run(&mut self) -> Exit;
+    /// The general-purpose registers (valid between exits; written back on the next entry).
+    fn gprs(&mut self) -> &mut Gprs;
+    /// Guest RIP.
+    fn rip(&self) -> u64;
+    /// Sets guest RIP.
+    fn set_rip(&mut self, rip: u64);
+    /// Guest RSP.
+    fn rsp(&self) -> u64;
+    /// Guest RFLAGS.
+    fn rflags(&self) -> u64;
+    /// Control registers, EFER and code-segment mode.
+    fn mode(&self) -> GuestMode;
+    /// Moves RIP past the instruction that caused the last exit (the backend knows its length).
+    fn skip_instruction(&mut self);
+    /// Queues an exception for the next entry.
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
+    /// Whether an external interrupt can be injected now (RFLAGS.IF set, no interrupt shadow,
+    /// nothing else pending).
+    fn interrupts_open(&self) -> bool;
+    /// Queues an external interrupt for the next entry; call only when [`Self::interrupts_open`].
+    fn inject_interrupt(&mut self, vector: u8);
+    /// Requests (or stops requesting) an [`Exit::InterruptWindow`] when interrupts open.
+    fn set_interrupt_window_exiting(&mut self, on: bool);
+    /// Sets the guest's XCR0 (already validated by [`valid_xcr0`]); the world switch loads it
+    /// around guest execution.
+    fn set_xcr0(&mut self, xcr0: u64);
+    /// The guest's XCR0.
+    fn xcr0(&self) -> u64;
+}
+
+/// XCR0 bits: x87, SSE, AVX (Intel SDM Vol. 1, 13.3).
+pub const XCR0_X87: u64 = 1 << 0;
+/// SSE state.
+pub const XCR0_SSE: u64 = 1 << 1;
+/// AVX state.
+pub const XCR0_AVX: u64 = 1 << 2;
+
+/// Whether XSETBV may load `value` into XCR0, given the bits the CPU supports (CPUID 0xD EAX):
+/// x87 must stay on, AVX needs SSE, and nothing unsupported.
+pub fn valid_xcr0(value: u64, supported: u64) -> bool {
+    value & XCR0_X87 != 0 && value & !supported == 0 && (value & XCR0_AVX == 0 || value & XCR0_SSE != 0)
+}
+
+/// A one-line description of an exit for logs.
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Io(io) => write!(
+                f,
+                "{} port {:#x} size {}{}{}",
+                if io.write { "out" } else { "in" },
+                io.port,
+                io.size,
+                if io.string { " string" } else { "" },
+                if io.rep { " rep" } else { "" }
+            ),
+            Exit::NestedFault { gpa, write, fetch } => write!(
+                f,
+                "nested page fault at gpa {gpa:#x} ({})",
+                if *fetch {
+                    "fetch"
+                } else if *write {
+                    "write"
+                } else {
+                    "read"
+                }
+            ),
+            Exit::EntryFailed { code } => write!(f, "VM entry failed (code {code:#x})"),
+            Exit::Unhandled { reason, info } => write!(f, "unhandled exit reason {reason:#x} (info {info:#x})"),
+            other => f.write_str(other.kind()),
+        }
+    }
+}
