@@ -24,6 +24,11 @@ pub use platforms::{detect_kvm, Platform};
 pub const HYPERVISOR_KERNEL: &str = env!("CARGO_BIN_FILE_HYPERVISOR_hypervisor");
 /// A test build that takes a page fault right after bring-up.
 pub const FAULT_TEST_KERNEL: &str = env!("CARGO_BIN_FILE_HYPERVISOR_hypervisor-fault-test");
+/// Guest images built with the hypervisor, available to VM sets by these names.
+pub const BUILT_IN_IMAGES: [(&str, &str); 2] = [
+    ("test-guest.elf", env!("CARGO_BIN_FILE_TEST_GUEST_test-guest")),
+    ("real-mode-guest.elf", env!("CARGO_BIN_FILE_TEST_GUEST_real-mode-guest")),
+];
 /// Name of the VM configuration inside the ramdisk.
 pub const VM_CONFIG_FILE: &str = "vms.conf";
 
@@ -86,6 +91,8 @@ pub enum BootError {
     PlatformUnavailable(String),
     /// Bad command-line usage.
     Usage(String),
+    /// The VM configuration is invalid or names a missing image.
+    Config(String),
 }
 
 impl fmt::Display for BootError {
@@ -103,6 +110,7 @@ impl fmt::Display for BootError {
             BootError::Image(e) => write!(f, "building the disk image failed: {e}"),
             BootError::PlatformUnavailable(why) => f.write_str(why),
             BootError::Usage(e) => f.write_str(e),
+            BootError::Config(e) => f.write_str(e),
         }
     }
 }
@@ -117,13 +125,26 @@ pub(crate) fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> 
 /// Files to pack into the ramdisk: `(name inside the archive, contents)`.
 pub type RamdiskFiles = Vec<(String, Vec<u8>)>;
 
-/// The ramdisk for a VM configuration file: the file itself as `vms.conf`. Guest images named
-/// by the configuration join it once VMs can be configured.
+/// The ramdisk for a VM configuration file: the file itself as `vms.conf` plus every kernel
+/// and initrd it names, from the built-in images or relative to the file's directory.
 pub fn ramdisk_files(vm_config: Option<&Path>) -> Result<RamdiskFiles, BootError> {
-    let mut files = Vec::new();
-    if let Some(path) = vm_config {
-        let text = fs::read(path).map_err(io_error(format!("reading VM configuration {}", path.display())))?;
-        files.push((VM_CONFIG_FILE.to_string(), text));
+    let Some(path) = vm_config else { return Ok(Vec::new()) };
+    let text = fs::read_to_string(path).map_err(io_error(format!("reading VM configuration {}", path.display())))?;
+    ramdisk_files_for(&text, path.parent().unwrap_or(Path::new(".")))
+        .map_err(|e| BootError::Config(format!("{}: {e}", path.display())))
+}
+
+/// The ramdisk for configuration text whose relative file names start at `base`.
+pub fn ramdisk_files_for(config_text: &str, base: &Path) -> Result<RamdiskFiles, String> {
+    let vms = hypervisor::vm::config::parse(config_text).map_err(|e| e.to_string())?;
+    let mut files = vec![(VM_CONFIG_FILE.to_string(), config_text.as_bytes().to_vec())];
+    for name in hypervisor::vm::config::referenced_files(&vms) {
+        let source = match BUILT_IN_IMAGES.iter().find(|(built_in, _)| *built_in == name) {
+            Some((_, artifact)) => PathBuf::from(artifact),
+            None => base.join(name),
+        };
+        let data = fs::read(&source).map_err(|e| format!("image {name:?} ({}): {e}", source.display()))?;
+        files.push((name.to_string(), data));
     }
     Ok(files)
 }

@@ -7,11 +7,15 @@
 
 extern crate alloc;
 
+pub mod devices;
+pub mod loader;
 pub mod mm;
+pub mod mmio;
 pub mod ramdisk;
 pub mod status;
 pub mod vcpu;
 pub mod virt;
+pub mod vm;
 
 #[cfg(target_os = "none")]
 pub mod platform;

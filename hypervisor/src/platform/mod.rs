@@ -3,13 +3,17 @@
 pub mod cpu;
 pub mod exit;
 pub mod gdt;
+pub mod guest;
 pub mod idt;
 pub mod memory;
 pub mod serial;
 pub mod svm;
+pub mod vmx;
 pub mod xstate;
 
 use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -18,6 +22,8 @@ use bootloader_api::BootInfo;
 
 use crate::ramdisk;
 use crate::status::{LineBuf, RunStatus};
+use crate::virt::Virtualization;
+use crate::vm::config;
 
 /// Asks the bootloader to map all physical memory (frame allocator, heap and, later, guest
 /// memory are reached through it) and for a stack large enough for exit handling.
@@ -77,24 +83,39 @@ pub fn run(host: Host) -> ! {
         Err(e) => exit::end(RunStatus::Failure, &format!("ramdisk: {e}")),
     };
     log::info!("ramdisk: {} bytes, {} files", host.ramdisk.len(), files.len());
-    let definitions = ramdisk::find(&files, VM_CONFIG_FILE)
-        .map(|f| {
-            core::str::from_utf8(f.data)
-                .unwrap_or("")
-                .lines()
-                .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-                .count()
-        })
-        .unwrap_or(0);
-    if definitions > 0 {
-        // Refuse rather than ignore: a user who configured VMs must not see a clean end.
-        exit::end(
-            RunStatus::Failure,
-            &format!("{VM_CONFIG_FILE} has {definitions} configuration lines, but this build cannot run VMs yet"),
-        );
+    let vms = match ramdisk::find(&files, VM_CONFIG_FILE) {
+        None => Vec::new(),
+        Some(file) => match core::str::from_utf8(file.data) {
+            Err(_) => exit::end(RunStatus::Failure, &format!("{VM_CONFIG_FILE}: not UTF-8 text")),
+            Ok(text) => {
+                config::parse(text).unwrap_or_else(|e| exit::end(RunStatus::Failure, &format!("{VM_CONFIG_FILE}: {e}")))
+            }
+        },
+    };
+    if vms.is_empty() {
+        log::info!("no VMs configured");
+        exit::end(RunStatus::Success, "no VMs configured");
     }
-    log::info!("no VMs configured");
-    exit::end(RunStatus::Success, "no VMs configured")
+    let enabled = match host.cpu.virtualization {
+        Virtualization::Svm(_) => svm::enable().map(|()| guest::Backend::Svm).map_err(|e| format!("{e}")),
+        Virtualization::Vmx(_) => vmx::enable().map(|()| guest::Backend::Vmx).map_err(|e| format!("{e}")),
+        Virtualization::None => Err("no virtualization extension".into()),
+    };
+    let backend = enabled.unwrap_or_else(|e| exit::end(RunStatus::Failure, &format!("enabling virtualization: {e}")));
+    log::info!("running {} VMs on {backend:?}", vms.len());
+    let mut failed: Vec<String> = Vec::new();
+    for vm in &vms {
+        log::info!("vm {}: starting", vm.name);
+        let end = guest::run(backend, vm, &files);
+        serial::write_line(&end.end_line(&vm.name));
+        if !end.is_clean() {
+            failed.push(format!("{} ({end})", vm.name));
+        }
+    }
+    if failed.is_empty() {
+        exit::end(RunStatus::Success, &format!("{} VMs ran, all ended cleanly", vms.len()))
+    }
+    exit::end(RunStatus::Failure, &format!("{} VMs ran, {} failed: {}", vms.len(), failed.len(), failed.join("; ")))
 }
 
 static PANICKING: AtomicBool = AtomicBool::new(false);

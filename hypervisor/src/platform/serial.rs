@@ -54,6 +54,13 @@ pub fn drain() {
     }
 }
 
+/// Sends one line to COM1.
+pub fn write_line(line: &str) {
+    let mut serial = SERIAL.lock();
+    let _ = serial.write_str(line);
+    let _ = serial.write_str("\n");
+}
+
 /// Sends raw bytes to COM1.
 pub fn write_str(s: &str) {
     let _ = SERIAL.lock().write_str(s);

@@ -1,0 +1,431 @@
+//! The test cases, one function each. Every case checks what it observes and returns a message
+//! with the expected and observed values when something is off.
+
+// Failure messages are formatted into a fixed buffer and returned by value: the guest has no
+// allocator to box them, and returning them is not on any hot path.
+#![allow(clippy::result_large_err)]
+
+use core::arch::asm;
+use core::fmt;
+
+use crate::cpu;
+use crate::serial::{self, println};
+use crate::traps::{self, Caught, VECTOR_BP, VECTOR_GP, VECTOR_TEST_IRQ, VECTOR_UD};
+
+/// What `cases=all` runs, in order. `triple-fault` is left out: it ends the VM.
+pub const ALL: [&str; 8] = ["cpuid", "msr", "io", "hlt", "mmio", "cr", "xsetbv", "exceptions"];
+
+pub type CaseResult = Result<(), Msg>;
+
+pub fn run(name: &str) -> CaseResult {
+    match name {
+        "cpuid" => cpuid(),
+        "msr" => msr(),
+        "io" => io(),
+        "hlt" => hlt(),
+        "mmio" => mmio(),
+        "cr" => cr(),
+        "xsetbv" => xsetbv(),
+        "exceptions" => exceptions(),
+        "triple-fault" => triple_fault(),
+        _ => Err(fail!("unknown case")),
+    }
+}
+
+/// A failure description, formatted into a fixed buffer (the guest has no allocator).
+pub struct Msg {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Msg {
+    pub fn new(args: fmt::Arguments) -> Msg {
+        let mut msg = Msg { buf: [0; 256], len: 0 };
+        // Writing into a Msg never fails; overlong text is cut off.
+        let _ = fmt::write(&mut msg, args);
+        msg
+    }
+}
+
+impl fmt::Write for Msg {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+impl fmt::Display for Msg {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(core::str::from_utf8(&self.buf[..self.len]).unwrap_or("(unprintable message)"))
+    }
+}
+
+macro_rules! fail {
+    ($($arg:tt)+) => {
+        $crate::cases::Msg::new(format_args!($($arg)+))
+    };
+}
+use fail;
+
+/// Fails the current case with the formatted message unless `cond` holds.
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)+) => {
+        if !$cond {
+            return Err(fail!($($arg)+));
+        }
+    };
+}
+
+/// Checks that the expected exception `what` was taken exactly once, at `rip`, with `error_code`.
+fn check_caught(what: &str, caught: Caught, rip: u64, error_code: u64) -> CaseResult {
+    ensure!(caught.hits == 1, "{what}: expected exactly 1 exception, saw {}", caught.hits);
+    ensure!(caught.rip == rip, "{what}: expected saved RIP {rip:#x}, saw {:#x}", caught.rip);
+    ensure!(
+        caught.error_code == error_code,
+        "{what}: expected error code {error_code:#x}, saw {:#x}",
+        caught.error_code
+    );
+    Ok(())
+}
+
+fn cpuid() -> CaseResult {
+    let leaf1 = cpu::cpuid(1, 0);
+    ensure!(
+        leaf1.ecx & cpu::CPUID1_ECX_HYPERVISOR != 0,
+        "expected CPUID.1:ECX bit 31 (hypervisor) set, ECX={:#010x}",
+        leaf1.ecx
+    );
+    ensure!(leaf1.ecx & cpu::CPUID1_ECX_VMX == 0, "expected CPUID.1:ECX bit 5 (VMX) clear, ECX={:#010x}", leaf1.ecx);
+
+    // A CPU without leaf 0x8000_0001 does not report SVM either.
+    if cpu::cpuid(0x8000_0000, 0).eax >= 0x8000_0001 {
+        let ext1 = cpu::cpuid(0x8000_0001, 0);
+        ensure!(
+            ext1.ecx & cpu::CPUID_EXT1_ECX_SVM == 0,
+            "expected CPUID.80000001h:ECX bit 2 (SVM) clear, ECX={:#010x}",
+            ext1.ecx
+        );
+    }
+
+    let hv = cpu::cpuid(0x4000_0000, 0);
+    ensure!(hv.eax >= 0x4000_0001, "expected CPUID.40000000h:EAX >= 0x40000001, saw {:#010x}", hv.eax);
+    let mut vendor = [0u8; 12];
+    vendor[0..4].copy_from_slice(&hv.ebx.to_le_bytes());
+    vendor[4..8].copy_from_slice(&hv.ecx.to_le_bytes());
+    vendor[8..12].copy_from_slice(&hv.edx.to_le_bytes());
+    ensure!(
+        &vendor == b"RsHypervisor",
+        "expected CPUID.40000000h vendor \"RsHypervisor\", saw EBX={:#010x} ECX={:#010x} EDX={:#010x}",
+        hv.ebx,
+        hv.ecx,
+        hv.edx
+    );
+    Ok(())
+}
+
+const MSR_PAT: u32 = 0x277;
+const MSR_LSTAR: u32 = 0xC000_0082;
+/// Not implemented by the platform: RDMSR and WRMSR of it must raise #GP(0).
+const MSR_UNKNOWN: u32 = 0x4000_00FF;
+/// Distinctive and canonical (bits 63:47 all set).
+const LSTAR_TEST_VALUE: u64 = 0xFFFF_8000_CAFE_F00D;
+
+fn msr() -> CaseResult {
+    let lstar = cpu::rdmsr(MSR_LSTAR);
+    // SAFETY: the guest never executes SYSCALL, so LSTAR is unused; it is restored right away.
+    unsafe { cpu::wrmsr(MSR_LSTAR, LSTAR_TEST_VALUE) };
+    let seen = cpu::rdmsr(MSR_LSTAR);
+    // SAFETY: as above.
+    unsafe { cpu::wrmsr(MSR_LSTAR, lstar) };
+    ensure!(seen == LSTAR_TEST_VALUE, "expected LSTAR {LSTAR_TEST_VALUE:#x} after writing it, saw {seen:#x}");
+
+    // Only PAT entry 7 changes (UC <-> WC): the guest's page tables only use entry 0.
+    let pat = cpu::rdmsr(MSR_PAT);
+    let entry7 = if pat >> 56 == 0x01 { 0x00 } else { 0x01 };
+    let pat_test = (pat & 0x00FF_FFFF_FFFF_FFFF) | entry7 << 56;
+    // SAFETY: every entry keeps a valid memory type and entry 7 is unused; restored right away.
+    unsafe { cpu::wrmsr(MSR_PAT, pat_test) };
+    let seen = cpu::rdmsr(MSR_PAT);
+    // SAFETY: restores the original value.
+    unsafe { cpu::wrmsr(MSR_PAT, pat) };
+    ensure!(seen == pat_test, "expected PAT {pat_test:#018x} after writing it, saw {seen:#018x}");
+
+    traps::expect(VECTOR_GP, 2);
+    let rip = rdmsr_faulting(MSR_UNKNOWN);
+    check_caught("rdmsr 0x400000ff", traps::caught(), rip, 0)?;
+
+    traps::expect(VECTOR_GP, 2);
+    let rip = wrmsr_faulting(MSR_UNKNOWN, 0x1234_5678_9ABC_DEF0);
+    check_caught("wrmsr 0x400000ff", traps::caught(), rip, 0)
+}
+
+/// RDMSR of an MSR that raises #GP (skipped by the handler); returns the instruction's address.
+fn rdmsr_faulting(msr: u32) -> u64 {
+    let addr: u64;
+    // SAFETY: the expected #GP is skipped by the trap handler (RDMSR is 2 bytes); nothing is read.
+    unsafe {
+        asm!(
+            "lea {addr}, [rip + 2f]",
+            "2:",
+            "rdmsr",
+            addr = out(reg) addr,
+            in("ecx") msr,
+            out("eax") _,
+            out("edx") _,
+            options(nostack, preserves_flags),
+        )
+    };
+    addr
+}
+
+/// WRMSR to an MSR that raises #GP (skipped by the handler); returns the instruction's address.
+fn wrmsr_faulting(msr: u32, value: u64) -> u64 {
+    let addr: u64;
+    // SAFETY: the expected #GP is skipped by the trap handler (WRMSR is 2 bytes); nothing is written.
+    unsafe {
+        asm!(
+            "lea {addr}, [rip + 2f]",
+            "2:",
+            "wrmsr",
+            addr = out(reg) addr,
+            in("ecx") msr,
+            in("eax") value as u32,
+            in("edx") (value >> 32) as u32,
+            options(nostack, preserves_flags),
+        )
+    };
+    addr
+}
+
+const COM1_THR: u16 = 0x3F8;
+const COM1_LSR: u16 = 0x3FD;
+const POST_PORT: u16 = 0x80;
+
+fn io() -> CaseResult {
+    let lsr = serial::inb(COM1_LSR);
+    ensure!(lsr == 0x60, "expected LSR (in al, dx from port 0x3fd) = 0x60, saw {lsr:#04x}");
+
+    // Port 0x80 is a write-only sink: these must simply not fault (a fault would end the run).
+    // SAFETY: writes to port 0x80 have no effect on the guest.
+    unsafe { asm!("out 0x80, al", in("al") 0x5Au8, options(nomem, nostack, preserves_flags)) };
+    // SAFETY: as above, 16-bit form.
+    unsafe { asm!("out dx, ax", in("dx") POST_PORT, in("ax") 0xA55Au16, options(nomem, nostack, preserves_flags)) };
+
+    // The harness looks for this text as a line of its own on COM1.
+    let text = b"rep-outsb-ok\n";
+    let (left, next): (usize, *const u8);
+    // SAFETY: reads exactly `text.len()` bytes of `text` (DF is clear, as the asm! contract says).
+    unsafe {
+        asm!(
+            "rep outsb",
+            inout("rcx") text.len() => left,
+            inout("rsi") text.as_ptr() => next,
+            in("dx") COM1_THR,
+            options(readonly, nostack, preserves_flags),
+        )
+    };
+    let expected_next = text.as_ptr() as usize + text.len();
+    ensure!(left == 0, "rep outsb: expected RCX 0 afterwards, saw {left:#x}");
+    ensure!(next as usize == expected_next, "rep outsb: expected RSI {expected_next:#x}, saw {:#x}", next as usize);
+
+    // Four bytes into an 8-byte buffer: the tail shows whether more than RCX bytes were stored.
+    let mut buffer = [0xAAu8; 8];
+    let start = buffer.as_mut_ptr();
+    let (left, next): (usize, *mut u8);
+    // SAFETY: stores exactly 4 bytes into `buffer`, which has 8.
+    unsafe {
+        asm!(
+            "rep insb",
+            inout("rcx") 4usize => left,
+            inout("rdi") start => next,
+            in("dx") COM1_LSR,
+            options(nostack, preserves_flags),
+        )
+    };
+    let expected_next = start as usize + 4;
+    ensure!(
+        buffer == [0x60, 0x60, 0x60, 0x60, 0xAA, 0xAA, 0xAA, 0xAA],
+        "rep insb: expected buffer 60 60 60 60 aa aa aa aa, saw {buffer:02x?}"
+    );
+    ensure!(left == 0, "rep insb: expected RCX 0 afterwards, saw {left:#x}");
+    ensure!(next as usize == expected_next, "rep insb: expected RDI {expected_next:#x}, saw {:#x}", next as usize);
+    Ok(())
+}
+
+const TEST_DEVICE_IRQ_PORT: u16 = 0xF5;
+const RFLAGS_IF: u64 = 1 << 9;
+
+fn hlt() -> CaseResult {
+    // SAFETY: only clears IF, which is how the guest always runs.
+    unsafe { asm!("cli", options(nomem, nostack)) };
+    traps::reset_test_irq_count();
+    // SAFETY: asks the test device to raise VECTOR_TEST_IRQ, which has a handler.
+    unsafe {
+        asm!("out dx, al", in("dx") TEST_DEVICE_IRQ_PORT, in("al") VECTOR_TEST_IRQ, options(nomem, nostack, preserves_flags))
+    };
+    let early = traps::test_irq_count();
+
+    // STI's one-instruction interrupt shadow makes the interrupt arrive at the HLT, not before it,
+    // so HLT cannot sleep forever after a delivery it missed. No `nomem`: the handler writes memory.
+    // SAFETY: interrupts are enabled only for the HLT; every vector has a handler.
+    unsafe { asm!("sti", "hlt", "cli", options(nostack)) };
+    let count = traps::test_irq_count();
+
+    let rflags: u64;
+    // SAFETY: reads RFLAGS through the stack (push then pop).
+    unsafe { asm!("pushfq", "pop {}", out(reg) rflags, options(nomem, preserves_flags)) };
+    ensure!(early == 0, "vector 0x40 delivered {early} time(s) while IF=0, expected none before sti");
+    ensure!(count == 1, "expected vector 0x40 exactly once across sti; hlt, saw {count}");
+    ensure!(rflags & RFLAGS_IF == 0, "expected IF clear after cli, RFLAGS={rflags:#x}");
+    Ok(())
+}
+
+const MMIO_ID: usize = 0xD000_0000;
+const MMIO_SCRATCH: usize = 0xD000_0008;
+
+fn mmio() -> CaseResult {
+    // Explicit instructions, because the access width is what the hypervisor has to decode.
+    let id: u32;
+    // SAFETY: the test device's ID register is identity-mapped and reading it has no side effects.
+    unsafe { asm!("mov {:e}, dword ptr [{}]", out(reg) id, in(reg) MMIO_ID, options(nostack, preserves_flags)) };
+    ensure!(id == 0x1234_5678, "expected 32-bit read of 0xd0000000 = 0x12345678, saw {id:#010x}");
+
+    let value: u64 = 0x1122_3344_5566_7788;
+    let seen: u64;
+    // SAFETY: the scratch register is identity-mapped device memory that only this guest uses.
+    unsafe {
+        asm!("mov qword ptr [{addr}], {value}", addr = in(reg) MMIO_SCRATCH, value = in(reg) value, options(nostack, preserves_flags));
+        asm!("mov {}, qword ptr [{}]", out(reg) seen, in(reg) MMIO_SCRATCH, options(nostack, preserves_flags));
+    }
+    ensure!(seen == value, "expected 64-bit read back of 0xd0000008 = {value:#018x}, saw {seen:#018x}");
+
+    let seen: u8;
+    // SAFETY: as above, byte accesses.
+    unsafe {
+        asm!("mov byte ptr [{}], {}", in(reg) MMIO_SCRATCH, in(reg_byte) 0x99u8, options(nostack, preserves_flags));
+        asm!("mov {}, byte ptr [{}]", out(reg_byte) seen, in(reg) MMIO_SCRATCH, options(nostack, preserves_flags));
+    }
+    ensure!(seen == 0x99, "expected 8-bit read back of 0xd0000008 = 0x99, saw {seen:#04x}");
+
+    let low: u32;
+    // SAFETY: as for the 32-bit read of the ID register.
+    unsafe { asm!("movzx {:e}, word ptr [{}]", out(reg) low, in(reg) MMIO_ID, options(nostack, preserves_flags)) };
+    ensure!(low == 0x5678, "expected movzx of the 16-bit read of 0xd0000000 = 0x5678, saw {low:#x}");
+    Ok(())
+}
+
+fn cr() -> CaseResult {
+    let cr0 = cpu::read_cr0();
+    ensure!(cr0 & cpu::CR0_PE != 0, "expected CR0.PE set, CR0={cr0:#x}");
+    ensure!(cr0 & cpu::CR0_PG != 0, "expected CR0.PG set, CR0={cr0:#x}");
+    let cr4 = cpu::read_cr4();
+    ensure!(cr4 & cpu::CR4_PAE != 0, "expected CR4.PAE set, CR4={cr4:#x}");
+    ensure!(cr4 & cpu::CR4_VMXE == 0, "expected CR4.VMXE clear as seen by the guest, CR4={cr4:#x}");
+
+    // SAFETY: this target is soft-float, so no x87/SSE instruction can hit CR0.TS; restored below.
+    unsafe { cpu::write_cr0(cr0 | cpu::CR0_TS) };
+    let with_ts = cpu::read_cr0();
+    // SAFETY: clears TS again, leaving the other bits as they were.
+    unsafe { cpu::write_cr0(cr0 & !cpu::CR0_TS) };
+    let without_ts = cpu::read_cr0();
+    // SAFETY: back to the value the guest was started with.
+    unsafe { cpu::write_cr0(cr0) };
+    ensure!(with_ts == cr0 | cpu::CR0_TS, "expected CR0 {:#x} after setting TS, saw {with_ts:#x}", cr0 | cpu::CR0_TS);
+    ensure!(
+        without_ts == cr0 & !cpu::CR0_TS,
+        "expected CR0 {:#x} after clearing TS, saw {without_ts:#x}",
+        cr0 & !cpu::CR0_TS
+    );
+
+    if cpu::has_xsave() {
+        enable_osxsave()?;
+    }
+    Ok(())
+}
+
+/// Sets CR4.OSXSAVE (the CPU must support XSAVE) and checks that it reads back.
+fn enable_osxsave() -> CaseResult {
+    let cr4 = cpu::read_cr4();
+    // SAFETY: CPUID reports XSAVE, so OSXSAVE is a supported bit; the guest keeps no extended state.
+    unsafe { cpu::write_cr4(cr4 | cpu::CR4_OSXSAVE) };
+    let seen = cpu::read_cr4();
+    ensure!(
+        seen == cr4 | cpu::CR4_OSXSAVE,
+        "expected CR4 {:#x} after setting OSXSAVE, saw {seen:#x}",
+        cr4 | cpu::CR4_OSXSAVE
+    );
+    Ok(())
+}
+
+const XCR0_X87_SSE: u64 = 0b11;
+/// SSE without x87: XCR0 bit 0 must always be set, so XSETBV raises #GP(0).
+const XCR0_ILLEGAL: u64 = 0b10;
+
+fn xsetbv() -> CaseResult {
+    ensure!(cpu::has_xsave(), "CPU has no XSAVE");
+    enable_osxsave()?;
+
+    let original = cpu::xgetbv(0);
+    // SAFETY: x87|SSE is always a legal XCR0 on a CPU with XSAVE.
+    unsafe { cpu::xsetbv(0, XCR0_X87_SSE) };
+    let seen = cpu::xgetbv(0);
+
+    traps::expect(VECTOR_GP, 3);
+    let rip = xsetbv_faulting(XCR0_ILLEGAL);
+    let caught = traps::caught();
+    let after = cpu::xgetbv(0);
+    // SAFETY: puts back the value the guest started with, which was legal.
+    unsafe { cpu::xsetbv(0, original) };
+
+    ensure!(seen == XCR0_X87_SSE, "expected XGETBV(0) = 0x3 after XSETBV, saw {seen:#x}");
+    check_caught("xsetbv xcr0=0x2", caught, rip, 0)?;
+    ensure!(after == XCR0_X87_SSE, "expected XCR0 to stay 0x3 after the faulting XSETBV, saw {after:#x}");
+    Ok(())
+}
+
+/// XSETBV of an illegal XCR0 (skipped by the handler); returns the instruction's address.
+fn xsetbv_faulting(value: u64) -> u64 {
+    let addr: u64;
+    // SAFETY: the expected #GP is skipped by the trap handler (XSETBV is 3 bytes); XCR0 is unchanged.
+    unsafe {
+        asm!(
+            "lea {addr}, [rip + 2f]",
+            "2:",
+            "xsetbv",
+            addr = out(reg) addr,
+            in("ecx") 0u32,
+            in("eax") value as u32,
+            in("edx") (value >> 32) as u32,
+            options(nostack, preserves_flags),
+        )
+    };
+    addr
+}
+
+fn exceptions() -> CaseResult {
+    // #BP is a trap: the saved RIP already points past INT3, so nothing is skipped.
+    traps::expect(VECTOR_BP, 0);
+    let after_int3: u64;
+    // SAFETY: the #BP handler counts the trap and resumes after the INT3.
+    unsafe { asm!("lea {}, [rip + 2f]", "int3", "2:", out(reg) after_int3, options(nostack, preserves_flags)) };
+    check_caught("int3", traps::caught(), after_int3, 0)?;
+
+    // #UD is a fault: the saved RIP points at UD2, which the handler skips (2 bytes).
+    traps::expect(VECTOR_UD, 2);
+    let ud2_at: u64;
+    // SAFETY: the #UD handler counts the fault and resumes after the UD2.
+    unsafe { asm!("lea {}, [rip + 2f]", "2:", "ud2", out(reg) ud2_at, options(nostack, preserves_flags)) };
+    check_caught("ud2", traps::caught(), ud2_at, 0)
+}
+
+fn triple_fault() -> CaseResult {
+    println!("case triple-fault: triple faulting now");
+    traps::load_empty_idt();
+    // SAFETY: with an IDT limit of 0, INT3 cannot be delivered: #GP, then #DF, then a triple fault,
+    // on which the hypervisor ends the VM. Nothing after this should run.
+    unsafe { asm!("int3", options(nostack)) };
+    traps::reload_idt();
+    Err(fail!("still running after int3 with a zero-limit IDT, expected the VM to be killed"))
+}

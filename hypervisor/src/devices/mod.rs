@@ -1,0 +1,244 @@
+//! Emulated devices and the bus that routes port and MMIO accesses to them.
+//!
+//! Devices never reach into the vCPU: what they want to happen next (console output, an
+//! interrupt, ending the VM) is returned through [`Events`], and the VM's run loop acts on it.
+
+pub mod console;
+pub mod debug_exit;
+pub mod test_device;
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::fmt;
+
+/// What devices ask of the VM after an access.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Events {
+    /// Bytes for the VM's console.
+    pub console: Vec<u8>,
+    /// Interrupt vectors to deliver to the vCPU.
+    pub interrupts: Vec<u8>,
+    /// The guest asked to end the VM with this status (debug-exit port).
+    pub exit_status: Option<u32>,
+}
+
+/// A half-open range of ports or guest-physical addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// First port or address.
+    pub start: u64,
+    /// Number of ports or bytes.
+    pub len: u64,
+}
+
+impl Span {
+    fn contains(&self, at: u64) -> bool {
+        at >= self.start && at - self.start < self.len
+    }
+
+    fn overlaps(&self, other: &Span) -> bool {
+        self.start < other.start.saturating_add(other.len) && other.start < self.start.saturating_add(self.len)
+    }
+}
+
+/// One emulated device. Widths are 1, 2, 4 (ports) or 1, 2, 4, 8 (MMIO) bytes; values are
+/// zero-extended. Unimplemented reads float high, as on a real bus.
+pub trait Device {
+    /// Name for logs.
+    fn name(&self) -> &'static str;
+    /// Port ranges the device claims.
+    fn ports(&self) -> &[Span] {
+        &[]
+    }
+    /// Guest-physical ranges the device claims.
+    fn mmio(&self) -> &[Span] {
+        &[]
+    }
+    /// Port read.
+    fn io_read(&mut self, _port: u16, size: u8) -> u32 {
+        ones(size) as u32
+    }
+    /// Port write.
+    fn io_write(&mut self, _port: u16, _size: u8, _value: u32, _events: &mut Events) {}
+    /// MMIO read.
+    fn mmio_read(&mut self, _gpa: u64, size: u8) -> u64 {
+        ones(size)
+    }
+    /// MMIO write.
+    fn mmio_write(&mut self, _gpa: u64, _size: u8, _value: u64, _events: &mut Events) {}
+}
+
+/// All ones in `size` bytes.
+pub fn ones(size: u8) -> u64 {
+    match size {
+        1 => 0xff,
+        2 => 0xffff,
+        4 => 0xffff_ffff,
+        _ => u64::MAX,
+    }
+}
+
+/// Two devices claim the same port or address.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Overlap {
+    /// The device being added.
+    pub new: &'static str,
+    /// The device already there.
+    pub existing: &'static str,
+    /// Start of the new device's overlapping range.
+    pub at: u64,
+    /// Whether the overlap is in MMIO (else ports).
+    pub mmio: bool,
+}
+
+impl fmt::Display for Overlap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = if self.mmio { "MMIO range" } else { "port range" };
+        write!(f, "device {} claims {kind} at {:#x}, which {} already claims", self.new, self.at, self.existing)
+    }
+}
+
+/// Routes accesses to devices.
+#[derive(Default)]
+pub struct Bus {
+    devices: Vec<Box<dyn Device>>,
+}
+
+impl Bus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Bus::default()
+    }
+
+    /// Adds a device, refusing any overlap with the ones already on the bus.
+    pub fn add(&mut self, device: Box<dyn Device>) -> Result<(), Overlap> {
+        for existing in &self.devices {
+            for (mine, theirs, mmio) in
+                [(device.ports(), existing.ports(), false), (device.mmio(), existing.mmio(), true)]
+            {
+                if let Some(span) = mine.iter().find(|m| theirs.iter().any(|t| t.overlaps(m))) {
+                    return Err(Overlap { new: device.name(), existing: existing.name(), at: span.start, mmio });
+                }
+            }
+        }
+        self.devices.push(device);
+        Ok(())
+    }
+
+    fn port_owner(&mut self, port: u16) -> Option<&mut Box<dyn Device>> {
+        self.devices.iter_mut().find(|d| d.ports().iter().any(|s| s.contains(port as u64)))
+    }
+
+    fn mmio_owner(&mut self, gpa: u64) -> Option<&mut Box<dyn Device>> {
+        self.devices.iter_mut().find(|d| d.mmio().iter().any(|s| s.contains(gpa)))
+    }
+
+    /// Port read; `None` if no device claims the port.
+    pub fn io_read(&mut self, port: u16, size: u8) -> Option<u32> {
+        self.port_owner(port).map(|d| d.io_read(port, size) & ones(size) as u32)
+    }
+
+    /// Port write; false if no device claims the port.
+    pub fn io_write(&mut self, port: u16, size: u8, value: u32, events: &mut Events) -> bool {
+        match self.port_owner(port) {
+            Some(d) => {
+                d.io_write(port, size, value & ones(size) as u32, events);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a device claims this guest-physical address.
+    pub fn claims_mmio(&self, gpa: u64) -> bool {
+        self.devices.iter().any(|d| d.mmio().iter().any(|s| s.contains(gpa)))
+    }
+
+    /// MMIO read; `None` if unclaimed.
+    pub fn mmio_read(&mut self, gpa: u64, size: u8) -> Option<u64> {
+        self.mmio_owner(gpa).map(|d| d.mmio_read(gpa, size) & ones(size))
+    }
+
+    /// MMIO write; false if unclaimed.
+    pub fn mmio_write(&mut self, gpa: u64, size: u8, value: u64, events: &mut Events) -> bool {
+        match self.mmio_owner(gpa) {
+            Some(d) => {
+                d.mmio_write(gpa, size, value & ones(size), events);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Ignores writes and reads as all ones: the POST-code port 0x80, which Linux also uses as an
+/// I/O delay.
+pub struct PostCode;
+
+const POST_CODE_PORTS: [Span; 1] = [Span { start: 0x80, len: 1 }];
+
+impl Device for PostCode {
+    fn name(&self) -> &'static str {
+        "post-code"
+    }
+
+    fn ports(&self) -> &[Span] {
+        &POST_CODE_PORTS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fake(&'static str, [Span; 1], [Span; 1]);
+
+    impl Device for Fake {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn ports(&self) -> &[Span] {
+            &self.1
+        }
+        fn mmio(&self) -> &[Span] {
+            &self.2
+        }
+        fn io_read(&mut self, port: u16, _size: u8) -> u32 {
+            0x1234_0000 | port as u32
+        }
+        fn mmio_write(&mut self, _gpa: u64, _size: u8, value: u64, events: &mut Events) {
+            events.interrupts.push(value as u8);
+        }
+    }
+
+    fn fake(name: &'static str, port: u64, mmio: u64) -> Box<Fake> {
+        Box::new(Fake(name, [Span { start: port, len: 8 }], [Span { start: mmio, len: 0x1000 }]))
+    }
+
+    #[test]
+    fn routes_by_range_and_masks_to_width() {
+        let mut bus = Bus::new();
+        bus.add(fake("a", 0x3f8, 0xd000_0000)).unwrap();
+        assert_eq!(bus.io_read(0x3ff, 2), Some(0x03ff));
+        assert_eq!(bus.io_read(0x3ff, 4), Some(0x1234_03ff));
+        assert_eq!(bus.io_read(0x400, 1), None);
+        let mut events = Events::default();
+        assert!(bus.mmio_write(0xd000_0fff, 1, 0x1_41, &mut events));
+        assert_eq!(events.interrupts, [0x41]);
+        assert!(!bus.mmio_write(0xd000_1000, 1, 0, &mut events));
+        assert!(bus.claims_mmio(0xd000_0000) && !bus.claims_mmio(0xcfff_ffff));
+        assert_eq!(bus.mmio_read(0xd000_0000, 8), Some(u64::MAX), "default reads float high");
+    }
+
+    #[test]
+    fn overlapping_devices_are_refused() {
+        let mut bus = Bus::new();
+        bus.add(fake("a", 0x3f8, 0xd000_0000)).unwrap();
+        let port_clash = bus.add(fake("b", 0x3fc, 0xe000_0000)).unwrap_err();
+        assert_eq!(port_clash, Overlap { new: "b", existing: "a", at: 0x3fc, mmio: false });
+        let mmio_clash = bus.add(fake("c", 0x2f8, 0xd000_0800)).unwrap_err();
+        assert!(mmio_clash.mmio);
+        assert_eq!(mmio_clash.to_string(), "device c claims MMIO range at 0xd0000800, which a already claims");
+        bus.add(fake("d", 0x2f8, 0xd000_1000)).unwrap();
+    }
+}

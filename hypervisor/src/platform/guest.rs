@@ -1,0 +1,176 @@
+//! Building and running one VM on this machine: guest RAM, second-level tables, loader, vCPU.
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+
+use raw_cpuid::cpuid;
+
+use super::memory::{self, HostTables};
+use super::{serial, svm, vmx, xstate};
+use crate::loader::{elf, page_tables, GuestMemory, SliceMemory};
+use crate::mm::frames::FRAME_SIZE;
+use crate::mm::second_level::{EntryFormat, Ept, Npt, PageSize, Perms, SecondLevelTables};
+use crate::ramdisk::{self, File};
+use crate::vcpu::{StartMode, Vcpu};
+use crate::vm::config::{Entry, VmConfig};
+use crate::vm::{Env, Vm, VmEnd};
+
+/// Guest-physical layout of what the hypervisor places for a 64-bit start.
+const PAGE_TABLES_GPA: u64 = 0x1_0000;
+const CMDLINE_GPA: u64 = 0x2_0000;
+const STACK_TOP_GPA: u64 = 0x8_0000;
+/// The identity map covers the 32-bit address space (RAM and the MMIO hole).
+const IDENTITY_LIMIT: u64 = 4 << 30;
+const GUEST_RAM_ALIGN: u64 = 2 << 20;
+
+/// Guest RAM: contiguous host frames, freed when the VM is dropped.
+struct GuestRam {
+    phys: u64,
+    bytes: u64,
+}
+
+impl GuestRam {
+    fn allocate(bytes: u64) -> Option<Self> {
+        memory::alloc_zeroed(bytes / FRAME_SIZE, GUEST_RAM_ALIGN).map(|phys| GuestRam { phys, bytes })
+    }
+
+    fn slice(&self) -> SliceMemory<'static> {
+        // SAFETY: the frames belong to this VM from allocation to drop, and the VM (the only
+        // user of the slice) is dropped before `GuestRam`.
+        SliceMemory(unsafe { memory::phys_slice_mut(self.phys, self.bytes as usize) })
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        if let Err(e) = memory::FRAMES.lock().free(self.phys, self.bytes / FRAME_SIZE) {
+            log::error!("freeing guest RAM at {:#x}: {e}", self.phys);
+        }
+    }
+}
+
+/// Which hardware extension runs guests on this machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Intel VMX with EPT.
+    Vmx,
+    /// AMD SVM with NPT.
+    Svm,
+}
+
+/// Each VM runs alone on the CPU, so one ASID / VPID serves all (flushed when a VM starts).
+const GUEST_ASID: u32 = 1;
+const GUEST_VPID: u16 = 1;
+
+enum SecondLevel {
+    Npt(SecondLevelTables<Npt>),
+    Ept(SecondLevelTables<Ept>),
+}
+
+fn map_ram<F: EntryFormat>(
+    tables: &mut HostTables,
+    max_page: PageSize,
+    ram: &GuestRam,
+) -> Result<SecondLevelTables<F>, String> {
+    let mut second_level =
+        SecondLevelTables::<F>::new(tables, max_page).map_err(|e| format!("second-level tables: {e}"))?;
+    second_level.map(tables, 0, ram.phys, ram.bytes, Perms::RWX).map_err(|e| format!("second-level tables: {e}"))?;
+    Ok(second_level)
+}
+
+/// Builds the VM described by `config` from the ramdisk and runs it to its end.
+pub fn run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> VmEnd {
+    match prepare_and_run(backend, config, files) {
+        Ok(end) => end,
+        Err(e) => VmEnd::Error(e),
+    }
+}
+
+fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> Result<VmEnd, String> {
+    if config.vcpus != 1 {
+        return Err(format!("vcpus = {}: only one vCPU per VM runs so far", config.vcpus));
+    }
+    if config.initrd.is_some() {
+        return Err("initrd: loading an initial ramdisk is not supported yet".into());
+    }
+    let kernel = ramdisk::find(files, &config.kernel)
+        .ok_or_else(|| format!("kernel {:?} is not in the ramdisk", config.kernel))?;
+    let ram = GuestRam::allocate(config.memory)
+        .ok_or_else(|| format!("not enough host memory for {} MiB of guest RAM", config.memory >> 20))?;
+    let mut guest_memory = ram.slice();
+    let loaded =
+        elf::load_elf64(kernel.data, &mut guest_memory).map_err(|e| format!("kernel {}: {e}", config.kernel))?;
+    let start = match config.entry {
+        Entry::Long64 => {
+            let cr3 = page_tables::build_identity_map(&mut guest_memory, PAGE_TABLES_GPA, IDENTITY_LIMIT)
+                .map_err(|e| format!("page tables: {e}"))?;
+            let mut cmdline = config.cmdline.as_bytes().to_vec();
+            cmdline.push(0);
+            guest_memory.write(CMDLINE_GPA, &cmdline).map_err(|e| format!("command line: {e}"))?;
+            StartMode::Long64 { rip: loaded.entry, rsp: STACK_TOP_GPA, cr3, rsi: CMDLINE_GPA }
+        }
+        Entry::Real => {
+            if loaded.entry >= 0x10_0000 {
+                return Err(format!("entry = real, but the kernel's entry {:#x} is above 1 MiB", loaded.entry));
+            }
+            StartMode::Real { cs: ((loaded.entry >> 4) & 0xf000) as u16, ip: (loaded.entry & 0xffff) as u16 }
+        }
+    };
+
+    let mut tables = HostTables;
+    let mut vm = Vm::new(&config.name, ram.slice());
+    if config.devices.test {
+        vm.bus
+            .add(alloc::boxed::Box::new(crate::devices::test_device::TestDevice::default()))
+            .map_err(|e| format!("{e}"))?;
+    }
+    let supported_xcr0 = xstate::enable().supported_xcr0;
+    let (mut vcpu, second_level): (Box<dyn Vcpu>, SecondLevel) = match backend {
+        Backend::Svm => {
+            let npt = map_ram::<Npt>(&mut tables, PageSize::Size2M, &ram)?;
+            let vcpu = svm::SvmVcpu::new(npt.root(), GUEST_ASID, start).map_err(|e| format!("vCPU: {e}"))?;
+            (Box::new(vcpu), SecondLevel::Npt(npt))
+        }
+        Backend::Vmx => {
+            let ept = map_ram::<Ept>(&mut tables, vmx::ept_max_page(), &ram)?;
+            let vcpu = vmx::VmxVcpu::new(ept.root(), GUEST_VPID, start).map_err(|e| format!("vCPU: {e}"))?;
+            (Box::new(vcpu), SecondLevel::Ept(ept))
+        }
+    };
+    log::info!(
+        "vm {}: {} MiB RAM, kernel {} ({} bytes, entry {:#x}), {:?} start",
+        config.name,
+        config.memory >> 20,
+        config.kernel,
+        kernel.data.len(),
+        loaded.entry,
+        config.entry
+    );
+    let end = {
+        let mut console = |line: &str| serial::write_line(line);
+        let mut env = Env {
+            cpuid: &|leaf, subleaf| {
+                let r = cpuid!(leaf, subleaf);
+                [r.eax, r.ebx, r.ecx, r.edx]
+            },
+            now_micros: &serial::uptime_micros,
+            tsc: &|| {
+                // SAFETY: RDTSC has no side effects.
+                unsafe { core::arch::x86_64::_rdtsc() }
+            },
+            console: &mut console,
+            supported_xcr0,
+        };
+        vm.run(vcpu.as_mut(), &mut env)
+    };
+    serial::write_str(&vm.stats.table(&config.name));
+    drop(vcpu);
+    match second_level {
+        SecondLevel::Npt(npt) => npt.destroy(&mut tables),
+        SecondLevel::Ept(ept) => ept.destroy(&mut tables),
+    }
+    drop(vm);
+    drop(ram);
+    Ok(end)
+}

@@ -1,0 +1,926 @@
+//! One vCPU on one VMCS: control setup from the capability MSRs, host and guest state, the
+//! bitmaps, and exit decoding into [`Exit`].
+
+use alloc::boxed::Box;
+use core::arch::asm;
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use raw_cpuid::{cpuid, cpuid as cpuid_sub};
+use x86_64::instructions::tables::{sgdt, sidt};
+use x86_64::registers::control::{Cr0, Cr3, Cr4};
+
+use super::fields::{natural, w16, w32, w64, Field, Natural, Readable, Width, W16, W32};
+use super::instructions::{self as vmx, VmxError};
+use super::switch::{self, SwitchState, XMODE_FXSAVE, XMODE_XSAVE};
+use super::{cap_msr, ept_vpid_cap, has_xsave, msr, rdmsr, revision_id};
+use crate::mm::frames::FRAME_SIZE;
+use crate::platform::{gdt, memory};
+use crate::vcpu::{valid_xcr0, Exit, Gprs, GuestMode, IoExit, StartMode, Vcpu};
+use crate::virt::msr::IA32_VMX_BASIC;
+
+// Pin-based controls.
+const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
+const PIN_NMI_EXITING: u32 = 1 << 3;
+// Primary processor-based controls.
+const PRIMARY_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
+const PRIMARY_HLT_EXITING: u32 = 1 << 7;
+const PRIMARY_USE_IO_BITMAPS: u32 = 1 << 25;
+const PRIMARY_USE_MSR_BITMAPS: u32 = 1 << 28;
+const PRIMARY_ACTIVATE_SECONDARY: u32 = 1 << 31;
+// Secondary processor-based controls.
+const SECONDARY_ENABLE_EPT: u32 = 1 << 1;
+const SECONDARY_ENABLE_RDTSCP: u32 = 1 << 3;
+const SECONDARY_ENABLE_VPID: u32 = 1 << 5;
+const SECONDARY_UNRESTRICTED_GUEST: u32 = 1 << 7;
+const SECONDARY_ENABLE_INVPCID: u32 = 1 << 12;
+const SECONDARY_ENABLE_XSAVES: u32 = 1 << 20;
+// VM-exit controls.
+const EXIT_HOST_ADDRESS_SPACE_SIZE: u32 = 1 << 9;
+const EXIT_ACK_INTERRUPT_ON_EXIT: u32 = 1 << 15;
+const EXIT_SAVE_PAT: u32 = 1 << 18;
+const EXIT_LOAD_PAT: u32 = 1 << 19;
+const EXIT_SAVE_EFER: u32 = 1 << 20;
+const EXIT_LOAD_EFER: u32 = 1 << 21;
+// VM-entry controls.
+const ENTRY_IA32E_MODE_GUEST: u32 = 1 << 9;
+const ENTRY_LOAD_PAT: u32 = 1 << 14;
+const ENTRY_LOAD_EFER: u32 = 1 << 15;
+
+// IA32_VMX_EPT_VPID_CAP.
+const CAP_INVEPT: u64 = 1 << 20;
+const CAP_INVEPT_SINGLE: u64 = 1 << 25;
+const CAP_INVEPT_ALL: u64 = 1 << 26;
+const CAP_INVVPID: u64 = 1 << 32;
+const CAP_INVVPID_SINGLE: u64 = 1 << 41;
+const CAP_INVVPID_ALL: u64 = 1 << 42;
+
+const CR0_PE: u64 = 1 << 0;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_VMXE: u64 = 1 << 13;
+const EFER_SCE: u64 = 1 << 0;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const EFER_NXE: u64 = 1 << 11;
+const RFLAGS_IF: u64 = 1 << 9;
+const RFLAGS_RESERVED_1: u64 = 1 << 1;
+
+/// EPTP: write-back paging-structure memory type, 4-level walk (Intel SDM Vol. 3, 25.6.11).
+const EPTP_WB_4_LEVEL: u64 = 6 | (3 << 3);
+/// Interruption-information fields: valid bit, deliver-error-code bit, type shift.
+const INTR_VALID: u32 = 1 << 31;
+const INTR_DELIVER_ERROR_CODE: u32 = 1 << 11;
+const INTR_TYPE_EXTERNAL: u32 = 0;
+const INTR_TYPE_HARDWARE_EXCEPTION: u32 = 3;
+/// Guest interruptibility: blocking by STI and by MOV SS.
+const BLOCKING_STI_MOVSS: u32 = 0b11;
+const GP: u8 = 13;
+/// A 64-bit-style reset PAT value (WB, WT, UC-, UC twice).
+const GUEST_PAT_RESET: u64 = 0x0007_0406_0007_0406;
+/// Segment access rights: unusable segment (bit 16).
+const AR_UNUSABLE: u32 = 1 << 16;
+
+// Basic exit reasons (Intel SDM Vol. 3, Appendix C).
+const REASON_EXCEPTION_OR_NMI: u32 = 0;
+const REASON_EXTERNAL_INTERRUPT: u32 = 1;
+const REASON_TRIPLE_FAULT: u32 = 2;
+const REASON_INTERRUPT_WINDOW: u32 = 7;
+const REASON_CPUID: u32 = 10;
+const REASON_HLT: u32 = 12;
+const REASON_CR_ACCESS: u32 = 28;
+const REASON_IO: u32 = 30;
+const REASON_RDMSR: u32 = 31;
+const REASON_WRMSR: u32 = 32;
+const REASON_INVALID_GUEST_STATE: u32 = 33;
+const REASON_MSR_LOADING: u32 = 34;
+const REASON_MACHINE_CHECK: u32 = 41;
+const REASON_EPT_VIOLATION: u32 = 48;
+const REASON_EPT_MISCONFIG: u32 = 49;
+const REASON_XSETBV: u32 = 55;
+const EXIT_REASON_ENTRY_FAILURE: u32 = 1 << 31;
+
+/// The VMCS that is current on this CPU (0: none), so accessors VMPTRLD only when needed.
+static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
+
+/// Adjusts a wanted control value to a capability MSR: bits the CPU requires are set, bits it
+/// forbids are cleared; a needed control it forbids is an error that names it.
+fn adjust(capability: u64, wanted: u32, needed: &[(u32, &'static str)]) -> Result<u32, VmxError> {
+    let allowed0 = capability as u32;
+    let allowed1 = (capability >> 32) as u32;
+    if let Some(&(_, name)) = needed.iter().find(|&&(bit, _)| bit != 0 && allowed1 & bit == 0) {
+        return Err(VmxError::ControlNotAllowed(name));
+    }
+    Ok((wanted | allowed0) & allowed1)
+}
+
+/// Host frames owned by one vCPU.
+struct Frames {
+    vmcs: u64,
+    io_bitmaps: u64,
+    msr_bitmap: u64,
+    /// Guest extended-state area followed by the host's, `xsave_pages` each.
+    xsave: u64,
+    xsave_pages: u64,
+}
+
+impl Frames {
+    fn alloc(xsave_pages: u64) -> Result<Self, VmxError> {
+        let mut got: [(u64, u64); 4] = [(0, 0); 4];
+        for (slot, count) in got.iter_mut().zip([1, 2, 1, 2 * xsave_pages]) {
+            match memory::alloc_zeroed(count, FRAME_SIZE) {
+                Some(phys) => *slot = (phys, count),
+                None => {
+                    for &(phys, count) in got.iter().filter(|(_, count)| *count != 0) {
+                        let _ = memory::FRAMES.lock().free(phys, count);
+                    }
+                    return Err(VmxError::OutOfMemory);
+                }
+            }
+        }
+        Ok(Frames { vmcs: got[0].0, io_bitmaps: got[1].0, msr_bitmap: got[2].0, xsave: got[3].0, xsave_pages })
+    }
+
+    fn free(&self) {
+        let mut frames = memory::FRAMES.lock();
+        for (phys, count) in
+            [(self.vmcs, 1), (self.io_bitmaps, 2), (self.msr_bitmap, 1), (self.xsave, 2 * self.xsave_pages)]
+        {
+            if let Err(e) = frames.free(phys, count) {
+                log::error!("vmx: freeing {count} frames at {phys:#x}: {e}");
+            }
+        }
+    }
+}
+
+/// A vCPU backed by a VMCS on this CPU. Not `Send`/`Sync`: the VMCS is bound to this CPU.
+pub struct VmxVcpu {
+    frames: Frames,
+    /// Boxed so the world switch's pointer to it stays valid when the vCPU moves.
+    state: Box<SwitchState>,
+    launched: bool,
+    eptp: u64,
+    vpid: u16,
+    /// XCR0 values the CPU supports (CPUID 0xD.0), for [`Self::set_xcr0`].
+    xcr0_supported: u64,
+    interrupt_window_allowed: bool,
+    last_external_vector: Option<u8>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl VmxVcpu {
+    /// Creates a vCPU whose guest-physical memory is described by the EPT rooted at `ept_root`
+    /// (a 4-level PML4, host-physical), tagged with `vpid` (0: no VPID), starting in `start`.
+    /// [`super::enable`] must have succeeded on this CPU.
+    pub fn new(ept_root: u64, vpid: u16, start: StartMode) -> Result<Self, VmxError> {
+        if !super::enabled() {
+            return Err(VmxError::Unsupported("vmx::enable has not run on this CPU"));
+        }
+        if ept_root & 0xfff != 0 {
+            return Err(VmxError::Unsupported("EPT root is not 4 KiB aligned"));
+        }
+        let (xmode, area_size, xcr0_supported, host_xcr0) = if has_xsave() {
+            let leaf = cpuid_sub!(0xd, 0);
+            (XMODE_XSAVE, u64::from(leaf.ecx), u64::from(leaf.eax) | u64::from(leaf.edx) << 32, xgetbv0())
+        } else {
+            (XMODE_FXSAVE, 512, 0, 0)
+        };
+        let frames = Frames::alloc(area_size.div_ceil(FRAME_SIZE).max(1))?;
+        let map = memory::phys_map();
+        let guest_area = map.virt(frames.xsave);
+        let host_area = guest_area + frames.xsave_pages * FRAME_SIZE;
+        // SAFETY: the area is ours, page aligned and at least 512 bytes: FCW and MXCSR get their
+        // reset values (x87 control word at byte 0, MXCSR at byte 24 of the legacy region).
+        unsafe {
+            core::ptr::write_volatile(guest_area as *mut u16, 0x37f);
+            core::ptr::write_volatile((guest_area + 24) as *mut u32, 0x1f80);
+        }
+        let state =
+            Box::new(SwitchState { gprs: Gprs::default(), guest_area, host_area, guest_xcr0: 1, host_xcr0, xmode });
+        let mut vcpu = VmxVcpu {
+            frames,
+            state,
+            launched: false,
+            eptp: ept_root | EPTP_WB_4_LEVEL,
+            vpid,
+            xcr0_supported,
+            interrupt_window_allowed: false,
+            last_external_vector: None,
+            _not_send: PhantomData,
+        };
+        // On error, Drop clears the VMCS and frees the frames.
+        vcpu.setup(start)?;
+        Ok(vcpu)
+    }
+
+    fn setup(&mut self, start: StartMode) -> Result<(), VmxError> {
+        // SAFETY: the VMCS frame is ours and mapped; the revision id goes in its first dword.
+        unsafe { core::ptr::write_volatile(memory::phys_map().virt(self.frames.vmcs) as *mut u32, revision_id()) };
+        // SAFETY: VMX is on (checked in `new`), the region is ours and carries the revision id.
+        unsafe { vmx::vmclear(self.frames.vmcs) }?;
+        // SAFETY: as above; VMCLEAR initialised it.
+        unsafe { vmx::vmptrld(self.frames.vmcs) }?;
+        CURRENT_VMCS.store(self.frames.vmcs, Ordering::Relaxed);
+
+        let unrestricted = self.setup_controls(start)?;
+        self.setup_host()?;
+        self.setup_guest(start, unrestricted)?;
+        self.setup_bitmaps()?;
+        self.flush_translations();
+        Ok(())
+    }
+
+    fn setup_controls(&mut self, start: StartMode) -> Result<bool, VmxError> {
+        let true_controls = rdmsr(IA32_VMX_BASIC) & (1 << 55) != 0;
+        let pick = |plain, true_msr| rdmsr(if true_controls { true_msr } else { plain });
+
+        let pin = adjust(
+            pick(cap_msr::PINBASED_CTLS, cap_msr::TRUE_PINBASED_CTLS),
+            PIN_EXTERNAL_INTERRUPT_EXITING | PIN_NMI_EXITING,
+            &[(PIN_EXTERNAL_INTERRUPT_EXITING, "external-interrupt exiting"), (PIN_NMI_EXITING, "NMI exiting")],
+        )?;
+        let primary_cap = pick(cap_msr::PROCBASED_CTLS, cap_msr::TRUE_PROCBASED_CTLS);
+        self.interrupt_window_allowed = (primary_cap >> 32) as u32 & PRIMARY_INTERRUPT_WINDOW_EXITING != 0;
+        let primary = adjust(
+            primary_cap,
+            PRIMARY_HLT_EXITING | PRIMARY_USE_IO_BITMAPS | PRIMARY_USE_MSR_BITMAPS | PRIMARY_ACTIVATE_SECONDARY,
+            &[
+                (PRIMARY_HLT_EXITING, "HLT exiting"),
+                (PRIMARY_USE_IO_BITMAPS, "use I/O bitmaps"),
+                (PRIMARY_USE_MSR_BITMAPS, "use MSR bitmaps"),
+                (PRIMARY_ACTIVATE_SECONDARY, "activate secondary controls"),
+            ],
+        )?;
+        let secondary_cap = rdmsr(cap_msr::PROCBASED_CTLS2);
+        let secondary_allowed = (secondary_cap >> 32) as u32;
+        // Without these the guest would get #UD on RDTSCP/INVPCID/XSAVES: enable what exists.
+        let mut wanted = SECONDARY_ENABLE_EPT
+            | SECONDARY_UNRESTRICTED_GUEST
+            | (secondary_allowed & (SECONDARY_ENABLE_RDTSCP | SECONDARY_ENABLE_INVPCID | SECONDARY_ENABLE_XSAVES));
+        if self.vpid != 0 && secondary_allowed & SECONDARY_ENABLE_VPID != 0 {
+            wanted |= SECONDARY_ENABLE_VPID;
+        } else {
+            self.vpid = 0;
+        }
+        let secondary = adjust(
+            secondary_cap,
+            wanted,
+            &[(SECONDARY_ENABLE_EPT, "enable EPT"), (SECONDARY_UNRESTRICTED_GUEST, "unrestricted guest")],
+        )?;
+        let exit = adjust(
+            pick(cap_msr::EXIT_CTLS, cap_msr::TRUE_EXIT_CTLS),
+            EXIT_HOST_ADDRESS_SPACE_SIZE
+                | EXIT_ACK_INTERRUPT_ON_EXIT
+                | EXIT_SAVE_PAT
+                | EXIT_LOAD_PAT
+                | EXIT_SAVE_EFER
+                | EXIT_LOAD_EFER,
+            &[
+                (EXIT_HOST_ADDRESS_SPACE_SIZE, "host address-space size"),
+                (EXIT_ACK_INTERRUPT_ON_EXIT, "acknowledge interrupt on exit"),
+                (EXIT_SAVE_PAT, "save IA32_PAT"),
+                (EXIT_LOAD_PAT, "load IA32_PAT"),
+                (EXIT_SAVE_EFER, "save IA32_EFER"),
+                (EXIT_LOAD_EFER, "load IA32_EFER"),
+            ],
+        )?;
+        let long = matches!(start, StartMode::Long64 { .. });
+        let ia32e = if long { ENTRY_IA32E_MODE_GUEST } else { 0 };
+        let entry = adjust(
+            pick(cap_msr::ENTRY_CTLS, cap_msr::TRUE_ENTRY_CTLS),
+            ENTRY_LOAD_PAT | ENTRY_LOAD_EFER | ia32e,
+            &[(ENTRY_LOAD_PAT, "load IA32_PAT"), (ENTRY_LOAD_EFER, "load IA32_EFER"), (ia32e, "IA-32e mode guest")],
+        )?;
+        // The entry control must match EFER.LMA, whatever the capability MSR forced.
+        let entry = if long { entry | ENTRY_IA32E_MODE_GUEST } else { entry & !ENTRY_IA32E_MODE_GUEST };
+
+        self.put(w32::PIN_BASED_CONTROLS, pin)?;
+        self.put(w32::PRIMARY_PROCESSOR_CONTROLS, primary)?;
+        self.put(w32::SECONDARY_PROCESSOR_CONTROLS, secondary)?;
+        self.put(w32::EXIT_CONTROLS, exit)?;
+        self.put(w32::ENTRY_CONTROLS, entry)?;
+        self.put(w32::EXCEPTION_BITMAP, 0)?;
+        self.put(w32::PAGE_FAULT_ERROR_MASK, 0)?;
+        self.put(w32::PAGE_FAULT_ERROR_MATCH, 0)?;
+        self.put(w32::CR3_TARGET_COUNT, 0)?;
+        self.put(w32::EXIT_MSR_STORE_COUNT, 0)?;
+        self.put(w32::EXIT_MSR_LOAD_COUNT, 0)?;
+        self.put(w32::ENTRY_MSR_LOAD_COUNT, 0)?;
+        self.put(w32::ENTRY_INTERRUPTION_INFO, 0)?;
+        self.put(w64::EPT_POINTER, self.eptp)?;
+        if secondary & SECONDARY_ENABLE_VPID != 0 {
+            self.put(w16::VPID, self.vpid)?;
+        }
+        Ok(secondary & SECONDARY_UNRESTRICTED_GUEST != 0)
+    }
+
+    fn setup_host(&mut self) -> Result<(), VmxError> {
+        let selectors = gdt::selectors();
+        let gdtr = sgdt();
+        let idtr = sidt();
+        let gdt_base = gdtr.base.as_u64();
+        // The TSS descriptor is 16 bytes: base 15:0 at bytes 2-3, 23:16 at 4, 31:24 at 7, 63:32 at 8-11.
+        let tss_desc = gdt_base + u64::from(selectors.tss.index()) * 8;
+        // SAFETY: the descriptor lies inside the loaded GDT, a static that lives forever.
+        let (low, high) = unsafe {
+            (core::ptr::read_volatile(tss_desc as *const u64), core::ptr::read_volatile((tss_desc + 8) as *const u64))
+        };
+        let tr_base = ((low >> 16) & 0xff_ffff) | ((low >> 56) << 24) | ((high & 0xffff_ffff) << 32);
+        let (cr3_frame, cr3_flags) = Cr3::read_raw();
+
+        self.put(natural::HOST_CR0, Cr0::read_raw())?;
+        self.put(natural::HOST_CR3, cr3_frame.start_address().as_u64() | u64::from(cr3_flags))?;
+        self.put(natural::HOST_CR4, Cr4::read_raw())?;
+        self.put(w16::HOST_CS_SELECTOR, selectors.code.0)?;
+        for field in [w16::HOST_SS_SELECTOR, w16::HOST_DS_SELECTOR, w16::HOST_ES_SELECTOR] {
+            self.put(field, selectors.data.0)?;
+        }
+        // FS/GS: the base comes from the base fields on exit, so any RPL-0 GDT selector works.
+        self.put(w16::HOST_FS_SELECTOR, selectors.data.0)?;
+        self.put(w16::HOST_GS_SELECTOR, selectors.data.0)?;
+        self.put(w16::HOST_TR_SELECTOR, selectors.tss.0)?;
+        self.put(natural::HOST_FS_BASE, rdmsr(msr::IA32_FS_BASE))?;
+        self.put(natural::HOST_GS_BASE, rdmsr(msr::IA32_GS_BASE))?;
+        self.put(natural::HOST_TR_BASE, tr_base)?;
+        self.put(natural::HOST_GDTR_BASE, gdt_base)?;
+        self.put(natural::HOST_IDTR_BASE, idtr.base.as_u64())?;
+        self.put(w32::HOST_SYSENTER_CS, 0)?;
+        self.put(natural::HOST_SYSENTER_ESP, 0)?;
+        self.put(natural::HOST_SYSENTER_EIP, 0)?;
+        self.put(w64::HOST_IA32_EFER, rdmsr(msr::IA32_EFER))?;
+        self.put(w64::HOST_IA32_PAT, rdmsr(msr::IA32_PAT))?;
+        self.put(natural::HOST_RIP, (&raw const switch::hv_vmx_exit) as u64)?;
+        Ok(())
+    }
+
+    fn setup_guest(&mut self, start: StartMode, unrestricted: bool) -> Result<(), VmxError> {
+        let cr0_fixed0 = rdmsr(cap_msr::CR0_FIXED0);
+        let cr0_fixed1 = rdmsr(cap_msr::CR0_FIXED1);
+        let cr4_fixed0 = rdmsr(cap_msr::CR4_FIXED0);
+        let cr4_fixed1 = rdmsr(cap_msr::CR4_FIXED1);
+        // Unrestricted guest exempts exactly PE and PG from CR0_FIXED0.
+        let cr0_forced = if unrestricted { cr0_fixed0 & !(CR0_PE | CR0_PG) } else { cr0_fixed0 };
+
+        type Segment = (Field<W16>, Field<Natural>, Field<W32>, Field<W32>);
+        const ES: Segment =
+            (w16::GUEST_ES_SELECTOR, natural::GUEST_ES_BASE, w32::GUEST_ES_LIMIT, w32::GUEST_ES_ACCESS_RIGHTS);
+        const CS: Segment =
+            (w16::GUEST_CS_SELECTOR, natural::GUEST_CS_BASE, w32::GUEST_CS_LIMIT, w32::GUEST_CS_ACCESS_RIGHTS);
+        const SS: Segment =
+            (w16::GUEST_SS_SELECTOR, natural::GUEST_SS_BASE, w32::GUEST_SS_LIMIT, w32::GUEST_SS_ACCESS_RIGHTS);
+        const DS: Segment =
+            (w16::GUEST_DS_SELECTOR, natural::GUEST_DS_BASE, w32::GUEST_DS_LIMIT, w32::GUEST_DS_ACCESS_RIGHTS);
+        const FS: Segment =
+            (w16::GUEST_FS_SELECTOR, natural::GUEST_FS_BASE, w32::GUEST_FS_LIMIT, w32::GUEST_FS_ACCESS_RIGHTS);
+        const GS: Segment =
+            (w16::GUEST_GS_SELECTOR, natural::GUEST_GS_BASE, w32::GUEST_GS_LIMIT, w32::GUEST_GS_ACCESS_RIGHTS);
+        const LDTR: Segment =
+            (w16::GUEST_LDTR_SELECTOR, natural::GUEST_LDTR_BASE, w32::GUEST_LDTR_LIMIT, w32::GUEST_LDTR_ACCESS_RIGHTS);
+        const TR: Segment =
+            (w16::GUEST_TR_SELECTOR, natural::GUEST_TR_BASE, w32::GUEST_TR_LIMIT, w32::GUEST_TR_ACCESS_RIGHTS);
+        let segment = |(sel, base, limit, ar): Segment, s: u16, b: u64, l: u32, a: u32| -> Result<(), VmxError> {
+            self.put(sel, s)?;
+            self.put(base, b)?;
+            self.put(limit, l)?;
+            self.put(ar, a)
+        };
+
+        let (cr0, cr4, efer, rip, rsp, cr3, rsi) = match start {
+            StartMode::Long64 { rip, rsp, cr3, rsi } => {
+                segment(CS, 0x08, 0, 0xffff_ffff, 0xa09b)?;
+                for seg in [ES, SS, DS, FS, GS] {
+                    segment(seg, 0x10, 0, 0xffff_ffff, 0xc093)?;
+                }
+                segment(TR, 0, 0, 0x67, 0x8b)?;
+                (CR0_PE | CR0_PG | CR0_ET | CR0_NE, CR4_PAE, EFER_LME | EFER_LMA, rip, rsp, cr3, rsi)
+            }
+            StartMode::Real { cs, ip } => {
+                segment(CS, cs, u64::from(cs) << 4, 0xffff, 0x9b)?;
+                for seg in [ES, SS, DS, FS, GS] {
+                    segment(seg, 0, 0, 0xffff, 0x93)?;
+                }
+                segment(TR, 0, 0, 0xffff, 0x8b)?;
+                (CR0_ET | CR0_NE, 0, 0, u64::from(ip), 0, 0, 0)
+            }
+        };
+        segment(LDTR, 0, 0, 0, AR_UNUSABLE)?;
+        self.state.gprs.rsi = rsi;
+        let cr0 = (cr0 | cr0_forced) & cr0_fixed1;
+        let cr4_wanted = cr4;
+        let cr4 = (cr4 | cr4_fixed0) & cr4_fixed1;
+        if matches!(start, StartMode::Long64 { .. }) && cr0 & (CR0_PE | CR0_PG) != CR0_PE | CR0_PG {
+            return Err(VmxError::Unsupported("IA32_VMX_CR0_FIXED1 does not allow paging"));
+        }
+
+        self.put(natural::GUEST_CR0, cr0)?;
+        self.put(natural::GUEST_CR3, cr3)?;
+        self.put(natural::GUEST_CR4, cr4)?;
+        // CR0: the guest sees and owns it (NE stays forced to 1).
+        self.put(natural::CR0_GUEST_HOST_MASK, 0)?;
+        self.put(natural::CR0_READ_SHADOW, cr0)?;
+        // CR4 bits VMX forces (VMXE) belong to the host: the guest reads its own value.
+        self.put(natural::CR4_GUEST_HOST_MASK, cr4_fixed0)?;
+        self.put(natural::CR4_READ_SHADOW, cr4_wanted & cr4_fixed0)?;
+        self.put(w64::GUEST_IA32_EFER, efer)?;
+        self.put(w64::GUEST_IA32_PAT, GUEST_PAT_RESET)?;
+        self.put(w64::GUEST_IA32_DEBUGCTL, 0)?;
+        self.put(natural::GUEST_DR7, 0x400)?;
+        self.put(natural::GUEST_RIP, rip)?;
+        self.put(natural::GUEST_RSP, rsp)?;
+        self.put(natural::GUEST_RFLAGS, RFLAGS_RESERVED_1)?;
+        self.put(natural::GUEST_GDTR_BASE, 0)?;
+        self.put(w32::GUEST_GDTR_LIMIT, 0xffff)?;
+        self.put(natural::GUEST_IDTR_BASE, 0)?;
+        self.put(w32::GUEST_IDTR_LIMIT, 0xffff)?;
+        self.put(w32::GUEST_INTERRUPTIBILITY, 0)?;
+        self.put(w32::GUEST_ACTIVITY_STATE, 0)?;
+        self.put(natural::GUEST_PENDING_DEBUG_EXCEPTIONS, 0)?;
+        self.put(w32::GUEST_SYSENTER_CS, 0)?;
+        self.put(natural::GUEST_SYSENTER_ESP, 0)?;
+        self.put(natural::GUEST_SYSENTER_EIP, 0)?;
+        self.put(w64::VMCS_LINK_POINTER, u64::MAX)?;
+        Ok(())
+    }
+
+    fn setup_bitmaps(&mut self) -> Result<(), VmxError> {
+        let map = memory::phys_map();
+        // SAFETY: both I/O bitmap pages are ours (allocated in `Frames::alloc`) and mapped.
+        let io = unsafe { core::slice::from_raw_parts_mut(map.virt(self.frames.io_bitmaps) as *mut u8, 8192) };
+        // Every port exits: the devices above decide what a port does.
+        io.fill(0xff);
+        // SAFETY: the MSR bitmap page is ours and mapped.
+        let msrs = unsafe { core::slice::from_raw_parts_mut(map.virt(self.frames.msr_bitmap) as *mut u8, 4096) };
+        msrs.fill(0xff);
+        // Pass-through MSRs: the host never uses them (no user mode, no SYSCALL/SYSENTER, no
+        // FS/GS-based TLS, no RDTSCP), so the guest may own their hardware values. IA32_PAT is
+        // switched by the VMCS (load/save PAT), so the guest may write it directly too.
+        let passthrough = [msr::IA32_SYSENTER_CS..=msr::IA32_SYSENTER_EIP, msr::IA32_PAT..=msr::IA32_PAT]
+            .into_iter()
+            .chain([msr::IA32_STAR..=msr::IA32_FMASK, msr::IA32_FS_BASE..=msr::IA32_TSC_AUX]);
+        for range in passthrough {
+            for number in range {
+                // Read bitmap: low MSRs at 0, high at 1024; write bitmaps at +2048.
+                let base = if number >= 0xc000_0000 { 1024 } else { 0 };
+                let bit = (number & 0x1fff) as usize;
+                for half in [0, 2048] {
+                    msrs[base + half + bit / 8] &= !(1 << (bit % 8));
+                }
+            }
+        }
+        self.put(w64::IO_BITMAP_A, self.frames.io_bitmaps)?;
+        self.put(w64::IO_BITMAP_B, self.frames.io_bitmaps + FRAME_SIZE)?;
+        self.put(w64::MSR_BITMAP, self.frames.msr_bitmap)
+    }
+
+    /// Drops stale translations of this EPT root and VPID (a previous user may have left some).
+    fn flush_translations(&self) {
+        let Some(cap) = ept_vpid_cap() else { return };
+        if cap & CAP_INVEPT != 0 {
+            let kind = if cap & CAP_INVEPT_SINGLE != 0 {
+                Some(vmx::INVEPT_SINGLE_CONTEXT)
+            } else if cap & CAP_INVEPT_ALL != 0 {
+                Some(vmx::INVEPT_ALL_CONTEXTS)
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                // SAFETY: VMX root operation; the capability MSR reports this INVEPT type.
+                if let Err(e) = unsafe { vmx::invept(kind, self.eptp) } {
+                    log::warn!("vmx: {e}");
+                }
+            }
+        }
+        if self.vpid != 0 && cap & CAP_INVVPID != 0 {
+            let kind = if cap & CAP_INVVPID_SINGLE != 0 {
+                Some(vmx::INVVPID_SINGLE_CONTEXT)
+            } else if cap & CAP_INVVPID_ALL != 0 {
+                Some(vmx::INVVPID_ALL_CONTEXTS)
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                // SAFETY: VMX root operation; the type is supported and the VPID is not 0.
+                if let Err(e) = unsafe { vmx::invvpid(kind, self.vpid) } {
+                    log::warn!("vmx: {e}");
+                }
+            }
+        }
+    }
+
+    /// Makes this vCPU's VMCS current on this CPU if another one is.
+    fn activate(&self) {
+        if CURRENT_VMCS.load(Ordering::Relaxed) != self.frames.vmcs {
+            // SAFETY: VMX is on and the VMCS region is ours, initialised in `setup`.
+            match unsafe { vmx::vmptrld(self.frames.vmcs) } {
+                Ok(()) => CURRENT_VMCS.store(self.frames.vmcs, Ordering::Relaxed),
+                Err(e) => log::error!("vmx: {e}"),
+            }
+        }
+    }
+
+    /// VMWRITE into this vCPU's VMCS.
+    fn put<W: Width>(&self, field: Field<W>, value: W::Value) -> Result<(), VmxError> {
+        self.activate();
+        // SAFETY: VMX is on and our VMCS is current. Host-state, bitmap and EPT fields are only
+        // written in `setup` with values computed there (our frames, the live host state);
+        // guest-state fields only affect the guest, which EPT confines.
+        unsafe { vmx::write(field, value) }
+    }
+
+    /// VMWRITE that logs failures (they mean a bug in a field encoding, not a guest problem).
+    fn set<W: Width>(&self, field: Field<W>, value: W::Value) {
+        if let Err(e) = self.put(field, value) {
+            log::error!("vmx: writing VMCS field {:#x}: {e}", field.encoding());
+        }
+    }
+
+    /// VMREAD from this vCPU's VMCS; failures are logged and read as 0.
+    fn get<W: Width>(&self, field: impl Readable<W>) -> W::Value {
+        self.activate();
+        // SAFETY: VMX is on and our VMCS is current; reading has no side effects.
+        match unsafe { vmx::read(field) } {
+            Ok(value) => value,
+            Err(e) => {
+                log::error!("vmx: reading VMCS field {:#x}: {e}", field.encoding());
+                W::Value::default()
+            }
+        }
+    }
+
+    /// The vector of the host interrupt behind the last [`Exit::ExternalInterrupt`]
+    /// (acknowledged on exit, so the host must EOI it).
+    pub fn last_external_vector(&self) -> Option<u8> {
+        self.last_external_vector
+    }
+
+    /// The guest's view of CR4 (read shadow for host-owned bits).
+    fn guest_cr4(&self) -> u64 {
+        let mask = self.get(natural::CR4_GUEST_HOST_MASK);
+        (self.get(natural::GUEST_CR4) & !mask) | (self.get(natural::CR4_READ_SHADOW) & mask)
+    }
+
+    /// A general-purpose register by its instruction encoding (0 = RAX ... 4 = RSP ... 15 = R15).
+    fn gpr(&self, index: u8) -> u64 {
+        let g = &self.state.gprs;
+        match index {
+            0 => g.rax,
+            1 => g.rcx,
+            2 => g.rdx,
+            3 => g.rbx,
+            4 => self.get(natural::GUEST_RSP),
+            5 => g.rbp,
+            6 => g.rsi,
+            7 => g.rdi,
+            8 => g.r8,
+            9 => g.r9,
+            10 => g.r10,
+            11 => g.r11,
+            12 => g.r12,
+            13 => g.r13,
+            14 => g.r14,
+            _ => g.r15,
+        }
+    }
+
+    fn set_gpr(&mut self, index: u8, value: u64) {
+        let g = &mut self.state.gprs;
+        let slot = match index {
+            0 => &mut g.rax,
+            1 => &mut g.rcx,
+            2 => &mut g.rdx,
+            3 => &mut g.rbx,
+            4 => return self.set(natural::GUEST_RSP, value),
+            5 => &mut g.rbp,
+            6 => &mut g.rsi,
+            7 => &mut g.rdi,
+            8 => &mut g.r8,
+            9 => &mut g.r9,
+            10 => &mut g.r10,
+            11 => &mut g.r11,
+            12 => &mut g.r12,
+            13 => &mut g.r13,
+            14 => &mut g.r14,
+            _ => &mut g.r15,
+        };
+        *slot = value;
+    }
+
+    /// Handles exits the backend owns (IA32_EFER, CR3 moves, CR4.VMXE); `true` if handled.
+    fn handle_internally(&mut self, reason: u32, qualification: u64) -> bool {
+        let msr_number = self.state.gprs.rcx as u32;
+        match reason {
+            REASON_RDMSR if msr_number == msr::IA32_EFER => {
+                let efer = self.get(w64::GUEST_IA32_EFER);
+                self.state.gprs.rax = efer & 0xffff_ffff;
+                self.state.gprs.rdx = efer >> 32;
+                self.skip_instruction();
+                true
+            }
+            REASON_WRMSR if msr_number == msr::IA32_EFER => {
+                let value = (self.state.gprs.rdx << 32) | (self.state.gprs.rax & 0xffff_ffff);
+                self.write_efer(value);
+                true
+            }
+            REASON_CR_ACCESS => {
+                let cr = (qualification & 0xf) as u8;
+                let access = (qualification >> 4) & 3;
+                let gpr = ((qualification >> 8) & 0xf) as u8;
+                match (cr, access) {
+                    // Only with CR3-load/store exiting forced on by a CPU without true controls.
+                    (3, 0) => {
+                        let value = self.gpr(gpr) & !(1 << 63);
+                        self.set(natural::GUEST_CR3, value);
+                        self.skip_instruction();
+                        true
+                    }
+                    (3, 1) => {
+                        let value = self.get(natural::GUEST_CR3);
+                        self.set_gpr(gpr, value);
+                        self.skip_instruction();
+                        true
+                    }
+                    // MOV to CR4 exits only when it touches a host-owned bit; setting VMXE is
+                    // refused as on a CPU without VMX (CPUID does not offer it to guests).
+                    (4, 0) if self.gpr(gpr) & CR4_VMXE != 0 => {
+                        self.inject_exception(GP, Some(0));
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// WRMSR to IA32_EFER: reserved bits and LME changes under paging raise #GP(0); LMA is
+    /// kept by the CPU, and the IA-32e entry control follows it.
+    fn write_efer(&mut self, value: u64) {
+        let nx = cpuid!(0x8000_0001).edx & (1 << 20) != 0;
+        let writable = EFER_SCE | EFER_LME | EFER_LMA | if nx { EFER_NXE } else { 0 };
+        let old = self.get(w64::GUEST_IA32_EFER);
+        let paging = self.get(natural::GUEST_CR0) & CR0_PG != 0;
+        if value & !writable != 0 || (paging && (value ^ old) & EFER_LME != 0) {
+            self.inject_exception(GP, Some(0));
+            return;
+        }
+        let efer = (value & !EFER_LMA) | (old & EFER_LMA);
+        self.set(w64::GUEST_IA32_EFER, efer);
+        let entry = self.get(w32::ENTRY_CONTROLS);
+        let entry = if efer & EFER_LMA != 0 { entry | ENTRY_IA32E_MODE_GUEST } else { entry & !ENTRY_IA32E_MODE_GUEST };
+        self.set(w32::ENTRY_CONTROLS, entry);
+        self.skip_instruction();
+    }
+
+    /// An event cut short by the exit (IDT-vectoring information) is delivered again.
+    fn reinject_interrupted_event(&self) {
+        let info = self.get(w32::IDT_VECTORING_INFO);
+        if info & INTR_VALID == 0 {
+            return;
+        }
+        if info & INTR_DELIVER_ERROR_CODE != 0 {
+            self.set(w32::ENTRY_EXCEPTION_ERROR_CODE, self.get(w32::IDT_VECTORING_ERROR_CODE));
+        }
+        // Software interrupts and exceptions (types 4-6) need the instruction length again.
+        if matches!((info >> 8) & 7, 4..=6) {
+            self.set(w32::ENTRY_INSTRUCTION_LENGTH, self.get(w32::EXIT_INSTRUCTION_LENGTH));
+        }
+        // Bit 12 is undefined in IDT-vectoring information and reserved on entry.
+        self.set(w32::ENTRY_INTERRUPTION_INFO, info & !(1 << 12));
+    }
+
+    fn queue_event(&mut self, info: u32, error_code: Option<u32>) {
+        if self.get(w32::ENTRY_INTERRUPTION_INFO) & INTR_VALID != 0 {
+            log::warn!("vmx: replacing a queued event with {info:#x}");
+        }
+        if let Some(code) = error_code {
+            self.set(w32::ENTRY_EXCEPTION_ERROR_CODE, code);
+        }
+        self.set(w32::ENTRY_INTERRUPTION_INFO, info | INTR_VALID);
+    }
+
+    fn log_entry_failure(&self, reason: u32, qualification: u64) {
+        let what = match reason & 0xffff {
+            REASON_INVALID_GUEST_STATE => match qualification {
+                2 => "invalid guest state: PDPTE load failed",
+                3 => "invalid guest state: NMI injection blocked",
+                4 => "invalid guest state: invalid VMCS link pointer",
+                _ => "invalid guest state: a guest-state check failed (SDM Vol. 3, 27.3.1)",
+            },
+            REASON_MSR_LOADING => "MSR loading failed (qualification: failing entry index)",
+            REASON_MACHINE_CHECK => "machine-check event during entry",
+            _ => "unknown entry failure",
+        };
+        log::error!(
+            "vmx: VM entry failed: {what} (exit reason {reason:#x}, qualification {qualification:#x}); \
+             guest CR0={:#x} CR3={:#x} CR4={:#x} EFER={:#x} CS={:#x} base {:#x} AR {:#x} RIP={:#x} \
+             RFLAGS={:#x} entry controls {:#x}",
+            self.get(natural::GUEST_CR0),
+            self.get(natural::GUEST_CR3),
+            self.get(natural::GUEST_CR4),
+            self.get(w64::GUEST_IA32_EFER),
+            self.get(w16::GUEST_CS_SELECTOR),
+            self.get(natural::GUEST_CS_BASE),
+            self.get(w32::GUEST_CS_ACCESS_RIGHTS),
+            self.get(natural::GUEST_RIP),
+            self.get(natural::GUEST_RFLAGS),
+            self.get(w32::ENTRY_CONTROLS),
+        );
+    }
+
+    /// One VM entry and exit; `None` when the backend handled the exit and the guest continues.
+    fn run_once(&mut self) -> Option<Exit> {
+        self.activate();
+        let state: *mut SwitchState = &mut *self.state;
+        // SAFETY: VMX is on, our VMCS is current with complete host state (HOST_RIP is the exit
+        // path of the same assembly, HOST_RSP is written by it); `state` points at our boxed
+        // switch state, whose extended-state areas are ours and 64-byte aligned.
+        let result = unsafe { switch::hv_vmx_run(state, u64::from(self.launched)) };
+        if result != switch::SWITCH_EXITED {
+            let code = if result == switch::SWITCH_FAIL_VALID { vmx::vm_instruction_error() } else { 0 };
+            let instruction = if self.launched { "VMRESUME" } else { "VMLAUNCH" };
+            if result == switch::SWITCH_FAIL_VALID {
+                log::error!(
+                    "vmx: {instruction} failed: VM-instruction error {code} ({})",
+                    vmx::instruction_error_text(code)
+                );
+            } else {
+                log::error!("vmx: {instruction} failed: VMfailInvalid (no current VMCS)");
+            }
+            return Some(Exit::EntryFailed { code: code.into() });
+        }
+
+        let reason = self.get(w32::EXIT_REASON);
+        let qualification = self.get(natural::EXIT_QUALIFICATION);
+        if reason & EXIT_REASON_ENTRY_FAILURE != 0 {
+            self.log_entry_failure(reason, qualification);
+            return Some(Exit::EntryFailed { code: reason.into() });
+        }
+        self.launched = true;
+        self.reinject_interrupted_event();
+        if self.handle_internally(reason & 0xffff, qualification) {
+            return None;
+        }
+        Some(match reason & 0xffff {
+            REASON_CPUID => Exit::Cpuid,
+            REASON_RDMSR => Exit::Rdmsr,
+            REASON_WRMSR => Exit::Wrmsr,
+            REASON_HLT => Exit::Hlt,
+            REASON_XSETBV => Exit::Xsetbv,
+            REASON_IO => Exit::Io(IoExit {
+                port: (qualification >> 16) as u16,
+                size: (qualification & 7) as u8 + 1,
+                write: qualification & (1 << 3) == 0,
+                string: qualification & (1 << 4) != 0,
+                rep: qualification & (1 << 5) != 0,
+            }),
+            REASON_EPT_VIOLATION => Exit::NestedFault {
+                gpa: self.get(w64::GUEST_PHYSICAL_ADDRESS),
+                write: qualification & (1 << 1) != 0,
+                fetch: qualification & (1 << 2) != 0,
+            },
+            REASON_INTERRUPT_WINDOW => {
+                self.set_interrupt_window_exiting(false);
+                Exit::InterruptWindow
+            }
+            REASON_EXTERNAL_INTERRUPT => {
+                let info = self.get(w32::EXIT_INTERRUPTION_INFO);
+                self.last_external_vector = (info & INTR_VALID != 0).then_some(info as u8);
+                Exit::ExternalInterrupt
+            }
+            REASON_CR_ACCESS => Exit::CrAccess {
+                cr: (qualification & 0xf) as u8,
+                write: (qualification >> 4) & 3 == 0,
+                gpr: ((qualification >> 8) & 0xf) as u8,
+            },
+            REASON_TRIPLE_FAULT => Exit::TripleFault,
+            // Not requested (empty exception bitmap), but NMIs exit here: the interruption
+            // information says which.
+            REASON_EXCEPTION_OR_NMI => {
+                Exit::Unhandled { reason: reason.into(), info: self.get(w32::EXIT_INTERRUPTION_INFO).into() }
+            }
+            REASON_EPT_MISCONFIG => {
+                log::error!("vmx: EPT misconfiguration at gpa {:#x}", self.get(w64::GUEST_PHYSICAL_ADDRESS));
+                Exit::Unhandled { reason: reason.into(), info: qualification }
+            }
+            other => Exit::Unhandled { reason: other.into(), info: qualification },
+        })
+    }
+}
+
+impl Vcpu for VmxVcpu {
+    fn run(&mut self) -> Exit {
+        loop {
+            if let Some(exit) = self.run_once() {
+                return exit;
+            }
+        }
+    }
+
+    fn gprs(&mut self) -> &mut Gprs {
+        &mut self.state.gprs
+    }
+
+    fn rip(&self) -> u64 {
+        self.get(natural::GUEST_RIP)
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        self.set(natural::GUEST_RIP, rip);
+    }
+
+    fn rsp(&self) -> u64 {
+        self.get(natural::GUEST_RSP)
+    }
+
+    fn rflags(&self) -> u64 {
+        self.get(natural::GUEST_RFLAGS)
+    }
+
+    fn mode(&self) -> GuestMode {
+        let cs_ar = self.get(w32::GUEST_CS_ACCESS_RIGHTS);
+        GuestMode {
+            cr0: self.get(natural::GUEST_CR0),
+            cr3: self.get(natural::GUEST_CR3),
+            cr4: self.guest_cr4(),
+            efer: self.get(w64::GUEST_IA32_EFER),
+            long_code: cs_ar & (1 << 13) != 0,
+            default_32: cs_ar & (1 << 14) != 0,
+            cs_base: self.get(natural::GUEST_CS_BASE),
+        }
+    }
+
+    fn skip_instruction(&mut self) {
+        let length = u64::from(self.get(w32::EXIT_INSTRUCTION_LENGTH));
+        self.set(natural::GUEST_RIP, self.get(natural::GUEST_RIP).wrapping_add(length));
+        // The emulated instruction ends any STI/MOV SS interrupt shadow, as executing it would.
+        let interruptibility = self.get(w32::GUEST_INTERRUPTIBILITY);
+        if interruptibility & BLOCKING_STI_MOVSS != 0 {
+            self.set(w32::GUEST_INTERRUPTIBILITY, interruptibility & !BLOCKING_STI_MOVSS);
+        }
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        // Entry checks (SDM Vol. 3, 27.2.1.3): an error code is delivered exactly for #DF, #TS,
+        // #NP, #SS, #GP, #PF and #AC, and never in real mode.
+        let protected = self.get(natural::GUEST_CR0) & CR0_PE != 0;
+        let error_code = (protected && matches!(vector, 8 | 10..=14 | 17)).then(|| error_code.unwrap_or(0));
+        let deliver = if error_code.is_some() { INTR_DELIVER_ERROR_CODE } else { 0 };
+        self.queue_event(u32::from(vector) | INTR_TYPE_HARDWARE_EXCEPTION << 8 | deliver, error_code);
+    }
+
+    fn interrupts_open(&self) -> bool {
+        self.rflags() & RFLAGS_IF != 0
+            && self.get(w32::GUEST_INTERRUPTIBILITY) & BLOCKING_STI_MOVSS == 0
+            && self.get(w32::ENTRY_INTERRUPTION_INFO) & INTR_VALID == 0
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) {
+        self.queue_event(u32::from(vector) | INTR_TYPE_EXTERNAL << 8, None);
+    }
+
+    fn set_xcr0(&mut self, xcr0: u64) {
+        // The caller validated it against CPUID; re-check what XSETBV in the world switch needs.
+        if self.state.xmode == XMODE_XSAVE && valid_xcr0(xcr0, self.xcr0_supported) {
+            self.state.guest_xcr0 = xcr0;
+        } else {
+            log::error!("vmx: refusing guest XCR0 {xcr0:#x} (supported {:#x})", self.xcr0_supported);
+        }
+    }
+
+    fn xcr0(&self) -> u64 {
+        self.state.guest_xcr0
+    }
+
+    fn set_interrupt_window_exiting(&mut self, on: bool) {
+        if on && !self.interrupt_window_allowed {
+            log::error!("vmx: interrupt-window exiting is not available on this CPU");
+            return;
+        }
+        let primary = self.get(w32::PRIMARY_PROCESSOR_CONTROLS);
+        let primary =
+            if on { primary | PRIMARY_INTERRUPT_WINDOW_EXITING } else { primary & !PRIMARY_INTERRUPT_WINDOW_EXITING };
+        self.set(w32::PRIMARY_PROCESSOR_CONTROLS, primary);
+    }
+}
+
+impl Drop for VmxVcpu {
+    fn drop(&mut self) {
+        // SAFETY: VMX is on and the region is ours; VMCLEAR flushes it so the frame can be reused.
+        if let Err(e) = unsafe { vmx::vmclear(self.frames.vmcs) } {
+            log::error!("vmx: {e}");
+        }
+        let _ = CURRENT_VMCS.compare_exchange(self.frames.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
+        self.frames.free();
+    }
+}
+
+/// XCR0 of the host.
+fn xgetbv0() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: only called when CPUID reports XSAVE and `enable` has set CR4.OSXSAVE; XGETBV
+    // with ECX = 0 reads XCR0 and nothing else.
+    unsafe { asm!("xgetbv", in("ecx") 0, out("eax") low, out("edx") high, options(nomem, nostack)) };
+    u64::from(low) | u64::from(high) << 32
+}

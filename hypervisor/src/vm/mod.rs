@@ -1,0 +1,445 @@
+//! A VM and its run loop: exit handling written once for both backends.
+//!
+//! Everything here compiles for the host and is tested against a scripted mock vCPU; the
+//! bare-metal layer supplies the real vCPU, guest memory, clock and console.
+
+pub mod config;
+pub mod cpuid;
+pub mod msr;
+pub mod stats;
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::devices::{self, Bus, Events};
+use crate::loader::guest_walk::{self, WalkError};
+use crate::loader::GuestMemory;
+use crate::mmio::{self, MmioKind};
+use crate::vcpu::{valid_xcr0, Exit, GuestMode, IoExit, Vcpu};
+use msr::MsrModel;
+use stats::ExitStats;
+
+const VECTOR_UD: u8 = 6;
+const VECTOR_GP: u8 = 13;
+const RFLAGS_IF: u64 = 1 << 9;
+const RFLAGS_DF: u64 = 1 << 10;
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// Longest console line before it is flushed without a newline.
+const MAX_CONSOLE_LINE: usize = 512;
+/// Interrupts queued beyond this are dropped (and reported): a guest cannot grow our memory.
+const MAX_PENDING_INTERRUPTS: usize = 64;
+/// String I/O iterations per exit; a longer REP restarts with the updated count.
+const MAX_STRING_ITERATIONS: u64 = 4096;
+
+/// Why a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEnd {
+    /// The guest wrote this status to the debug-exit port.
+    DebugExit(u32),
+    /// Triple fault / shutdown.
+    TripleFault {
+        /// RIP at the time.
+        rip: u64,
+    },
+    /// HLT with no way to wake up.
+    Halted(&'static str),
+    /// The guest did something the hypervisor cannot emulate, or entry failed.
+    Error(String),
+}
+
+impl VmEnd {
+    /// The VM ended the way a passing guest ends.
+    pub fn is_clean(&self) -> bool {
+        *self == VmEnd::DebugExit(0)
+    }
+}
+
+impl VmEnd {
+    /// The one line that reports a VM's end: `VM-END vm=NAME reason=KIND status=N detail="..."`.
+    pub fn end_line(&self, vm: &str) -> String {
+        let (reason, status) = match self {
+            VmEnd::DebugExit(status) => ("debug-exit", *status as u64),
+            VmEnd::TripleFault { .. } => ("triple-fault", 0),
+            VmEnd::Halted(_) => ("halted", 0),
+            VmEnd::Error(_) => ("error", 0),
+        };
+        let detail: String = format!("{self}").chars().map(|c| if c == '"' { '\'' } else { c }).collect();
+        format!("VM-END vm={vm} reason={reason} status={status} detail=\"{detail}\"")
+    }
+}
+
+impl fmt::Display for VmEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmEnd::DebugExit(status) => write!(f, "debug-exit status {status}"),
+            VmEnd::TripleFault { rip } => write!(f, "triple fault at RIP {rip:#x}"),
+            VmEnd::Halted(why) => write!(f, "halted: {why}"),
+            VmEnd::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
+/// What the bare-metal layer (or a test) provides to the run loop.
+pub struct Env<'a> {
+    /// Executes the host's CPUID.
+    pub cpuid: &'a dyn Fn(u32, u32) -> cpuid::Regs,
+    /// A monotonic clock in microseconds.
+    pub now_micros: &'a dyn Fn() -> u64,
+    /// The guest's TSC.
+    pub tsc: &'a dyn Fn() -> u64,
+    /// Receives each console line, already prefixed with the VM name.
+    pub console: &'a mut dyn FnMut(&str),
+    /// XCR0 bits guests may enable.
+    pub supported_xcr0: u64,
+}
+
+/// One VM: memory, devices, and the state its exit handlers keep.
+pub struct Vm<M: GuestMemory> {
+    /// Name used in every log line.
+    pub name: String,
+    /// Guest RAM.
+    pub memory: M,
+    /// Port and MMIO devices.
+    pub bus: Bus,
+    /// Exit statistics.
+    pub stats: ExitStats,
+    msrs: MsrModel,
+    pending_interrupts: VecDeque<u8>,
+    console_line: Vec<u8>,
+    warned_ports: Vec<u16>,
+}
+
+enum Next {
+    Continue,
+    End(VmEnd),
+}
+
+impl<M: GuestMemory> Vm<M> {
+    /// A VM with the standard devices (COM1 console, debug-exit port, POST-code port).
+    pub fn new(name: &str, memory: M) -> Self {
+        let mut bus = Bus::new();
+        let standard: [Box<dyn devices::Device>; 3] = [
+            Box::new(devices::console::Console::default()),
+            Box::new(devices::debug_exit::DebugExit),
+            Box::new(devices::PostCode),
+        ];
+        for device in standard {
+            bus.add(device).expect("standard devices do not overlap");
+        }
+        Vm {
+            name: name.into(),
+            memory,
+            bus,
+            stats: ExitStats::default(),
+            msrs: MsrModel::default(),
+            pending_interrupts: VecDeque::new(),
+            console_line: Vec::new(),
+            warned_ports: Vec::new(),
+        }
+    }
+
+    /// Runs the vCPU until the VM ends.
+    pub fn run(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>) -> VmEnd {
+        let end = loop {
+            self.offer_interrupt(vcpu);
+            let entered = (env.now_micros)();
+            let exit = vcpu.run();
+            let exited = (env.now_micros)();
+            self.stats.guest_micros += exited.saturating_sub(entered);
+            let next = self.handle(vcpu, exit, env);
+            self.stats.record(exit.kind(), (env.now_micros)().saturating_sub(exited));
+            if let Next::End(end) = next {
+                break end;
+            }
+        };
+        self.flush_console(env);
+        end
+    }
+
+    /// Injects the oldest pending interrupt if the guest can take it, else asks for a window.
+    fn offer_interrupt(&mut self, vcpu: &mut dyn Vcpu) {
+        let Some(&vector) = self.pending_interrupts.front() else {
+            return;
+        };
+        if vcpu.interrupts_open() {
+            vcpu.inject_interrupt(vector);
+            self.pending_interrupts.pop_front();
+            vcpu.set_interrupt_window_exiting(!self.pending_interrupts.is_empty());
+        } else {
+            vcpu.set_interrupt_window_exiting(true);
+        }
+    }
+
+    fn handle(&mut self, vcpu: &mut dyn Vcpu, exit: Exit, env: &mut Env<'_>) -> Next {
+        match exit {
+            Exit::Cpuid => {
+                let gprs = vcpu.gprs();
+                let (leaf, subleaf) = (gprs.rax as u32, gprs.rcx as u32);
+                let osxsave = vcpu.mode().cr4 & CR4_OSXSAVE != 0;
+                let [a, b, c, d] = cpuid::guest_cpuid(leaf, subleaf, env.cpuid, osxsave, env.supported_xcr0);
+                let gprs = vcpu.gprs();
+                (gprs.rax, gprs.rbx, gprs.rcx, gprs.rdx) = (a as u64, b as u64, c as u64, d as u64);
+                vcpu.skip_instruction();
+                Next::Continue
+            }
+            Exit::Rdmsr | Exit::Wrmsr => self.handle_msr(vcpu, exit == Exit::Wrmsr, env),
+            Exit::Io(io) if io.string => self.handle_string_io(vcpu, io, env),
+            Exit::Io(io) => self.handle_io(vcpu, io, env),
+            Exit::Hlt => {
+                vcpu.skip_instruction();
+                if !self.pending_interrupts.is_empty() {
+                    Next::Continue
+                } else if vcpu.rflags() & RFLAGS_IF == 0 {
+                    Next::End(VmEnd::Halted("HLT with interrupts disabled: the vCPU can never wake up"))
+                } else {
+                    Next::End(VmEnd::Halted("HLT with no interrupt pending and no device that could raise one"))
+                }
+            }
+            Exit::Xsetbv => {
+                let gprs = *vcpu.gprs();
+                let value = (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff);
+                if vcpu.mode().cr4 & CR4_OSXSAVE == 0 {
+                    vcpu.inject_exception(VECTOR_UD, None);
+                } else if gprs.rcx as u32 != 0 || !valid_xcr0(value, env.supported_xcr0) {
+                    vcpu.inject_exception(VECTOR_GP, Some(0));
+                } else {
+                    vcpu.set_xcr0(value);
+                    vcpu.skip_instruction();
+                }
+                Next::Continue
+            }
+            Exit::NestedFault { gpa, write, fetch } => self.handle_nested_fault(vcpu, gpa, write, fetch, env),
+            Exit::InterruptWindow | Exit::ExternalInterrupt => Next::Continue,
+            Exit::TripleFault => Next::End(VmEnd::TripleFault { rip: vcpu.rip() }),
+            Exit::EntryFailed { code } => Next::End(VmEnd::Error(format!("VM entry failed (code {code:#x})"))),
+            Exit::CrAccess { .. } | Exit::Unhandled { .. } => Next::End(VmEnd::Error(format!(
+                "{exit} at RIP {:#x}, which this hypervisor does not handle",
+                vcpu.rip()
+            ))),
+        }
+    }
+
+    fn handle_msr(&mut self, vcpu: &mut dyn Vcpu, write: bool, env: &mut Env<'_>) -> Next {
+        let gprs = *vcpu.gprs();
+        let msr = gprs.rcx as u32;
+        let result = if write {
+            self.msrs.write(msr, (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff))
+        } else {
+            self.msrs.read(msr, (env.tsc)()).map(|value| {
+                let gprs = vcpu.gprs();
+                gprs.rax = value & 0xffff_ffff;
+                gprs.rdx = value >> 32;
+            })
+        };
+        match result {
+            Ok(()) => vcpu.skip_instruction(),
+            Err(refused) => {
+                if refused.first {
+                    log::warn!(
+                        "vm {}: {} of MSR {msr:#x} is not allowed: injecting #GP (reported once per MSR)",
+                        self.name,
+                        if write { "wrmsr" } else { "rdmsr" }
+                    );
+                }
+                vcpu.inject_exception(VECTOR_GP, Some(0));
+            }
+        }
+        Next::Continue
+    }
+
+    fn handle_io(&mut self, vcpu: &mut dyn Vcpu, io: IoExit, env: &mut Env<'_>) -> Next {
+        let mut events = Events::default();
+        if io.write {
+            let value = vcpu.gprs().rax as u32;
+            if !self.bus.io_write(io.port, io.size, value, &mut events) {
+                self.warn_port(io.port);
+            }
+        } else {
+            let value = self.bus.io_read(io.port, io.size).unwrap_or_else(|| {
+                self.warn_port(io.port);
+                devices::ones(io.size) as u32
+            });
+            let rax = &mut vcpu.gprs().rax;
+            *rax = match io.size {
+                1 => (*rax & !0xff) | value as u64,
+                2 => (*rax & !0xffff) | value as u64,
+                // A 32-bit register write clears the upper half.
+                _ => value as u64,
+            };
+        }
+        vcpu.skip_instruction();
+        self.apply(events, env)
+    }
+
+    /// INS/OUTS with or without REP, in 64-bit mode with flat segments.
+    fn handle_string_io(&mut self, vcpu: &mut dyn Vcpu, io: IoExit, env: &mut Env<'_>) -> Next {
+        let mode = vcpu.mode();
+        if !mode.long_code {
+            return Next::End(VmEnd::Error(format!(
+                "string I/O on port {:#x} outside 64-bit mode at RIP {:#x} is not supported",
+                io.port,
+                vcpu.rip()
+            )));
+        }
+        let step = if vcpu.rflags() & RFLAGS_DF != 0 { (io.size as u64).wrapping_neg() } else { io.size as u64 };
+        let count = if io.rep { vcpu.gprs().rcx } else { 1 };
+        let batch = count.min(MAX_STRING_ITERATIONS);
+        let mut events = Events::default();
+        for _ in 0..batch {
+            let mut buf = [0u8; 4];
+            let bytes = &mut buf[..io.size as usize];
+            let gprs = *vcpu.gprs();
+            let result = if io.write {
+                guest_walk::read_virt(&self.memory, &mode, gprs.rsi, bytes).map(|()| {
+                    if !self.bus.io_write(io.port, io.size, u32::from_le_bytes(buf), &mut events) {
+                        self.warn_port(io.port);
+                    }
+                })
+            } else {
+                let value = self.bus.io_read(io.port, io.size).unwrap_or(devices::ones(io.size) as u32);
+                guest_walk::write_virt(&mut self.memory, &mode, gprs.rdi, &value.to_le_bytes()[..io.size as usize])
+            };
+            if let Err(e) = result {
+                return Next::End(VmEnd::Error(format!(
+                    "string I/O on port {:#x} at RIP {:#x}: guest buffer not accessible ({})",
+                    io.port,
+                    vcpu.rip(),
+                    walk_error(&e)
+                )));
+            }
+            let gprs = vcpu.gprs();
+            if io.write {
+                gprs.rsi = gprs.rsi.wrapping_add(step);
+            } else {
+                gprs.rdi = gprs.rdi.wrapping_add(step);
+            }
+            if io.rep {
+                gprs.rcx -= 1;
+            }
+        }
+        if !io.rep || vcpu.gprs().rcx == 0 {
+            vcpu.skip_instruction();
+        }
+        self.apply(events, env)
+    }
+
+    fn handle_nested_fault(
+        &mut self,
+        vcpu: &mut dyn Vcpu,
+        gpa: u64,
+        write: bool,
+        fetch: bool,
+        env: &mut Env<'_>,
+    ) -> Next {
+        let rip = vcpu.rip();
+        if fetch || !self.bus.claims_mmio(gpa) {
+            let access = if fetch {
+                "instruction fetch"
+            } else if write {
+                "write"
+            } else {
+                "read"
+            };
+            return Next::End(VmEnd::Error(format!(
+                "{access} at guest-physical {gpa:#x} (RIP {rip:#x}): outside guest RAM and no device claims it"
+            )));
+        }
+        let mode = vcpu.mode();
+        let mut bytes = [0u8; 15];
+        let fetched = fetch_instruction(&self.memory, &mode, rip, &mut bytes);
+        let op = match mmio::decode(&bytes[..fetched], &mode, rip) {
+            Ok(op) => op,
+            Err(e) => {
+                return Next::End(VmEnd::Error(format!(
+                    "MMIO access at guest-physical {gpa:#x} by RIP {rip:#x} cannot be emulated: {e}"
+                )))
+            }
+        };
+        let mut events = Events::default();
+        match op.kind {
+            MmioKind::Load { reg, extend } => {
+                let value = self.bus.mmio_read(gpa, op.size).unwrap_or(devices::ones(op.size));
+                mmio::apply_load(vcpu.gprs(), reg, op.size, extend, value);
+            }
+            MmioKind::Store { src } => {
+                let value = mmio::read_operand(vcpu.gprs(), src, op.size);
+                self.bus.mmio_write(gpa, op.size, value, &mut events);
+            }
+        }
+        vcpu.set_rip(rip.wrapping_add(op.len as u64));
+        self.apply(events, env)
+    }
+
+    /// Acts on what devices asked for.
+    fn apply(&mut self, events: Events, env: &mut Env<'_>) -> Next {
+        for byte in events.console {
+            match byte {
+                b'\n' => self.flush_console(env),
+                b'\r' => {}
+                _ => {
+                    self.console_line.push(byte);
+                    if self.console_line.len() >= MAX_CONSOLE_LINE {
+                        self.flush_console(env);
+                    }
+                }
+            }
+        }
+        for vector in events.interrupts {
+            if self.pending_interrupts.len() >= MAX_PENDING_INTERRUPTS {
+                log::warn!("vm {}: interrupt queue full, dropping vector {vector:#x}", self.name);
+            } else {
+                self.pending_interrupts.push_back(vector);
+            }
+        }
+        match events.exit_status {
+            Some(status) => Next::End(VmEnd::DebugExit(status)),
+            None => Next::Continue,
+        }
+    }
+
+    fn flush_console(&mut self, env: &mut Env<'_>) {
+        if self.console_line.is_empty() {
+            return;
+        }
+        let text: String = self
+            .console_line
+            .iter()
+            .map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' })
+            .collect();
+        (env.console)(&format!("[{}] {text}", self.name));
+        self.console_line.clear();
+    }
+
+    fn warn_port(&mut self, port: u16) {
+        if !self.warned_ports.contains(&port) && self.warned_ports.len() < 64 {
+            self.warned_ports.push(port);
+            log::info!("vm {}: port {port:#x} has no device (reads float high); reported once", self.name);
+        }
+    }
+}
+
+/// Reads as many of the 15 instruction bytes at `rip` as are mapped.
+fn fetch_instruction(memory: &impl GuestMemory, mode: &GuestMode, rip: u64, bytes: &mut [u8; 15]) -> usize {
+    // The instruction may end before an unmapped page: fetch up to the page end first.
+    let to_page_end = (0x1000 - (rip & 0xfff)).min(15) as usize;
+    if guest_walk::read_virt(memory, mode, rip, &mut bytes[..to_page_end]).is_err() {
+        return 0;
+    }
+    if to_page_end < 15
+        && guest_walk::read_virt(memory, mode, rip.wrapping_add(to_page_end as u64), &mut bytes[to_page_end..]).is_ok()
+    {
+        return 15;
+    }
+    to_page_end
+}
+
+fn walk_error(e: &WalkError) -> String {
+    format!("{e}")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,368 @@
+//! Run-loop tests against a scripted vCPU: each exit kind is handled the same way for VMX and SVM.
+
+use super::*;
+use crate::devices::test_device::{TestDevice, IRQ_PORT, MMIO_BASE};
+use crate::loader::{page_tables, SliceMemory};
+use crate::vcpu::{Gprs, GuestMode, XCR0_AVX, XCR0_SSE, XCR0_X87};
+use alloc::vec;
+
+/// A vCPU that replays a script of exits and records what the run loop did to it.
+struct Mock {
+    script: VecDeque<(Exit, Option<Gprs>)>,
+    gprs: Gprs,
+    rip: u64,
+    rflags: u64,
+    mode: GuestMode,
+    injected_exceptions: Vec<(u8, Option<u32>)>,
+    injected_interrupts: Vec<u8>,
+    window: bool,
+    xcr0: u64,
+    skips: u32,
+}
+
+const START_RIP: u64 = 0x20_0000;
+
+impl Mock {
+    fn new(script: Vec<Exit>) -> Self {
+        Mock {
+            script: script.into_iter().map(|e| (e, None)).collect(),
+            gprs: Gprs::default(),
+            rip: START_RIP,
+            rflags: 0x2,
+            mode: long_mode(),
+            injected_exceptions: Vec::new(),
+            injected_interrupts: Vec::new(),
+            window: false,
+            xcr0: XCR0_X87,
+            skips: 0,
+        }
+    }
+
+    /// An exit that the guest takes with these registers.
+    fn then(mut self, exit: Exit, gprs: Gprs) -> Self {
+        self.script.push_back((exit, Some(gprs)));
+        self
+    }
+}
+
+fn long_mode() -> GuestMode {
+    GuestMode {
+        cr0: 0x8000_0031,
+        cr3: PAGE_TABLES,
+        cr4: 1 << 5,
+        efer: (1 << 8) | (1 << 10),
+        long_code: true,
+        default_32: false,
+        cs_base: 0,
+    }
+}
+
+impl Vcpu for Mock {
+    fn run(&mut self) -> Exit {
+        let (exit, gprs) = self.script.pop_front().expect("the run loop ran past the end of the script");
+        if let Some(gprs) = gprs {
+            self.gprs = gprs;
+        }
+        exit
+    }
+    fn gprs(&mut self) -> &mut Gprs {
+        &mut self.gprs
+    }
+    fn rip(&self) -> u64 {
+        self.rip
+    }
+    fn set_rip(&mut self, rip: u64) {
+        self.rip = rip;
+    }
+    fn rsp(&self) -> u64 {
+        0
+    }
+    fn rflags(&self) -> u64 {
+        self.rflags
+    }
+    fn mode(&self) -> GuestMode {
+        self.mode
+    }
+    fn skip_instruction(&mut self) {
+        self.skips += 1;
+        self.rip += 2;
+    }
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        self.injected_exceptions.push((vector, error_code));
+    }
+    fn interrupts_open(&self) -> bool {
+        self.rflags & RFLAGS_IF != 0
+    }
+    fn inject_interrupt(&mut self, vector: u8) {
+        self.injected_interrupts.push(vector);
+    }
+    fn set_interrupt_window_exiting(&mut self, on: bool) {
+        self.window = on;
+    }
+    fn set_xcr0(&mut self, xcr0: u64) {
+        self.xcr0 = xcr0;
+    }
+    fn xcr0(&self) -> u64 {
+        self.xcr0
+    }
+}
+
+const PAGE_TABLES: u64 = 0x1_0000;
+const MEMORY: usize = 4 << 20;
+
+fn memory() -> SliceMemory<'static> {
+    let bytes = vec![0u8; MEMORY].leak();
+    let mut memory = SliceMemory(bytes);
+    page_tables::build_identity_map(&mut memory, PAGE_TABLES, 4 << 30).unwrap();
+    memory
+}
+
+fn host_cpuid(leaf: u32, subleaf: u32) -> cpuid::Regs {
+    [leaf, subleaf, 0x5, 0x6]
+}
+
+/// Runs the mock to the VM's end; returns the end and the console lines.
+fn run(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> (VmEnd, Vec<String>) {
+    let mut lines = Vec::new();
+    let mut console = |line: &str| lines.push(String::from(line));
+    let mut env = Env {
+        cpuid: &host_cpuid,
+        now_micros: &|| 0,
+        tsc: &|| 42,
+        console: &mut console,
+        supported_xcr0: XCR0_X87 | XCR0_SSE | XCR0_AVX,
+    };
+    let end = vm.run(vcpu, &mut env);
+    (end, lines)
+}
+
+fn exit_with(status: u32) -> (Exit, Gprs) {
+    (
+        Exit::Io(IoExit { port: 0xf4, size: 4, write: true, string: false, rep: false }),
+        Gprs { rax: status as u64, ..Gprs::default() },
+    )
+}
+
+fn vm() -> Vm<SliceMemory<'static>> {
+    Vm::new("t", memory())
+}
+
+#[test]
+fn debug_exit_ends_the_vm_with_its_status() {
+    let (exit, gprs) = exit_with(3);
+    let mut vcpu = Mock::new(vec![]).then(exit, gprs);
+    let (end, _) = run(&mut vm(), &mut vcpu);
+    assert_eq!(end, VmEnd::DebugExit(3));
+    assert_eq!(end.end_line("t"), "VM-END vm=t reason=debug-exit status=3 detail=\"debug-exit status 3\"");
+    assert_eq!(vcpu.skips, 1);
+}
+
+/// Runs exactly one scripted exit through the handlers.
+fn step(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> Option<VmEnd> {
+    let mut console = |_: &str| {};
+    let mut env = Env {
+        cpuid: &host_cpuid,
+        now_micros: &|| 0,
+        tsc: &|| 42,
+        console: &mut console,
+        supported_xcr0: XCR0_X87 | XCR0_SSE,
+    };
+    vm.offer_interrupt(vcpu);
+    let exit = vcpu.run();
+    match vm.handle(vcpu, exit, &mut env) {
+        Next::End(end) => Some(end),
+        Next::Continue => None,
+    }
+}
+
+#[test]
+fn cpuid_returns_the_guest_model_and_skips() {
+    let mut vm = vm();
+    let mut vcpu = Mock::new(vec![]).then(Exit::Cpuid, Gprs { rax: 0x4000_0000, rbx: 0xdead, ..Gprs::default() });
+    assert_eq!(step(&mut vm, &mut vcpu), None);
+    let g = vcpu.gprs;
+    let signature: Vec<u8> = [g.rbx, g.rcx, g.rdx].iter().flat_map(|r| (*r as u32).to_le_bytes()).collect();
+    assert_eq!(&signature, cpuid::SIGNATURE);
+    assert_eq!(g.rax, cpuid::MAX_HYPERVISOR_LEAF as u64);
+    assert_eq!(vcpu.skips, 1);
+    vcpu = vcpu.then(Exit::Cpuid, Gprs { rax: 1, ..Gprs::default() });
+    step(&mut vm, &mut vcpu);
+    assert_ne!(vcpu.gprs.rcx & (1 << 31), 0, "hypervisor bit");
+    assert_eq!(vcpu.gprs.rcx & (1 << 5), 0, "VMX hidden");
+}
+
+#[test]
+fn unknown_msrs_get_gp_and_allowed_ones_round_trip() {
+    let mut vm = vm();
+    let mut vcpu = Mock::new(vec![])
+        .then(Exit::Rdmsr, Gprs { rcx: 0x4000_00ff, ..Gprs::default() })
+        .then(Exit::Wrmsr, Gprs { rcx: 0xc000_0082, rax: 0x1000, rdx: 0xffff_8000, ..Gprs::default() })
+        .then(Exit::Rdmsr, Gprs { rcx: 0xc000_0082, ..Gprs::default() })
+        .then(Exit::Rdmsr, Gprs { rcx: 0x10, ..Gprs::default() });
+    for _ in 0..3 {
+        assert_eq!(step(&mut vm, &mut vcpu), None);
+    }
+    assert_eq!(vcpu.injected_exceptions, [(VECTOR_GP, Some(0))]);
+    assert_eq!(vcpu.skips, 2, "a refused RDMSR is not skipped");
+    assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0xffff_8000, 0x1000));
+    step(&mut vm, &mut vcpu);
+    assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0, 42), "TSC reads the guest TSC");
+}
+
+#[test]
+fn console_output_is_prefixed_with_the_vm_name() {
+    let out = |byte: u8| {
+        (
+            Exit::Io(IoExit { port: 0x3f8, size: 1, write: true, string: false, rep: false }),
+            Gprs { rax: byte as u64, ..Gprs::default() },
+        )
+    };
+    let mut vcpu = Mock::new(vec![]);
+    for byte in b"hi\nthere" {
+        let (e, g) = out(*byte);
+        vcpu = vcpu.then(e, g);
+    }
+    let (e, g) = exit_with(0);
+    let (end, lines) = run(&mut vm(), &mut vcpu.then(e, g));
+    assert_eq!(end, VmEnd::DebugExit(0));
+    assert_eq!(lines, ["[t] hi", "[t] there"], "an unterminated line is flushed when the VM ends");
+}
+
+#[test]
+fn port_reads_replace_only_the_accessed_width() {
+    let mut vm = vm();
+    let mut vcpu = Mock::new(vec![]).then(
+        Exit::Io(IoExit { port: 0x3fd, size: 1, write: false, string: false, rep: false }),
+        Gprs { rax: 0xaaaa_bbbb_cccc_dddd, ..Gprs::default() },
+    );
+    step(&mut vm, &mut vcpu);
+    assert_eq!(vcpu.gprs.rax, 0xaaaa_bbbb_cccc_dd60);
+    let gprs = vcpu.gprs;
+    vcpu = vcpu.then(Exit::Io(IoExit { port: 0x999, size: 4, write: false, string: false, rep: false }), gprs);
+    step(&mut vm, &mut vcpu);
+    assert_eq!(vcpu.gprs.rax, 0xffff_ffff, "unclaimed port floats high; 32-bit write clears the top");
+}
+
+#[test]
+fn hlt_with_interrupts_disabled_ends_the_vm() {
+    let (end, _) = run(&mut vm(), &mut Mock::new(vec![Exit::Hlt]));
+    assert!(matches!(end, VmEnd::Halted(why) if why.contains("interrupts disabled")));
+}
+
+#[test]
+fn interrupts_wait_for_a_window_then_are_injected() {
+    let mut vm = vm();
+    vm.bus.add(Box::new(TestDevice::default())).unwrap();
+    let request = Exit::Io(IoExit { port: IRQ_PORT, size: 1, write: true, string: false, rep: false });
+    let mut vcpu = Mock::new(vec![]).then(request, Gprs { rax: 0x40, ..Gprs::default() });
+    let mut console = |_: &str| {};
+    let mut env = Env { cpuid: &host_cpuid, now_micros: &|| 0, tsc: &|| 0, console: &mut console, supported_xcr0: 1 };
+    let exit = vcpu.run();
+    vm.handle(&mut vcpu, exit, &mut env);
+    vm.offer_interrupt(&mut vcpu);
+    assert!(vcpu.window, "IF=0: ask for an interrupt window");
+    assert!(vcpu.injected_interrupts.is_empty());
+    vcpu.rflags |= RFLAGS_IF;
+    vm.offer_interrupt(&mut vcpu);
+    assert_eq!(vcpu.injected_interrupts, [0x40]);
+    assert!(!vcpu.window);
+    // HLT with the interrupt already delivered and IF=1 has nothing left to wait for.
+    vcpu.script.push_back((Exit::Hlt, None));
+    let exit = vcpu.run();
+    assert!(matches!(vm.handle(&mut vcpu, exit, &mut env), Next::End(VmEnd::Halted(_))));
+}
+
+#[test]
+fn mmio_loads_and_stores_are_decoded_and_emulated() {
+    let mut vm = vm();
+    vm.bus.add(Box::new(TestDevice::default())).unwrap();
+    // mov eax, [rbx]; mov [rbx], rcx (REX.W 89 0b)
+    vm.memory.write(START_RIP, &[0x8b, 0x03, 0x48, 0x89, 0x0b]).unwrap();
+    let mut vcpu = Mock::new(vec![]).then(
+        Exit::NestedFault { gpa: MMIO_BASE, write: false, fetch: false },
+        Gprs { rax: u64::MAX, rbx: MMIO_BASE, ..Gprs::default() },
+    );
+    let mut console = |_: &str| {};
+    let mut env = Env { cpuid: &host_cpuid, now_micros: &|| 0, tsc: &|| 0, console: &mut console, supported_xcr0: 1 };
+    let exit = vcpu.run();
+    vm.handle(&mut vcpu, exit, &mut env);
+    assert_eq!(vcpu.gprs.rax, 0x1234_5678);
+    assert_eq!(vcpu.rip, START_RIP + 2);
+    vcpu = vcpu.then(
+        Exit::NestedFault { gpa: MMIO_BASE + 8, write: true, fetch: false },
+        Gprs { rbx: MMIO_BASE + 8, rcx: 0x1122_3344_5566_7788, ..Gprs::default() },
+    );
+    let exit = vcpu.run();
+    vm.handle(&mut vcpu, exit, &mut env);
+    assert_eq!(vcpu.rip, START_RIP + 5);
+    assert_eq!(vm.bus.mmio_read(MMIO_BASE + 8, 8), Some(0x1122_3344_5566_7788));
+}
+
+#[test]
+fn unclaimed_guest_physical_accesses_end_the_vm_with_a_report() {
+    let mut vcpu = Mock::new(vec![Exit::NestedFault { gpa: 0xfeed_0000, write: true, fetch: false }]);
+    let (end, _) = run(&mut vm(), &mut vcpu);
+    let VmEnd::Error(message) = end else { panic!("expected an error end") };
+    assert!(message.contains("write at guest-physical 0xfeed0000"), "{message}");
+    assert!(message.contains("no device claims it"), "{message}");
+}
+
+#[test]
+fn triple_fault_and_entry_failure_end_the_vm() {
+    assert_eq!(run(&mut vm(), &mut Mock::new(vec![Exit::TripleFault])).0, VmEnd::TripleFault { rip: START_RIP });
+    let (end, _) = run(&mut vm(), &mut Mock::new(vec![Exit::EntryFailed { code: 7 }]));
+    assert_eq!(end, VmEnd::Error("VM entry failed (code 0x7)".into()));
+    let (end, _) = run(&mut vm(), &mut Mock::new(vec![Exit::Unhandled { reason: 0x99, info: 1 }]));
+    assert!(matches!(end, VmEnd::Error(m) if m.contains("unhandled exit reason 0x99")));
+}
+
+#[test]
+fn rep_string_io_moves_guest_memory() {
+    let mut vm = vm();
+    vm.memory.write(0x3000, b"ok\n").unwrap();
+    vm.memory.write(0x4000, &[0xaa; 4]).unwrap();
+    let outs = Exit::Io(IoExit { port: 0x3f8, size: 1, write: true, string: true, rep: true });
+    let ins = Exit::Io(IoExit { port: 0x3fd, size: 1, write: false, string: true, rep: true });
+    let mut vcpu = Mock::new(vec![])
+        .then(outs, Gprs { rsi: 0x3000, rcx: 3, ..Gprs::default() })
+        .then(ins, Gprs { rdi: 0x4000, rcx: 4, ..Gprs::default() });
+    let mut lines = Vec::new();
+    let mut console = |line: &str| lines.push(String::from(line));
+    let mut env = Env { cpuid: &host_cpuid, now_micros: &|| 0, tsc: &|| 0, console: &mut console, supported_xcr0: 1 };
+    for _ in 0..2 {
+        let exit = vcpu.run();
+        vm.handle(&mut vcpu, exit, &mut env);
+    }
+    let mut buf = [0u8; 5];
+    vm.memory.read(0x4000, &mut buf).unwrap();
+    assert_eq!(buf, [0x60, 0x60, 0x60, 0x60, 0]);
+    assert_eq!((vcpu.gprs.rcx, vcpu.gprs.rdi), (0, 0x4004));
+    assert_eq!(vcpu.skips, 2);
+    assert_eq!(lines, ["[t] ok"]);
+}
+
+#[test]
+fn xsetbv_is_validated() {
+    let mut vm = vm();
+    let mut console = |_: &str| {};
+    let mut env = Env {
+        cpuid: &host_cpuid,
+        now_micros: &|| 0,
+        tsc: &|| 0,
+        console: &mut console,
+        supported_xcr0: XCR0_X87 | XCR0_SSE,
+    };
+    let mut vcpu = Mock::new(vec![]).then(Exit::Xsetbv, Gprs { rax: 3, ..Gprs::default() });
+    let exit = vcpu.run();
+    vm.handle(&mut vcpu, exit, &mut env);
+    assert_eq!(vcpu.injected_exceptions, [(VECTOR_UD, None)], "CR4.OSXSAVE clear");
+    vcpu.mode.cr4 |= CR4_OSXSAVE;
+    for (rax, rcx) in [(3, 0), (2, 0), (7, 0), (3, 1)] {
+        vcpu = vcpu.then(Exit::Xsetbv, Gprs { rax, rcx, ..Gprs::default() });
+        let exit = vcpu.run();
+        vm.handle(&mut vcpu, exit, &mut env);
+    }
+    assert_eq!(vcpu.xcr0, 3);
+    assert_eq!(vcpu.skips, 1);
+    assert_eq!(&vcpu.injected_exceptions[1..], [(VECTOR_GP, Some(0)); 3]);
+}
