@@ -20,6 +20,18 @@ pub fn boot(platform: Platform, firmware: Firmware, kernel: &str) -> RunOutcome 
     }
 }
 
+/// Boots the hypervisor image on `platform` with the VM set in `guest-images/<vms>`.
+pub fn boot_vms(platform: Platform, firmware: Firmware, vms: &str) -> RunOutcome {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images").join(vms);
+    let mut config = boot::RunConfig::new(platform, firmware, boot::HYPERVISOR_KERNEL);
+    config.timeout = TIMEOUT;
+    config.ramdisk = boot::ramdisk_files(Some(&path)).unwrap_or_else(|e| panic!("VM set {vms}: {e}"));
+    match boot::run(&config) {
+        Ok(outcome) => outcome,
+        Err(e) => panic!("could not run {vms} on {platform}: {e}"),
+    }
+}
+
 /// Assertions over one run's serial log.
 pub struct Log<'a>(pub &'a RunOutcome);
 

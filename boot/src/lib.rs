@@ -209,7 +209,7 @@ impl RunConfig {
 /// What happened in a run.
 #[derive(Clone, Debug)]
 pub struct RunOutcome {
-    /// Everything the machine wrote to COM1.
+    /// Everything the machine wrote to COM1, with CR LF line ends turned into LF.
     pub serial: String,
     /// The hypervisor's end line, if it printed one.
     pub end: Option<(RunStatus, String)>,
@@ -352,7 +352,8 @@ fn supervise(config: &RunConfig, mut launch: Launch, log_path: PathBuf) -> Resul
 
     let serial_bytes = captured.lock().unwrap().clone();
     log.write_all(&serial_bytes).map_err(io_error(format!("writing {}", log_path.display())))?;
-    let serial = String::from_utf8_lossy(&serial_bytes).into_owned();
+    // The UART driver ends lines with CR LF; tests and parsers want plain lines.
+    let serial = String::from_utf8_lossy(&serial_bytes).replace("\r\n", "\n");
     let mut emulator_messages = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
     for path in &launch.diagnostics {
         if let Ok(text) = fs::read_to_string(path) {

@@ -17,7 +17,7 @@ const BOCHS_SDL_PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_sd
 /// A Bochs model with VMX, EPT, VPID and unrestricted guest.
 pub const BOCHS_CPU_MODEL: &str = "corei7_skylake_x";
 /// The QEMU TCG CPU: SVM with nested paging (TCG has no VMX).
-pub const TCG_CPU: &str = "qemu64,+svm,+npt,+xsave";
+pub const TCG_CPU: &str = "qemu64,+svm,+npt,+xsave,+xsaveopt";
 /// Guest RAM of the machine the hypervisor runs on.
 const MACHINE_MEMORY_MIB: u32 = 1024;
 

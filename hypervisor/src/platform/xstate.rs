@@ -57,6 +57,13 @@ unsafe fn set_xcr0(value: u64) {
     unsafe { asm!("xsetbv", in("ecx") 0, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack)) };
 }
 
+fn xgetbv0() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: only called with CR4.OSXSAVE set (features.xsave); XGETBV(0) has no side effects.
+    unsafe { asm!("xgetbv", in("ecx") 0, out("eax") low, out("edx") high, options(nomem, nostack)) };
+    (high as u64) << 32 | low as u64
+}
+
 /// One save area (a whole frame: XSAVE of x87/SSE/AVX needs 832 bytes, FXSAVE 512).
 pub struct XSaveArea {
     phys: u64,
@@ -135,6 +142,11 @@ impl XState {
 
     /// After exit: save the guest's state, bring the host's XCR0 and state back.
     pub fn leave_guest(&mut self) {
+        if self.features.xsave {
+            // Normally equal to guest_xcr0; where XSETBV is not intercepted (QEMU's TCG ignores
+            // the SVM intercept bit) the guest set it directly and the CPU validated it.
+            self.guest_xcr0 = xgetbv0();
+        }
         self.guest.save(&self.features, self.guest_xcr0);
         let host_xcr0 = self.features.supported_xcr0;
         if self.features.xsave {
