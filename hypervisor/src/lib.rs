@@ -8,6 +8,7 @@
 extern crate alloc;
 
 pub mod devices;
+pub mod exit_decode;
 pub mod loader;
 pub mod mm;
 pub mod mmio;

@@ -10,11 +10,12 @@ use core::marker::PhantomData;
 use raw_cpuid::cpuid;
 use x86_64::registers::model_specific::Msr;
 
-use self::vmcb::{control, exit, misc1, misc2, save};
+use self::vmcb::{control, misc1, misc2, save};
 use super::memory;
 use super::xstate::XState;
+use crate::exit_decode;
 use crate::mm::frames::FRAME_SIZE;
-use crate::vcpu::{Exit, Gprs, GuestMode, IoExit, StartMode, Vcpu};
+use crate::vcpu::{Exit, Gprs, GuestMode, StartMode, Vcpu};
 
 const MSR_EFER: u32 = 0xc000_0080;
 const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
@@ -323,55 +324,31 @@ impl SvmVcpu {
         let code: u64 = self.vmcb.read(control::EXIT_CODE);
         let info1: u64 = self.vmcb.read(control::EXIT_INFO1);
         let info2: u64 = self.vmcb.read(control::EXIT_INFO2);
-        self.last_exit = LastExit::Other;
-        let fixed = |this: &mut Self, len, exit| {
-            this.last_exit = LastExit::Fixed(len);
-            Some(exit)
+        let exit = exit_decode::svm::decode(code, info1, info2);
+        // Without NRIP-save the instruction length must be known from the exit itself.
+        self.last_exit = match exit {
+            Exit::Cpuid | Exit::Rdmsr | Exit::Wrmsr => LastExit::Fixed(2),
+            Exit::Hlt => LastExit::Fixed(1),
+            Exit::Xsetbv => LastExit::Fixed(3),
+            Exit::Io(_) => LastExit::NextRip(info2),
+            _ => LastExit::Other,
         };
-        match code {
-            exit::CPUID => fixed(self, 2, Exit::Cpuid),
-            exit::HLT => fixed(self, 1, Exit::Hlt),
-            exit::XSETBV => fixed(self, 3, Exit::Xsetbv),
-            exit::MSR => {
-                self.last_exit = LastExit::Fixed(2);
-                let write = info1 & 1 != 0;
-                if self.handle_msr_here(write) {
-                    return None;
-                }
-                Some(if write { Exit::Wrmsr } else { Exit::Rdmsr })
-            }
-            exit::IOIO => {
-                self.last_exit = LastExit::NextRip(info2);
-                Some(Exit::Io(IoExit {
-                    port: (info1 >> 16) as u16,
-                    size: io_size(((info1 >> 4) & 0x7) as u8),
-                    write: info1 & 1 == 0,
-                    string: info1 & (1 << 2) != 0,
-                    rep: info1 & (1 << 3) != 0,
-                }))
-            }
-            exit::NPF => {
-                Some(Exit::NestedFault { gpa: info2, write: info1 & (1 << 1) != 0, fetch: info1 & (1 << 4) != 0 })
-            }
-            exit::VINTR => {
+        match exit {
+            Exit::Rdmsr | Exit::Wrmsr if self.handle_msr_here(exit == Exit::Wrmsr) => None,
+            Exit::InterruptWindow => {
                 self.set_interrupt_window_exiting(false);
-                Some(Exit::InterruptWindow)
-            }
-            exit::INTR => Some(Exit::ExternalInterrupt),
-            exit::SHUTDOWN => Some(Exit::TripleFault),
-            exit::CR0_READ..=exit::CR15_WRITE => {
-                Some(Exit::CrAccess { cr: (code & 0xf) as u8, write: code >= 0x10, gpr: (info1 & 0xf) as u8 })
+                Some(exit)
             }
             // SVM is hidden from the guest: its instructions are undefined there.
-            0x80..=0x86 => {
+            Exit::Unhandled { reason, .. } if exit_decode::svm::SVM_INSTRUCTIONS.contains(&reason) => {
                 self.inject_exception(6, None);
                 None
             }
-            exit::INVALID => {
+            Exit::EntryFailed { .. } => {
                 self.report_invalid_state();
-                Some(Exit::EntryFailed { code })
+                Some(exit)
             }
-            _ => Some(Exit::Unhandled { reason: code, info: info1 }),
+            _ => Some(exit),
         }
     }
 
@@ -452,15 +429,6 @@ const V_IGN_TPR: u64 = 1 << 20;
 const V_INTR_PRIO_MAX: u64 = 0xf << 16;
 const V_INTR_MASKING: u64 = 1 << 24;
 const INTERCEPT_VINTR: u32 = misc1::VINTR;
-
-/// IOIO EXITINFO1 gives the size as one-hot SZ8/SZ16/SZ32 bits.
-fn io_size(one_hot: u8) -> u8 {
-    match one_hot {
-        0b001 => 1,
-        0b010 => 2,
-        _ => 4,
-    }
-}
 
 /// Byte and bit of an MSR's read-intercept bit in the MSR permission map (the write bit
 /// follows it), or `None` for MSRs outside the map's three ranges (always intercepted).

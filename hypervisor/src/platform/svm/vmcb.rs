@@ -71,19 +71,3 @@ pub mod misc2 {
     pub const SKINIT: u32 = 1 << 6;
     pub const XSETBV: u32 = 1 << 13;
 }
-
-/// Exit codes.
-pub mod exit {
-    pub const CR0_READ: u64 = 0x00;
-    pub const CR15_WRITE: u64 = 0x1f;
-    pub const INTR: u64 = 0x60;
-    pub const VINTR: u64 = 0x64;
-    pub const CPUID: u64 = 0x72;
-    pub const HLT: u64 = 0x78;
-    pub const IOIO: u64 = 0x7b;
-    pub const MSR: u64 = 0x7c;
-    pub const SHUTDOWN: u64 = 0x7f;
-    pub const XSETBV: u64 = 0x8d;
-    pub const NPF: u64 = 0x400;
-    pub const INVALID: u64 = u64::MAX;
-}

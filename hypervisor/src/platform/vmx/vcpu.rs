@@ -14,9 +14,10 @@ use super::fields::{natural, w16, w32, w64, Field, Natural, Readable, Width, W16
 use super::instructions::{self as vmx, VmxError};
 use super::switch::{self, SwitchState, XMODE_FXSAVE, XMODE_XSAVE};
 use super::{cap_msr, ept_vpid_cap, has_xsave, msr, rdmsr, revision_id};
+use crate::exit_decode;
 use crate::mm::frames::FRAME_SIZE;
 use crate::platform::{gdt, memory};
-use crate::vcpu::{valid_xcr0, Exit, Gprs, GuestMode, IoExit, StartMode, Vcpu};
+use crate::vcpu::{valid_xcr0, Exit, Gprs, GuestMode, StartMode, Vcpu};
 use crate::virt::msr::IA32_VMX_BASIC;
 
 // Pin-based controls.
@@ -84,23 +85,16 @@ const GUEST_PAT_RESET: u64 = 0x0007_0406_0007_0406;
 const AR_UNUSABLE: u32 = 1 << 16;
 
 // Basic exit reasons (Intel SDM Vol. 3, Appendix C).
-const REASON_EXCEPTION_OR_NMI: u32 = 0;
-const REASON_EXTERNAL_INTERRUPT: u32 = 1;
-const REASON_TRIPLE_FAULT: u32 = 2;
-const REASON_INTERRUPT_WINDOW: u32 = 7;
-const REASON_CPUID: u32 = 10;
-const REASON_HLT: u32 = 12;
-const REASON_CR_ACCESS: u32 = 28;
-const REASON_IO: u32 = 30;
-const REASON_RDMSR: u32 = 31;
-const REASON_WRMSR: u32 = 32;
+const REASON_EXCEPTION_OR_NMI: u32 = exit_decode::vmx::EXCEPTION_OR_NMI;
+const REASON_CR_ACCESS: u32 = exit_decode::vmx::CR_ACCESS;
+const REASON_RDMSR: u32 = exit_decode::vmx::RDMSR;
+const REASON_WRMSR: u32 = exit_decode::vmx::WRMSR;
 const REASON_INVALID_GUEST_STATE: u32 = 33;
 const REASON_MSR_LOADING: u32 = 34;
 const REASON_MACHINE_CHECK: u32 = 41;
-const REASON_EPT_VIOLATION: u32 = 48;
-const REASON_EPT_MISCONFIG: u32 = 49;
-const REASON_XSETBV: u32 = 55;
-const EXIT_REASON_ENTRY_FAILURE: u32 = 1 << 31;
+const REASON_EPT_VIOLATION: u32 = exit_decode::vmx::EPT_VIOLATION;
+const REASON_EPT_MISCONFIG: u32 = exit_decode::vmx::EPT_MISCONFIG;
+const EXIT_REASON_ENTRY_FAILURE: u32 = exit_decode::vmx::ENTRY_FAILURE;
 
 /// The VMCS that is current on this CPU (0: none), so accessors VMPTRLD only when needed.
 static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
@@ -762,50 +756,33 @@ impl VmxVcpu {
         if self.handle_internally(reason & 0xffff, qualification) {
             return None;
         }
-        Some(match reason & 0xffff {
-            REASON_CPUID => Exit::Cpuid,
-            REASON_RDMSR => Exit::Rdmsr,
-            REASON_WRMSR => Exit::Wrmsr,
-            REASON_HLT => Exit::Hlt,
-            REASON_XSETBV => Exit::Xsetbv,
-            REASON_IO => Exit::Io(IoExit {
-                port: (qualification >> 16) as u16,
-                size: (qualification & 7) as u8 + 1,
-                write: qualification & (1 << 3) == 0,
-                string: qualification & (1 << 4) != 0,
-                rep: qualification & (1 << 5) != 0,
-            }),
-            REASON_EPT_VIOLATION => Exit::NestedFault {
-                gpa: self.get(w64::GUEST_PHYSICAL_ADDRESS),
-                write: qualification & (1 << 1) != 0,
-                fetch: qualification & (1 << 2) != 0,
-            },
-            REASON_INTERRUPT_WINDOW => {
-                self.set_interrupt_window_exiting(false);
-                Exit::InterruptWindow
-            }
-            REASON_EXTERNAL_INTERRUPT => {
+        let basic = reason & 0xffff;
+        let gpa = if basic == REASON_EPT_VIOLATION || basic == REASON_EPT_MISCONFIG {
+            self.get(w64::GUEST_PHYSICAL_ADDRESS)
+        } else {
+            0
+        };
+        let exit = exit_decode::vmx::decode(reason, qualification, gpa);
+        match exit {
+            Exit::InterruptWindow => self.set_interrupt_window_exiting(false),
+            Exit::ExternalInterrupt => {
                 let info = self.get(w32::EXIT_INTERRUPTION_INFO);
                 self.last_external_vector = (info & INTR_VALID != 0).then_some(info as u8);
-                Exit::ExternalInterrupt
             }
-            REASON_CR_ACCESS => Exit::CrAccess {
-                cr: (qualification & 0xf) as u8,
-                write: (qualification >> 4) & 3 == 0,
-                gpr: ((qualification >> 8) & 0xf) as u8,
-            },
-            REASON_TRIPLE_FAULT => Exit::TripleFault,
             // Not requested (empty exception bitmap), but NMIs exit here: the interruption
             // information says which.
-            REASON_EXCEPTION_OR_NMI => {
-                Exit::Unhandled { reason: reason.into(), info: self.get(w32::EXIT_INTERRUPTION_INFO).into() }
+            Exit::Unhandled { .. } if basic == REASON_EXCEPTION_OR_NMI => {
+                return Some(Exit::Unhandled {
+                    reason: basic.into(),
+                    info: self.get(w32::EXIT_INTERRUPTION_INFO).into(),
+                });
             }
-            REASON_EPT_MISCONFIG => {
-                log::error!("vmx: EPT misconfiguration at gpa {:#x}", self.get(w64::GUEST_PHYSICAL_ADDRESS));
-                Exit::Unhandled { reason: reason.into(), info: qualification }
+            Exit::Unhandled { .. } if basic == REASON_EPT_MISCONFIG => {
+                log::error!("vmx: EPT misconfiguration at gpa {gpa:#x}");
             }
-            other => Exit::Unhandled { reason: other.into(), info: qualification },
-        })
+            _ => {}
+        }
+        Some(exit)
     }
 }
 

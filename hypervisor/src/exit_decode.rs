@@ -1,0 +1,197 @@
+//! Decoding raw VM-exit information into the architecture-neutral [`Exit`]: pure functions,
+//! so both backends' decoding is unit-tested on the host. Side effects (clearing a window
+//! request, handling an exit inside the backend) stay in the backends.
+
+use crate::vcpu::{Exit, IoExit};
+
+/// Intel VMX basic exit reasons (SDM Vol. 3, Appendix C).
+pub mod vmx {
+    use super::*;
+
+    pub const EXCEPTION_OR_NMI: u32 = 0;
+    pub const EXTERNAL_INTERRUPT: u32 = 1;
+    pub const TRIPLE_FAULT: u32 = 2;
+    pub const INTERRUPT_WINDOW: u32 = 7;
+    pub const CPUID: u32 = 10;
+    pub const HLT: u32 = 12;
+    pub const CR_ACCESS: u32 = 28;
+    pub const IO: u32 = 30;
+    pub const RDMSR: u32 = 31;
+    pub const WRMSR: u32 = 32;
+    pub const EPT_VIOLATION: u32 = 48;
+    pub const EPT_MISCONFIG: u32 = 49;
+    pub const XSETBV: u32 = 55;
+    /// Bit 31 of the exit reason: VM entry failed.
+    pub const ENTRY_FAILURE: u32 = 1 << 31;
+
+    /// Decodes an exit from its reason, exit qualification and guest-physical address field.
+    pub fn decode(reason: u32, qualification: u64, guest_physical: u64) -> Exit {
+        if reason & ENTRY_FAILURE != 0 {
+            return Exit::EntryFailed { code: reason as u64 };
+        }
+        match reason & 0xffff {
+            CPUID => Exit::Cpuid,
+            RDMSR => Exit::Rdmsr,
+            WRMSR => Exit::Wrmsr,
+            HLT => Exit::Hlt,
+            XSETBV => Exit::Xsetbv,
+            IO => Exit::Io(IoExit {
+                port: (qualification >> 16) as u16,
+                size: (qualification & 7) as u8 + 1,
+                write: qualification & (1 << 3) == 0,
+                string: qualification & (1 << 4) != 0,
+                rep: qualification & (1 << 5) != 0,
+            }),
+            EPT_VIOLATION => Exit::NestedFault {
+                gpa: guest_physical,
+                write: qualification & (1 << 1) != 0,
+                fetch: qualification & (1 << 2) != 0,
+            },
+            INTERRUPT_WINDOW => Exit::InterruptWindow,
+            EXTERNAL_INTERRUPT => Exit::ExternalInterrupt,
+            CR_ACCESS => Exit::CrAccess {
+                cr: (qualification & 0xf) as u8,
+                write: (qualification >> 4) & 3 == 0,
+                gpr: ((qualification >> 8) & 0xf) as u8,
+            },
+            TRIPLE_FAULT => Exit::TripleFault,
+            other => Exit::Unhandled { reason: other as u64, info: qualification },
+        }
+    }
+}
+
+/// AMD SVM exit codes (APM Vol. 2, Appendix C).
+pub mod svm {
+    use super::*;
+
+    pub const CR0_READ: u64 = 0x00;
+    pub const CR15_WRITE: u64 = 0x1f;
+    pub const INTR: u64 = 0x60;
+    pub const VINTR: u64 = 0x64;
+    pub const CPUID: u64 = 0x72;
+    pub const HLT: u64 = 0x78;
+    pub const IOIO: u64 = 0x7b;
+    pub const MSR: u64 = 0x7c;
+    pub const SHUTDOWN: u64 = 0x7f;
+    /// VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT.
+    pub const SVM_INSTRUCTIONS: core::ops::RangeInclusive<u64> = 0x80..=0x86;
+    pub const XSETBV: u64 = 0x8d;
+    pub const NPF: u64 = 0x400;
+    pub const INVALID: u64 = u64::MAX;
+
+    /// Decodes an exit from EXITCODE, EXITINFO1 and EXITINFO2.
+    pub fn decode(code: u64, info1: u64, info2: u64) -> Exit {
+        match code {
+            CPUID => Exit::Cpuid,
+            HLT => Exit::Hlt,
+            XSETBV => Exit::Xsetbv,
+            MSR if info1 & 1 != 0 => Exit::Wrmsr,
+            MSR => Exit::Rdmsr,
+            IOIO => Exit::Io(IoExit {
+                port: (info1 >> 16) as u16,
+                // SZ8, SZ16 and SZ32 are one-hot bits 4..6.
+                size: match (info1 >> 4) & 0x7 {
+                    0b001 => 1,
+                    0b010 => 2,
+                    _ => 4,
+                },
+                write: info1 & 1 == 0,
+                string: info1 & (1 << 2) != 0,
+                rep: info1 & (1 << 3) != 0,
+            }),
+            NPF => Exit::NestedFault { gpa: info2, write: info1 & (1 << 1) != 0, fetch: info1 & (1 << 4) != 0 },
+            VINTR => Exit::InterruptWindow,
+            INTR => Exit::ExternalInterrupt,
+            SHUTDOWN => Exit::TripleFault,
+            CR0_READ..=CR15_WRITE => {
+                Exit::CrAccess { cr: (code & 0xf) as u8, write: code >= 0x10, gpr: (info1 & 0xf) as u8 }
+            }
+            INVALID => Exit::EntryFailed { code },
+            _ => Exit::Unhandled { reason: code, info: info1 },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmx_io_qualification() {
+        // OUT DX, AL to 0x3f8: size-1 = 0, direction out, not string.
+        assert_eq!(
+            vmx::decode(vmx::IO, 0x03f8_0000, 0),
+            Exit::Io(IoExit { port: 0x3f8, size: 1, write: true, string: false, rep: false })
+        );
+        // REP INSW from 0x1f0: size 2, in, string, rep.
+        assert_eq!(
+            vmx::decode(vmx::IO, 0x01f0_0000 | 1 | (1 << 3) | (1 << 4) | (1 << 5), 0),
+            Exit::Io(IoExit { port: 0x1f0, size: 2, write: false, string: true, rep: true })
+        );
+        assert_eq!(
+            vmx::decode(vmx::IO, 0x00f4_0003, 0),
+            Exit::Io(IoExit { port: 0xf4, size: 4, write: true, string: false, rep: false })
+        );
+    }
+
+    #[test]
+    fn vmx_ept_violation_cr_access_and_failures() {
+        assert_eq!(
+            vmx::decode(vmx::EPT_VIOLATION, 0b010, 0xd000_0008),
+            Exit::NestedFault { gpa: 0xd000_0008, write: true, fetch: false }
+        );
+        assert_eq!(
+            vmx::decode(vmx::EPT_VIOLATION, 0b100, 0x10),
+            Exit::NestedFault { gpa: 0x10, write: false, fetch: true }
+        );
+        // MOV CR4, RCX: cr 4, access type 0 (to CR), register 1.
+        assert_eq!(vmx::decode(vmx::CR_ACCESS, 0x104, 0), Exit::CrAccess { cr: 4, write: true, gpr: 1 });
+        assert_eq!(vmx::decode(vmx::CR_ACCESS, 0x13, 0), Exit::CrAccess { cr: 3, write: false, gpr: 0 });
+        assert_eq!(vmx::decode(33 | vmx::ENTRY_FAILURE, 0, 0), Exit::EntryFailed { code: 0x8000_0021 });
+        assert_eq!(vmx::decode(vmx::TRIPLE_FAULT, 0, 0), Exit::TripleFault);
+        assert_eq!(vmx::decode(vmx::XSETBV, 0, 0), Exit::Xsetbv);
+        assert_eq!(vmx::decode(54, 7, 0), Exit::Unhandled { reason: 54, info: 7 });
+    }
+
+    #[test]
+    fn svm_ioio_exitinfo1() {
+        // OUT DX, AL to 0x3f8: type 0 (out), SZ8.
+        assert_eq!(
+            svm::decode(svm::IOIO, 0x03f8_0010, 0x1234),
+            Exit::Io(IoExit { port: 0x3f8, size: 1, write: true, string: false, rep: false })
+        );
+        // REP INSB from 0x3fd: type 1 (in), STR, REP, SZ8.
+        assert_eq!(
+            svm::decode(svm::IOIO, 0x03fd_0000 | 1 | (1 << 2) | (1 << 3) | (1 << 4), 0),
+            Exit::Io(IoExit { port: 0x3fd, size: 1, write: false, string: true, rep: true })
+        );
+        assert_eq!(
+            svm::decode(svm::IOIO, 0x0080_0020, 0),
+            Exit::Io(IoExit { port: 0x80, size: 2, write: true, string: false, rep: false })
+        );
+        assert_eq!(
+            svm::decode(svm::IOIO, 0x00f4_0040, 0),
+            Exit::Io(IoExit { port: 0xf4, size: 4, write: true, string: false, rep: false })
+        );
+    }
+
+    #[test]
+    fn svm_npf_msr_cr_and_others() {
+        assert_eq!(
+            svm::decode(svm::NPF, 0b0_0111, 0xd000_0000),
+            Exit::NestedFault { gpa: 0xd000_0000, write: true, fetch: false }
+        );
+        assert_eq!(
+            svm::decode(svm::NPF, 0b1_0101, 0x20_0000),
+            Exit::NestedFault { gpa: 0x20_0000, write: false, fetch: true }
+        );
+        assert_eq!(svm::decode(svm::MSR, 0, 0), Exit::Rdmsr);
+        assert_eq!(svm::decode(svm::MSR, 1, 0), Exit::Wrmsr);
+        assert_eq!(svm::decode(0x14, 0x8000_0000_0000_0003, 0), Exit::CrAccess { cr: 4, write: true, gpr: 3 });
+        assert_eq!(svm::decode(0x03, 0, 0), Exit::CrAccess { cr: 3, write: false, gpr: 0 });
+        assert_eq!(svm::decode(svm::SHUTDOWN, 0, 0), Exit::TripleFault);
+        assert_eq!(svm::decode(svm::VINTR, 0, 0), Exit::InterruptWindow);
+        assert_eq!(svm::decode(svm::INVALID, 0, 0), Exit::EntryFailed { code: u64::MAX });
+        assert_eq!(svm::decode(0x81, 5, 0), Exit::Unhandled { reason: 0x81, info: 5 });
+    }
+}
