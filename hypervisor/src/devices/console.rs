@@ -32,7 +32,7 @@ impl Device for Console {
         &PORTS
     }
 
-    fn io_read(&mut self, port: u16, _size: u8) -> u32 {
+    fn io_read(&mut self, port: u16, _size: u8, _now_ns: u64, _events: &mut Events) -> u32 {
         match port - COM1 {
             LINE_STATUS => LSR_IDLE as u32,
             LINE_CONTROL => self.line_control as u32,
@@ -41,7 +41,7 @@ impl Device for Console {
         }
     }
 
-    fn io_write(&mut self, port: u16, _size: u8, value: u32, events: &mut Events) {
+    fn io_write(&mut self, port: u16, _size: u8, value: u32, _now_ns: u64, events: &mut Events) {
         let byte = value as u8;
         match port - COM1 {
             // With DLAB set, offset 0 is the divisor latch, not data.
@@ -61,13 +61,13 @@ mod tests {
     fn transmit_bytes_reach_the_console_unless_dlab_is_set() {
         let mut uart = Console::default();
         let mut events = Events::default();
-        uart.io_write(COM1, 1, b'h' as u32, &mut events);
-        uart.io_write(COM1 + 3, 1, 0x83, &mut events);
-        uart.io_write(COM1, 1, 0x01, &mut events); // divisor low byte
-        uart.io_write(COM1 + 3, 1, 0x03, &mut events);
-        uart.io_write(COM1, 1, b'i' as u32, &mut events);
+        uart.io_write(COM1, 1, b'h' as u32, 0, &mut events);
+        uart.io_write(COM1 + 3, 1, 0x83, 0, &mut events);
+        uart.io_write(COM1, 1, 0x01, 0, &mut events); // divisor low byte
+        uart.io_write(COM1 + 3, 1, 0x03, 0, &mut events);
+        uart.io_write(COM1, 1, b'i' as u32, 0, &mut events);
         assert_eq!(events.console, b"hi");
-        assert_eq!(uart.io_read(COM1 + 5, 1), 0x60);
-        assert_eq!(uart.io_read(COM1 + 3, 1), 0x03);
+        assert_eq!(uart.io_read(COM1 + 5, 1, 0, &mut events), 0x60);
+        assert_eq!(uart.io_read(COM1 + 3, 1, 0, &mut events), 0x03);
     }
 }

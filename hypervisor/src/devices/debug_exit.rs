@@ -17,7 +17,7 @@ impl Device for DebugExit {
         &PORTS
     }
 
-    fn io_write(&mut self, _port: u16, _size: u8, value: u32, events: &mut Events) {
+    fn io_write(&mut self, _port: u16, _size: u8, value: u32, _now_ns: u64, events: &mut Events) {
         events.exit_status = Some(value);
     }
 }
@@ -33,10 +33,10 @@ mod tests {
         let mut bus = Bus::new();
         bus.add(Box::new(DebugExit)).unwrap();
         let mut events = Events::default();
-        assert!(bus.io_write(0xf4, 4, 0x11, &mut events));
+        assert!(bus.io_write(0xf4, 4, 0x11, 0, &mut events));
         assert_eq!(events.exit_status, Some(0x11));
         let mut events = Events::default();
-        assert!(bus.io_write(0xf4, 1, 0x1ff, &mut events));
+        assert!(bus.io_write(0xf4, 1, 0x1ff, 0, &mut events));
         assert_eq!(events.exit_status, Some(0xff), "a byte write carries a byte");
     }
 }

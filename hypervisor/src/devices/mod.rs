@@ -11,15 +11,37 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
 
-/// What devices ask of the VM after an access.
+/// What devices ask of the VM after an access or a timer poll.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Events {
     /// Bytes for the VM's console.
     pub console: Vec<u8>,
-    /// Interrupt vectors to deliver to the vCPU.
+    /// Interrupt vectors to deliver to the vCPU directly (the test device).
     pub interrupts: Vec<u8>,
+    /// Interrupt-line changes in order: (global system interrupt, asserted). ISA lines 0-15 are
+    /// GSIs 0-15. An edge-triggered device pulses: (line, true) then (line, false).
+    pub irq_lines: Vec<(u8, bool)>,
     /// The guest asked to end the VM with this status (debug-exit port).
     pub exit_status: Option<u32>,
+    /// The guest asked to power off or reset the machine (ACPI PM1, i8042, port 0xcf9).
+    pub power: Option<Power>,
+}
+
+/// A machine-level request from a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Power {
+    /// ACPI S5 soft-off.
+    Off,
+    /// Platform reset.
+    Reset,
+}
+
+impl Events {
+    /// Asserts then deasserts an edge-triggered line.
+    pub fn pulse(&mut self, line: u8) {
+        self.irq_lines.push((line, true));
+        self.irq_lines.push((line, false));
+    }
 }
 
 /// A half-open range of ports or guest-physical addresses.
@@ -42,7 +64,9 @@ impl Span {
 }
 
 /// One emulated device. Widths are 1, 2, 4 (ports) or 1, 2, 4, 8 (MMIO) bytes; values are
-/// zero-extended. Unimplemented reads float high, as on a real bus.
+/// zero-extended. Unimplemented reads float high, as on a real bus. `now_ns` is guest time in
+/// nanoseconds (monotonic, starts near 0 when the VM starts): devices with clocks derive
+/// counters from it rather than counting accesses.
 pub trait Device {
     /// Name for logs.
     fn name(&self) -> &'static str;
@@ -55,17 +79,27 @@ pub trait Device {
         &[]
     }
     /// Port read.
-    fn io_read(&mut self, _port: u16, size: u8) -> u32 {
+    fn io_read(&mut self, _port: u16, size: u8, _now_ns: u64, _events: &mut Events) -> u32 {
         ones(size) as u32
     }
     /// Port write.
-    fn io_write(&mut self, _port: u16, _size: u8, _value: u32, _events: &mut Events) {}
+    fn io_write(&mut self, _port: u16, _size: u8, _value: u32, _now_ns: u64, _events: &mut Events) {}
     /// MMIO read.
-    fn mmio_read(&mut self, _gpa: u64, size: u8) -> u64 {
+    fn mmio_read(&mut self, _gpa: u64, size: u8, _now_ns: u64, _events: &mut Events) -> u64 {
         ones(size)
     }
     /// MMIO write.
-    fn mmio_write(&mut self, _gpa: u64, _size: u8, _value: u64, _events: &mut Events) {}
+    fn mmio_write(&mut self, _gpa: u64, _size: u8, _value: u64, _now_ns: u64, _events: &mut Events) {}
+    /// Brings the device's timers up to `now_ns`, raising what fell due.
+    fn poll(&mut self, _now_ns: u64, _events: &mut Events) {}
+    /// The guest time at which [`Device::poll`] has something to do, if any.
+    fn next_deadline_ns(&self) -> Option<u64> {
+        None
+    }
+    /// A byte typed on the console for this device; false if it takes no input.
+    fn input(&mut self, _byte: u8, _now_ns: u64, _events: &mut Events) -> bool {
+        false
+    }
 }
 
 /// All ones in `size` bytes.
@@ -134,19 +168,36 @@ impl Bus {
     }
 
     /// Port read; `None` if no device claims the port.
-    pub fn io_read(&mut self, port: u16, size: u8) -> Option<u32> {
-        self.port_owner(port).map(|d| d.io_read(port, size) & ones(size) as u32)
+    pub fn io_read(&mut self, port: u16, size: u8, now_ns: u64, events: &mut Events) -> Option<u32> {
+        self.port_owner(port).map(|d| d.io_read(port, size, now_ns, events) & ones(size) as u32)
     }
 
     /// Port write; false if no device claims the port.
-    pub fn io_write(&mut self, port: u16, size: u8, value: u32, events: &mut Events) -> bool {
+    pub fn io_write(&mut self, port: u16, size: u8, value: u32, now_ns: u64, events: &mut Events) -> bool {
         match self.port_owner(port) {
             Some(d) => {
-                d.io_write(port, size, value & ones(size) as u32, events);
+                d.io_write(port, size, value & ones(size) as u32, now_ns, events);
                 true
             }
             None => false,
         }
+    }
+
+    /// Polls every device's timers.
+    pub fn poll(&mut self, now_ns: u64, events: &mut Events) {
+        for device in &mut self.devices {
+            device.poll(now_ns, events);
+        }
+    }
+
+    /// The earliest deadline of any device.
+    pub fn next_deadline_ns(&self) -> Option<u64> {
+        self.devices.iter().filter_map(|d| d.next_deadline_ns()).min()
+    }
+
+    /// Offers a typed byte to the devices in order; false if none takes input.
+    pub fn input(&mut self, byte: u8, now_ns: u64, events: &mut Events) -> bool {
+        self.devices.iter_mut().any(|d| d.input(byte, now_ns, events))
     }
 
     /// Whether a device claims this guest-physical address.
@@ -155,15 +206,15 @@ impl Bus {
     }
 
     /// MMIO read; `None` if unclaimed.
-    pub fn mmio_read(&mut self, gpa: u64, size: u8) -> Option<u64> {
-        self.mmio_owner(gpa).map(|d| d.mmio_read(gpa, size) & ones(size))
+    pub fn mmio_read(&mut self, gpa: u64, size: u8, now_ns: u64, events: &mut Events) -> Option<u64> {
+        self.mmio_owner(gpa).map(|d| d.mmio_read(gpa, size, now_ns, events) & ones(size))
     }
 
     /// MMIO write; false if unclaimed.
-    pub fn mmio_write(&mut self, gpa: u64, size: u8, value: u64, events: &mut Events) -> bool {
+    pub fn mmio_write(&mut self, gpa: u64, size: u8, value: u64, now_ns: u64, events: &mut Events) -> bool {
         match self.mmio_owner(gpa) {
             Some(d) => {
-                d.mmio_write(gpa, size, value & ones(size), events);
+                d.mmio_write(gpa, size, value & ones(size), now_ns, events);
                 true
             }
             None => false,
@@ -203,10 +254,10 @@ mod tests {
         fn mmio(&self) -> &[Span] {
             &self.2
         }
-        fn io_read(&mut self, port: u16, _size: u8) -> u32 {
+        fn io_read(&mut self, port: u16, _size: u8, _now_ns: u64, _events: &mut Events) -> u32 {
             0x1234_0000 | port as u32
         }
-        fn mmio_write(&mut self, _gpa: u64, _size: u8, value: u64, events: &mut Events) {
+        fn mmio_write(&mut self, _gpa: u64, _size: u8, value: u64, _now_ns: u64, events: &mut Events) {
             events.interrupts.push(value as u8);
         }
     }
@@ -219,15 +270,15 @@ mod tests {
     fn routes_by_range_and_masks_to_width() {
         let mut bus = Bus::new();
         bus.add(fake("a", 0x3f8, 0xd000_0000)).unwrap();
-        assert_eq!(bus.io_read(0x3ff, 2), Some(0x03ff));
-        assert_eq!(bus.io_read(0x3ff, 4), Some(0x1234_03ff));
-        assert_eq!(bus.io_read(0x400, 1), None);
         let mut events = Events::default();
-        assert!(bus.mmio_write(0xd000_0fff, 1, 0x1_41, &mut events));
+        assert_eq!(bus.io_read(0x3ff, 2, 0, &mut events), Some(0x03ff));
+        assert_eq!(bus.io_read(0x3ff, 4, 0, &mut events), Some(0x1234_03ff));
+        assert_eq!(bus.io_read(0x400, 1, 0, &mut events), None);
+        assert!(bus.mmio_write(0xd000_0fff, 1, 0x1_41, 0, &mut events));
         assert_eq!(events.interrupts, [0x41]);
-        assert!(!bus.mmio_write(0xd000_1000, 1, 0, &mut events));
+        assert!(!bus.mmio_write(0xd000_1000, 1, 0, 0, &mut events));
         assert!(bus.claims_mmio(0xd000_0000) && !bus.claims_mmio(0xcfff_ffff));
-        assert_eq!(bus.mmio_read(0xd000_0000, 8), Some(u64::MAX), "default reads float high");
+        assert_eq!(bus.mmio_read(0xd000_0000, 8, 0, &mut events), Some(u64::MAX), "default reads float high");
     }
 
     #[test]

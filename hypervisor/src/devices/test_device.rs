@@ -33,11 +33,11 @@ impl Device for TestDevice {
         &MMIO
     }
 
-    fn io_write(&mut self, _port: u16, _size: u8, value: u32, events: &mut Events) {
+    fn io_write(&mut self, _port: u16, _size: u8, value: u32, _now_ns: u64, events: &mut Events) {
         events.interrupts.push(value as u8);
     }
 
-    fn mmio_read(&mut self, gpa: u64, size: u8) -> u64 {
+    fn mmio_read(&mut self, gpa: u64, size: u8, _now_ns: u64, _events: &mut Events) -> u64 {
         let offset = gpa - MMIO_BASE;
         // Narrow reads see the low bytes at their offset, as on a little-endian register.
         let (register, base) = match offset {
@@ -48,7 +48,7 @@ impl Device for TestDevice {
         register >> ((offset - base) * 8)
     }
 
-    fn mmio_write(&mut self, gpa: u64, size: u8, value: u64, _events: &mut Events) {
+    fn mmio_write(&mut self, gpa: u64, size: u8, value: u64, _now_ns: u64, _events: &mut Events) {
         let offset = gpa - MMIO_BASE;
         if (8..16).contains(&offset) {
             let shift = (offset - 8) * 8;
@@ -66,16 +66,16 @@ mod tests {
     fn registers_and_interrupt_requests() {
         let mut dev = TestDevice::default();
         let mut events = Events::default();
-        assert_eq!(dev.mmio_read(MMIO_BASE, 4) as u32, ID);
-        assert_eq!(dev.mmio_read(MMIO_BASE, 2) & 0xffff, 0x5678);
-        assert_eq!(dev.mmio_read(MMIO_BASE + 2, 2) & 0xffff, 0x1234);
-        dev.mmio_write(MMIO_BASE + 8, 8, 0x1122_3344_5566_7788, &mut events);
-        dev.mmio_write(MMIO_BASE + 8, 1, 0x99, &mut events);
-        assert_eq!(dev.mmio_read(MMIO_BASE + 8, 8), 0x1122_3344_5566_7799);
-        dev.mmio_write(MMIO_BASE + 12, 4, 0xaabb_ccdd, &mut events);
-        assert_eq!(dev.mmio_read(MMIO_BASE + 8, 8), 0xaabb_ccdd_5566_7799);
-        assert_eq!(dev.mmio_read(MMIO_BASE + 0x100, 4) as u32, 0xffff_ffff);
-        dev.io_write(IRQ_PORT, 1, 0x40, &mut events);
+        assert_eq!(dev.mmio_read(MMIO_BASE, 4, 0, &mut events) as u32, ID);
+        assert_eq!(dev.mmio_read(MMIO_BASE, 2, 0, &mut events) & 0xffff, 0x5678);
+        assert_eq!(dev.mmio_read(MMIO_BASE + 2, 2, 0, &mut events) & 0xffff, 0x1234);
+        dev.mmio_write(MMIO_BASE + 8, 8, 0x1122_3344_5566_7788, 0, &mut events);
+        dev.mmio_write(MMIO_BASE + 8, 1, 0x99, 0, &mut events);
+        assert_eq!(dev.mmio_read(MMIO_BASE + 8, 8, 0, &mut events), 0x1122_3344_5566_7799);
+        dev.mmio_write(MMIO_BASE + 12, 4, 0xaabb_ccdd, 0, &mut events);
+        assert_eq!(dev.mmio_read(MMIO_BASE + 8, 8, 0, &mut events), 0xaabb_ccdd_5566_7799);
+        assert_eq!(dev.mmio_read(MMIO_BASE + 0x100, 4, 0, &mut events) as u32, 0xffff_ffff);
+        dev.io_write(IRQ_PORT, 1, 0x40, 0, &mut events);
         assert_eq!(events.interrupts, [0x40]);
     }
 }

@@ -155,6 +155,7 @@ fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> R
                 [r.eax, r.ebx, r.ecx, r.edx]
             },
             now_micros: &serial::uptime_micros,
+            guest_ns: &|| serial::uptime_micros() * 1000,
             tsc: &|| {
                 // SAFETY: RDTSC has no side effects.
                 unsafe { core::arch::x86_64::_rdtsc() }

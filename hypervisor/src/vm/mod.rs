@@ -87,8 +87,10 @@ impl fmt::Display for VmEnd {
 pub struct Env<'a> {
     /// Executes the host's CPUID.
     pub cpuid: &'a dyn Fn(u32, u32) -> cpuid::Regs,
-    /// A monotonic clock in microseconds.
+    /// A monotonic clock in microseconds (for statistics).
     pub now_micros: &'a dyn Fn() -> u64,
+    /// Guest time in nanoseconds, the clock devices run on.
+    pub guest_ns: &'a dyn Fn() -> u64,
     /// The guest's TSC.
     pub tsc: &'a dyn Fn() -> u64,
     /// Receives each console line, already prefixed with the VM name.
@@ -253,13 +255,14 @@ impl<M: GuestMemory> Vm<M> {
 
     fn handle_io(&mut self, vcpu: &mut dyn Vcpu, io: IoExit, env: &mut Env<'_>) -> Next {
         let mut events = Events::default();
+        let now = (env.guest_ns)();
         if io.write {
             let value = vcpu.gprs().rax as u32;
-            if !self.bus.io_write(io.port, io.size, value, &mut events) {
+            if !self.bus.io_write(io.port, io.size, value, now, &mut events) {
                 self.warn_port(io.port);
             }
         } else {
-            let value = self.bus.io_read(io.port, io.size).unwrap_or_else(|| {
+            let value = self.bus.io_read(io.port, io.size, now, &mut events).unwrap_or_else(|| {
                 self.warn_port(io.port);
                 devices::ones(io.size) as u32
             });
@@ -289,18 +292,20 @@ impl<M: GuestMemory> Vm<M> {
         let count = if io.rep { vcpu.gprs().rcx } else { 1 };
         let batch = count.min(MAX_STRING_ITERATIONS);
         let mut events = Events::default();
+        let now = (env.guest_ns)();
         for _ in 0..batch {
             let mut buf = [0u8; 4];
             let bytes = &mut buf[..io.size as usize];
             let gprs = *vcpu.gprs();
             let result = if io.write {
                 guest_walk::read_virt(&self.memory, &mode, gprs.rsi, bytes).map(|()| {
-                    if !self.bus.io_write(io.port, io.size, u32::from_le_bytes(buf), &mut events) {
+                    if !self.bus.io_write(io.port, io.size, u32::from_le_bytes(buf), now, &mut events) {
                         self.warn_port(io.port);
                     }
                 })
             } else {
-                let value = self.bus.io_read(io.port, io.size).unwrap_or(devices::ones(io.size) as u32);
+                let value =
+                    self.bus.io_read(io.port, io.size, now, &mut events).unwrap_or(devices::ones(io.size) as u32);
                 guest_walk::write_virt(&mut self.memory, &mode, gprs.rdi, &value.to_le_bytes()[..io.size as usize])
             };
             if let Err(e) = result {
@@ -360,14 +365,15 @@ impl<M: GuestMemory> Vm<M> {
             }
         };
         let mut events = Events::default();
+        let now = (env.guest_ns)();
         match op.kind {
             MmioKind::Load { reg, extend } => {
-                let value = self.bus.mmio_read(gpa, op.size).unwrap_or(devices::ones(op.size));
+                let value = self.bus.mmio_read(gpa, op.size, now, &mut events).unwrap_or(devices::ones(op.size));
                 mmio::apply_load(vcpu.gprs(), reg, op.size, extend, value);
             }
             MmioKind::Store { src } => {
                 let value = mmio::read_operand(vcpu.gprs(), src, op.size);
-                self.bus.mmio_write(gpa, op.size, value, &mut events);
+                self.bus.mmio_write(gpa, op.size, value, now, &mut events);
             }
         }
         vcpu.set_rip(rip.wrapping_add(op.len as u64));

@@ -128,6 +128,7 @@ fn run(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> (VmEnd, Vec<String
     let mut env = Env {
         cpuid: &host_cpuid,
         now_micros: &|| 0,
+        guest_ns: &|| 0,
         tsc: &|| 42,
         console: &mut console,
         supported_xcr0: XCR0_X87 | XCR0_SSE | XCR0_AVX,
@@ -163,6 +164,7 @@ fn step(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> Option<VmEnd> {
     let mut env = Env {
         cpuid: &host_cpuid,
         now_micros: &|| 0,
+        guest_ns: &|| 0,
         tsc: &|| 42,
         console: &mut console,
         supported_xcr0: XCR0_X87 | XCR0_SSE,
@@ -256,7 +258,14 @@ fn interrupts_wait_for_a_window_then_are_injected() {
     let request = Exit::Io(IoExit { port: IRQ_PORT, size: 1, write: true, string: false, rep: false });
     let mut vcpu = Mock::new(vec![]).then(request, Gprs { rax: 0x40, ..Gprs::default() });
     let mut console = |_: &str| {};
-    let mut env = Env { cpuid: &host_cpuid, now_micros: &|| 0, tsc: &|| 0, console: &mut console, supported_xcr0: 1 };
+    let mut env = Env {
+        cpuid: &host_cpuid,
+        now_micros: &|| 0,
+        guest_ns: &|| 0,
+        tsc: &|| 0,
+        console: &mut console,
+        supported_xcr0: 1,
+    };
     let exit = vcpu.run();
     vm.handle(&mut vcpu, exit, &mut env);
     vm.offer_interrupt(&mut vcpu);
@@ -283,7 +292,14 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
         Gprs { rax: u64::MAX, rbx: MMIO_BASE, ..Gprs::default() },
     );
     let mut console = |_: &str| {};
-    let mut env = Env { cpuid: &host_cpuid, now_micros: &|| 0, tsc: &|| 0, console: &mut console, supported_xcr0: 1 };
+    let mut env = Env {
+        cpuid: &host_cpuid,
+        now_micros: &|| 0,
+        guest_ns: &|| 0,
+        tsc: &|| 0,
+        console: &mut console,
+        supported_xcr0: 1,
+    };
     let exit = vcpu.run();
     vm.handle(&mut vcpu, exit, &mut env);
     assert_eq!(vcpu.gprs.rax, 0x1234_5678);
@@ -295,7 +311,7 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
     let exit = vcpu.run();
     vm.handle(&mut vcpu, exit, &mut env);
     assert_eq!(vcpu.rip, START_RIP + 5);
-    assert_eq!(vm.bus.mmio_read(MMIO_BASE + 8, 8), Some(0x1122_3344_5566_7788));
+    assert_eq!(vm.bus.mmio_read(MMIO_BASE + 8, 8, 0, &mut Events::default()), Some(0x1122_3344_5566_7788));
 }
 
 #[test]
@@ -328,7 +344,14 @@ fn rep_string_io_moves_guest_memory() {
         .then(ins, Gprs { rdi: 0x4000, rcx: 4, ..Gprs::default() });
     let mut lines = Vec::new();
     let mut console = |line: &str| lines.push(String::from(line));
-    let mut env = Env { cpuid: &host_cpuid, now_micros: &|| 0, tsc: &|| 0, console: &mut console, supported_xcr0: 1 };
+    let mut env = Env {
+        cpuid: &host_cpuid,
+        now_micros: &|| 0,
+        guest_ns: &|| 0,
+        tsc: &|| 0,
+        console: &mut console,
+        supported_xcr0: 1,
+    };
     for _ in 0..2 {
         let exit = vcpu.run();
         vm.handle(&mut vcpu, exit, &mut env);
@@ -348,6 +371,7 @@ fn xsetbv_is_validated() {
     let mut env = Env {
         cpuid: &host_cpuid,
         now_micros: &|| 0,
+        guest_ns: &|| 0,
         tsc: &|| 0,
         console: &mut console,
         supported_xcr0: XCR0_X87 | XCR0_SSE,
