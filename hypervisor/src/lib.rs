@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+pub mod acpi;
 pub mod devices;
 pub mod exit_decode;
 pub mod loader;

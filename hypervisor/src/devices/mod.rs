@@ -3,9 +3,17 @@
 //! Devices never reach into the vCPU: what they want to happen next (console output, an
 //! interrupt, ending the VM) is returned through [`Events`], and the VM's run loop acts on it.
 
+pub mod acpi_pm;
 pub mod console;
 pub mod debug_exit;
+pub mod i8042;
+pub mod ioapic;
+pub mod pci;
+pub mod pic;
+pub mod pit;
+pub mod rtc;
 pub mod test_device;
+pub mod uart;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;

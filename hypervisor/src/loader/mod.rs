@@ -7,7 +7,9 @@
 
 use core::fmt;
 
+pub mod bzimage;
 pub mod elf;
+pub mod multiboot;
 pub mod guest_walk;
 pub mod page_tables;
 

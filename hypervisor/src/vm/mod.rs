@@ -5,6 +5,8 @@
 
 pub mod config;
 pub mod cpuid;
+pub mod interrupts;
+pub mod lapic;
 pub mod msr;
 pub mod stats;
 
