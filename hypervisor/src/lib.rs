@@ -4,6 +4,7 @@
 //! is unit-tested with `cargo test`. [`platform`] is the bare-metal layer: it exists only when the
 //! crate is built for `x86_64-unknown-none`.
 #![cfg_attr(target_os = "none", no_std)]
+#![cfg_attr(target_os = "none", feature(abi_x86_interrupt))]
 
 extern crate alloc;
 

@@ -59,6 +59,16 @@ pub enum StartMode {
         /// Passed in RSI (a boot-parameter pointer, as in the Linux 64-bit boot protocol).
         rsi: u64,
     },
+    /// 32-bit protected mode, paging off, flat 4 GiB code (0x08) and data (0x10) segments: the
+    /// multiboot entry state.
+    Protected32 {
+        /// Entry point.
+        eip: u32,
+        /// Initial EAX (the multiboot magic).
+        eax: u32,
+        /// Initial EBX (the multiboot information address).
+        ebx: u32,
+    },
     /// Real mode at `cs:ip` (segment base `cs << 4`), as after reset but with a chosen entry.
     Real {
         /// Code segment.

@@ -1,1 +1,323 @@
-//! (being written)
+//! PCI configuration mechanism #1 (PCI Local Bus Specification 3.0, 3.2.2.3.2) with one
+//! device: an i440FX host bridge at 00:00.0. Every other bus, device and function is absent.
+//!
+//! CONFIG_ADDRESS at 0xcf8 is only reached by dword accesses; byte and word accesses to
+//! 0xcf8-0xcfb pass through as ordinary I/O, which is what Linux's `pci_check_type1` relies on.
+//! Port 0xcf9 (the PIIX reset control register) is claimed only by
+//! [`PciHost::with_reset_control`], so a separate reset device can own it otherwise.
+
+use super::{ones, Device, Events, Power, Span};
+
+/// CONFIG_ADDRESS.
+pub const CONFIG_ADDRESS: u16 = 0xcf8;
+/// First CONFIG_DATA port (0xcfc-0xcff).
+pub const CONFIG_DATA: u16 = 0xcfc;
+/// PIIX3 reset control register.
+pub const RESET_CONTROL: u16 = 0xcf9;
+
+/// CONFIG_ADDRESS bit 31: the data ports reach configuration space.
+const ENABLE: u32 = 0x8000_0000;
+/// Implemented CONFIG_ADDRESS bits: enable, bus, device, function, register; bits 30:24 are
+/// reserved and bits 1:0 read as 0 (PCI 3.0, 3.2.2.3.2).
+const ADDRESS_MASK: u32 = 0x80ff_fffc;
+
+/// Reset control bit 2: reset the CPU (PIIX3 datasheet, RC register).
+const RCR_RESET_CPU: u8 = 0x04;
+/// Reset control bit 1: hard (system) reset; the only bit that reads back.
+const RCR_SYSTEM_RESET: u8 = 0x02;
+
+const HOST_BRIDGE_VENDOR: u16 = 0x8086;
+/// 82441FX (i440FX) PCI and memory controller.
+const HOST_BRIDGE_DEVICE: u16 = 0x1237;
+const HOST_BRIDGE_REVISION: u8 = 0x02;
+/// The subsystem ids QEMU's i440FX reports, so guests see the two alike.
+const SUBSYSTEM_VENDOR: u16 = 0x1af4;
+const SUBSYSTEM_ID: u16 = 0x1100;
+/// Base class 06 (bridge), subclass 00 (host bridge), programming interface 00.
+const CLASS_HOST_BRIDGE: [u8; 3] = [0x00, 0x00, 0x06];
+/// Command after reset: memory space and bus master enabled (82441FX PCICMD default).
+const COMMAND_RESET: u16 = 0x0006;
+/// Writable command bits: I/O, memory, bus master, parity error response, SERR#.
+const COMMAND_WRITABLE: u16 = 0x0147;
+/// Status: fast back-to-back capable, medium DEVSEL timing (82441FX PCISTS default). The
+/// write-one-to-clear error bits never get set here, so writes leave status unchanged.
+const STATUS: u16 = 0x0280;
+/// Master latency timer (offset 0x0d): bits 7:3 are writable on the 82441FX.
+const LATENCY_WRITABLE: u8 = 0xf8;
+
+// Type 0 header offsets (PCI 3.0, 6.1).
+const COMMAND: usize = 0x04;
+const STATUS_OFFSET: usize = 0x06;
+const REVISION: usize = 0x08;
+const LATENCY_TIMER: usize = 0x0d;
+const SUBSYSTEM: usize = 0x2c;
+
+/// The PCI host: configuration mechanism #1 and the host bridge.
+pub struct PciHost {
+    address: u32,
+    bridge: [u8; 256],
+    reset_control: Option<u8>,
+    ports: [Span; 4],
+    port_count: usize,
+}
+
+impl Default for PciHost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciHost {
+    /// The host without port 0xcf9.
+    pub fn new() -> Self {
+        PciHost {
+            address: 0,
+            bridge: host_bridge_header(),
+            reset_control: None,
+            ports: [
+                Span { start: CONFIG_ADDRESS as u64, len: 1 },
+                Span { start: 0xcfa, len: 2 },
+                Span { start: CONFIG_DATA as u64, len: 4 },
+                Span { start: RESET_CONTROL as u64, len: 1 },
+            ],
+            port_count: 3,
+        }
+    }
+
+    /// The host that also answers the reset control register at 0xcf9: a write with bit 2 set
+    /// requests a platform reset (Linux `reboot=pci`, or an ACPI RESET_REG at 0xcf9 value 6).
+    pub fn with_reset_control() -> Self {
+        PciHost { reset_control: Some(0), port_count: 4, ..Self::new() }
+    }
+
+    /// The configuration-space byte `offset` of the function CONFIG_ADDRESS selects, if present.
+    fn selected(&self) -> Option<usize> {
+        // Bus 0, device 0, function 0: bits 23:8 all zero.
+        if self.address & ENABLE == 0 || self.address & 0x00ff_ff00 != 0 {
+            return None;
+        }
+        Some((self.address & 0xfc) as usize)
+    }
+
+    fn config_read_byte(&self, register: usize) -> u8 {
+        self.bridge.get(register).copied().unwrap_or(0xff)
+    }
+
+    fn config_write_byte(&mut self, register: usize, value: u8) {
+        let mask = match register {
+            COMMAND => COMMAND_WRITABLE as u8,
+            r if r == COMMAND + 1 => (COMMAND_WRITABLE >> 8) as u8,
+            LATENCY_TIMER => LATENCY_WRITABLE,
+            _ => 0,
+        };
+        if let Some(byte) = self.bridge.get_mut(register) {
+            *byte = (*byte & !mask) | (value & mask);
+        }
+    }
+}
+
+/// The host bridge's 256-byte configuration space after reset.
+fn host_bridge_header() -> [u8; 256] {
+    let mut h = [0u8; 256];
+    h[0..2].copy_from_slice(&HOST_BRIDGE_VENDOR.to_le_bytes());
+    h[2..4].copy_from_slice(&HOST_BRIDGE_DEVICE.to_le_bytes());
+    h[COMMAND..COMMAND + 2].copy_from_slice(&COMMAND_RESET.to_le_bytes());
+    h[STATUS_OFFSET..STATUS_OFFSET + 2].copy_from_slice(&STATUS.to_le_bytes());
+    h[REVISION] = HOST_BRIDGE_REVISION;
+    h[REVISION + 1..REVISION + 4].copy_from_slice(&CLASS_HOST_BRIDGE);
+    // Header type 0 (single function) at 0x0e; BARs 0x10-0x27, expansion ROM, capabilities
+    // pointer and interrupt pin stay 0: none implemented.
+    h[SUBSYSTEM..SUBSYSTEM + 2].copy_from_slice(&SUBSYSTEM_VENDOR.to_le_bytes());
+    h[SUBSYSTEM + 2..SUBSYSTEM + 4].copy_from_slice(&SUBSYSTEM_ID.to_le_bytes());
+    h
+}
+
+impl Device for PciHost {
+    fn name(&self) -> &'static str {
+        "pci-host"
+    }
+
+    fn ports(&self) -> &[Span] {
+        self.ports.get(..self.port_count).unwrap_or(&[])
+    }
+
+    fn io_read(&mut self, port: u16, size: u8, _now_ns: u64, _events: &mut Events) -> u32 {
+        if port == CONFIG_ADDRESS && size == 4 {
+            return self.address;
+        }
+        if port == RESET_CONTROL && size == 1 {
+            if let Some(rcr) = self.reset_control {
+                return rcr.into();
+            }
+        }
+        let Some(data_offset) = port.checked_sub(CONFIG_DATA) else {
+            // Byte and word accesses at 0xcf8-0xcfb reach no register.
+            return ones(size) as u32;
+        };
+        let function = self.selected();
+        let mut value = 0u32;
+        for i in 0..size.min(4) {
+            let lane = usize::from(data_offset) + usize::from(i);
+            // Bytes past 0xcff, and every byte of an absent function, float high.
+            let byte = match function {
+                Some(register) if lane < 4 => self.config_read_byte(register + lane),
+                _ => 0xff,
+            };
+            value |= u32::from(byte) << (8 * u32::from(i));
+        }
+        value
+    }
+
+    fn io_write(&mut self, port: u16, size: u8, value: u32, _now_ns: u64, events: &mut Events) {
+        if port == CONFIG_ADDRESS && size == 4 {
+            self.address = value & ADDRESS_MASK;
+            return;
+        }
+        if port == RESET_CONTROL && size == 1 {
+            if let Some(rcr) = self.reset_control.as_mut() {
+                let byte = value as u8;
+                *rcr = byte & RCR_SYSTEM_RESET;
+                if byte & RCR_RESET_CPU != 0 {
+                    events.power = Some(Power::Reset);
+                }
+                return;
+            }
+        }
+        let Some(data_offset) = port.checked_sub(CONFIG_DATA) else {
+            return;
+        };
+        let Some(register) = self.selected() else {
+            return;
+        };
+        for (i, byte) in value.to_le_bytes().into_iter().enumerate().take(usize::from(size.min(4))) {
+            let lane = usize::from(data_offset) + i;
+            if lane < 4 {
+                self.config_write_byte(register + lane, byte);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::Bus;
+    use alloc::boxed::Box;
+
+    fn address(bus: u32, device: u32, function: u32, register: u32) -> u32 {
+        ENABLE | bus << 16 | device << 11 | function << 8 | register
+    }
+
+    fn read(pci: &mut PciHost, addr: u32, offset: u16, size: u8) -> u32 {
+        let mut ev = Events::default();
+        pci.io_write(CONFIG_ADDRESS, 4, addr, 0, &mut ev);
+        pci.io_read(CONFIG_DATA + offset, size, 0, &mut ev)
+    }
+
+    #[test]
+    fn host_bridge_identifies_as_i440fx() {
+        let mut pci = PciHost::new();
+        assert_eq!(read(&mut pci, address(0, 0, 0, 0x00), 0, 4), 0x1237_8086);
+        assert_eq!(read(&mut pci, address(0, 0, 0, 0x04), 0, 4), 0x0280_0006, "status, command");
+        assert_eq!(read(&mut pci, address(0, 0, 0, 0x08), 0, 4), 0x0600_0002, "class 06/00/00, rev 2");
+        assert_eq!(read(&mut pci, address(0, 0, 0, 0x0c), 0, 4), 0, "header type 0");
+        for bar in (0x10..0x28).step_by(4) {
+            assert_eq!(read(&mut pci, address(0, 0, 0, bar), 0, 4), 0, "BAR at {bar:#x}");
+        }
+        assert_eq!(read(&mut pci, address(0, 0, 0, 0x2c), 0, 4), 0x1100_1af4);
+        assert_eq!(read(&mut pci, address(0, 0, 0, 0xfc), 0, 4), 0);
+    }
+
+    #[test]
+    fn partial_reads_pick_the_lanes_of_the_data_port() {
+        let mut pci = PciHost::new();
+        let id = address(0, 0, 0, 0x00);
+        assert_eq!(read(&mut pci, id, 0, 1), 0x86);
+        assert_eq!(read(&mut pci, id, 1, 1), 0x80);
+        assert_eq!(read(&mut pci, id, 2, 1), 0x37);
+        assert_eq!(read(&mut pci, id, 3, 1), 0x12);
+        assert_eq!(read(&mut pci, id, 2, 2), 0x1237);
+        // Linux's sanity check: the class word at 0x0a.
+        assert_eq!(read(&mut pci, address(0, 0, 0, 0x08), 2, 2), 0x0600);
+        assert_eq!(read(&mut pci, id, 3, 2), 0xff12, "the byte past 0xcff floats high");
+        assert_eq!(read(&mut pci, id, 1, 4), 0xff12_3780);
+        // Register bits 1:0 are not part of the address.
+        assert_eq!(read(&mut pci, id | 0x3, 0, 4), 0x1237_8086);
+    }
+
+    #[test]
+    fn address_decoding_and_absent_functions() {
+        let mut pci = PciHost::new();
+        let mut ev = Events::default();
+        for absent in [address(0, 1, 0, 0), address(0, 0, 1, 0), address(1, 0, 0, 0), address(0, 31, 7, 0)] {
+            assert_eq!(read(&mut pci, absent, 0, 4), 0xffff_ffff, "{absent:#x}");
+            assert_eq!(read(&mut pci, absent, 2, 2), 0xffff);
+            pci.io_write(CONFIG_ADDRESS, 4, absent | 0x04, 0, &mut ev);
+            pci.io_write(CONFIG_DATA, 2, 0, 0, &mut ev);
+        }
+        assert_eq!(read(&mut pci, 0, 0, 4), 0xffff_ffff, "enable bit clear");
+        // CONFIG_ADDRESS keeps only its implemented bits.
+        pci.io_write(CONFIG_ADDRESS, 4, 0xffff_ffff, 0, &mut ev);
+        assert_eq!(pci.io_read(CONFIG_ADDRESS, 4, 0, &mut ev), 0x80ff_fffc);
+        assert_eq!(read(&mut pci, address(0, 0, 0, 4), 0, 2), 0x0006, "writes to absent functions ignored");
+        assert_eq!(ev, Events::default());
+    }
+
+    #[test]
+    fn only_command_and_latency_are_writable() {
+        let mut pci = PciHost::new();
+        let mut ev = Events::default();
+        pci.io_write(CONFIG_ADDRESS, 4, address(0, 0, 0, 0x00), 0, &mut ev);
+        pci.io_write(CONFIG_DATA, 4, 0, 0, &mut ev);
+        assert_eq!(pci.io_read(CONFIG_DATA, 4, 0, &mut ev), 0x1237_8086, "ids are read-only");
+        pci.io_write(CONFIG_ADDRESS, 4, address(0, 0, 0, 0x04), 0, &mut ev);
+        pci.io_write(CONFIG_DATA, 4, 0xffff_ffff, 0, &mut ev);
+        assert_eq!(pci.io_read(CONFIG_DATA, 4, 0, &mut ev), 0x0280_0147);
+        pci.io_write(CONFIG_DATA, 1, 0x00, 0, &mut ev);
+        assert_eq!(pci.io_read(CONFIG_DATA, 2, 0, &mut ev), 0x0100, "byte write hits the low byte only");
+        pci.io_write(CONFIG_ADDRESS, 4, address(0, 0, 0, 0x0c), 0, &mut ev);
+        pci.io_write(CONFIG_DATA + 1, 1, 0xff, 0, &mut ev);
+        assert_eq!(pci.io_read(CONFIG_DATA, 4, 0, &mut ev), 0x0000_f800);
+        pci.io_write(CONFIG_ADDRESS, 4, address(0, 0, 0, 0x10), 0, &mut ev);
+        pci.io_write(CONFIG_DATA, 4, 0xffff_ffff, 0, &mut ev);
+        assert_eq!(pci.io_read(CONFIG_DATA, 4, 0, &mut ev), 0, "no BAR to size");
+    }
+
+    #[test]
+    fn linux_detects_configuration_type_1() {
+        // arch/x86/pci/direct.c: pci_check_type1, through the bus as the guest reaches it.
+        let mut bus = Bus::new();
+        bus.add(Box::new(PciHost::new())).unwrap();
+        let mut ev = Events::default();
+        assert!(bus.io_write(0xcfb, 1, 0x01, 0, &mut ev));
+        let saved = bus.io_read(0xcf8, 4, 0, &mut ev).unwrap();
+        assert_eq!(saved, 0, "the byte write at 0xcfb is not CONFIG_ADDRESS");
+        assert!(bus.io_write(0xcf8, 4, 0x8000_0000, 0, &mut ev));
+        assert_eq!(bus.io_read(0xcf8, 4, 0, &mut ev), Some(0x8000_0000));
+        // pci_sanity_check: the class word of 00:00.0 (register 0x0a) is a host bridge.
+        bus.io_write(0xcf8, 4, 0x8000_0008, 0, &mut ev);
+        assert_eq!(bus.io_read(0xcfe, 2, 0, &mut ev), Some(0x0600));
+        bus.io_write(0xcf8, 4, saved, 0, &mut ev);
+        // pci_check_type2 must fail: byte reads at 0xcf8 and 0xcfa do not read back 0.
+        bus.io_write(0xcf8, 1, 0, 0, &mut ev);
+        bus.io_write(0xcfa, 1, 0, 0, &mut ev);
+        assert_eq!(bus.io_read(0xcf8, 1, 0, &mut ev), Some(0xff));
+        assert_eq!(bus.io_read(0xcfa, 1, 0, &mut ev), Some(0xff));
+        assert_eq!(bus.io_read(0xcf9, 1, 0, &mut ev), None, "0xcf9 is left to a reset device");
+    }
+
+    #[test]
+    fn reset_control_requests_a_reset_on_bit_2() {
+        let mut pci = PciHost::with_reset_control();
+        assert_eq!(pci.ports().len(), 4);
+        let mut ev = Events::default();
+        pci.io_write(RESET_CONTROL, 1, 0x02, 0, &mut ev);
+        assert_eq!(ev.power, None);
+        assert_eq!(pci.io_read(RESET_CONTROL, 1, 0, &mut ev), 0x02);
+        pci.io_write(RESET_CONTROL, 1, 0x06, 0, &mut ev);
+        assert_eq!(ev.power, Some(Power::Reset));
+        // A dword at 0xcf8 still reaches CONFIG_ADDRESS.
+        pci.io_write(CONFIG_ADDRESS, 4, 0x8000_0008, 0, &mut ev);
+        assert_eq!(pci.io_read(CONFIG_ADDRESS, 4, 0, &mut ev), 0x8000_0008);
+    }
+}

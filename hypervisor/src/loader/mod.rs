@@ -9,8 +9,8 @@ use core::fmt;
 
 pub mod bzimage;
 pub mod elf;
-pub mod multiboot;
 pub mod guest_walk;
+pub mod multiboot;
 pub mod page_tables;
 
 /// A guest-physical memory access that does not fit in guest memory.

@@ -12,8 +12,9 @@ use x86_64::registers::control::{Cr0, Cr2, Cr3, Cr4};
 use x86_64::structures::DescriptorTablePointer;
 use x86_64::VirtAddr;
 
-use super::{exit, gdt, serial};
+use super::{apic, exit, gdt, serial};
 use crate::status::{LineBuf, RunStatus};
+use x86_64::structures::idt::InterruptStackFrame;
 
 /// Registers as the stubs leave them on the stack, lowest address first.
 #[repr(C)]
@@ -93,8 +94,25 @@ static IDT: Lazy<Idt> = Lazy::new(|| {
         idt.0[vector * 2] = low;
         idt.0[vector * 2 + 1] = high;
     }
+    for (vector, handler) in [
+        (apic::TIMER_VECTOR, timer_interrupt as extern "x86-interrupt" fn(InterruptStackFrame) as usize as u64),
+        (apic::SPURIOUS_VECTOR, spurious_interrupt as extern "x86-interrupt" fn(InterruptStackFrame) as usize as u64),
+    ] {
+        let (low, high) = interrupt_gate(handler, code_selector, 0);
+        idt.0[vector as usize * 2] = low;
+        idt.0[vector as usize * 2 + 1] = high;
+    }
     idt
 });
+
+/// The host's APIC timer: it only has to wake the hypervisor (out of HLT or out of the guest).
+extern "x86-interrupt" fn timer_interrupt(_frame: InterruptStackFrame) {
+    apic::TIMER_FIRED.store(true, core::sync::atomic::Ordering::Relaxed);
+    apic::eoi();
+}
+
+/// Spurious APIC interrupts need no EOI.
+extern "x86-interrupt" fn spurious_interrupt(_frame: InterruptStackFrame) {}
 
 /// Loads the IDT. Call on each CPU after its GDT.
 pub fn init() {

@@ -1,5 +1,6 @@
 //! The bare-metal layer: host bring-up on top of what the bootloader hands over.
 
+pub mod apic;
 pub mod cpu;
 pub mod exit;
 pub mod gdt;
@@ -102,6 +103,9 @@ pub fn run(host: Host) -> ! {
         Virtualization::None => Err("no virtualization extension".into()),
     };
     let backend = enabled.unwrap_or_else(|e| exit::end(RunStatus::Failure, &format!("enabling virtualization: {e}")));
+    if let Err(e) = apic::init() {
+        exit::end(RunStatus::Failure, &format!("host local APIC: {e}"));
+    }
     log::info!("running {} VMs on {backend:?}", vms.len());
     let mut failed: Vec<String> = Vec::new();
     for vm in &vms {

@@ -124,6 +124,7 @@ impl Page {
 /// Segment attributes in the VMCB's compressed form: access byte, then AVL/L/DB/G in bits 8-11.
 mod attrib {
     pub const CODE64: u16 = 0x029b;
+    pub const CODE32: u16 = 0x0c9b;
     pub const DATA32: u16 = 0x0c93;
     pub const REAL_CODE: u16 = 0x009b;
     pub const REAL_DATA: u16 = 0x0093;
@@ -173,6 +174,8 @@ global_asm!(
     "push rdi",
     "push rdx",
     "clgi",
+    // Host interrupts stay blocked by GIF until VMRUN; with IF set they exit the guest.
+    "sti",
     "mov rax, rdx",
     "vmsave rax",
     "mov rax, rdi",
@@ -210,6 +213,7 @@ global_asm!(
     "mov [rax + 112], r15",
     "mov rax, [rsp]",
     "vmload rax",
+    "cli",
     "stgi",
     "add rsp, 24",
     "pop r15",
@@ -280,6 +284,18 @@ impl SvmVcpu {
                 vmcb.write(save::RSP, rsp);
                 gprs.rsi = rsi;
             }
+            StartMode::Protected32 { eip, eax, ebx } => {
+                vmcb.set_segment(save::CS, 0x08, attrib::CODE32, 0xffff_ffff, 0);
+                for seg in [save::DS, save::ES, save::SS, save::FS, save::GS] {
+                    vmcb.set_segment(seg, 0x10, attrib::DATA32, 0xffff_ffff, 0);
+                }
+                vmcb.write(save::CR0, 0x31u64); // NE | ET | PE
+                vmcb.write(save::CR4, 0u64);
+                vmcb.write(save::EFER, EFER_SVME);
+                vmcb.write(save::RIP, eip as u64);
+                gprs.rax = eax as u64;
+                gprs.rbx = ebx as u64;
+            }
             StartMode::Real { cs, ip } => {
                 vmcb.set_segment(save::CS, cs, attrib::REAL_CODE, 0xffff, (cs as u64) << 4);
                 for seg in [save::DS, save::ES, save::SS, save::FS, save::GS] {
@@ -334,6 +350,11 @@ impl SvmVcpu {
             _ => LastExit::Other,
         };
         match exit {
+            Exit::ExternalInterrupt => {
+                // The host interrupt that caused the exit is still pending: take it now.
+                super::apic::take_pending_interrupt();
+                Some(exit)
+            }
             Exit::Rdmsr | Exit::Wrmsr if self.handle_msr_here(exit == Exit::Wrmsr) => None,
             Exit::InterruptWindow => {
                 self.set_interrupt_window_exiting(false);

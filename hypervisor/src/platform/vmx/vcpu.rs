@@ -390,6 +390,14 @@ impl VmxVcpu {
                 segment(TR, 0, 0, 0x67, 0x8b)?;
                 (CR0_PE | CR0_PG | CR0_ET | CR0_NE, CR4_PAE, EFER_LME | EFER_LMA, rip, rsp, cr3, rsi)
             }
+            StartMode::Protected32 { eip, .. } => {
+                segment(CS, 0x08, 0, 0xffff_ffff, 0xc09b)?;
+                for seg in [ES, SS, DS, FS, GS] {
+                    segment(seg, 0x10, 0, 0xffff_ffff, 0xc093)?;
+                }
+                segment(TR, 0, 0, 0x67, 0x8b)?;
+                (CR0_PE | CR0_ET | CR0_NE, 0, 0, u64::from(eip), 0, 0, 0)
+            }
             StartMode::Real { cs, ip } => {
                 segment(CS, cs, u64::from(cs) << 4, 0xffff, 0x9b)?;
                 for seg in [ES, SS, DS, FS, GS] {
@@ -401,6 +409,10 @@ impl VmxVcpu {
         };
         segment(LDTR, 0, 0, 0, AR_UNUSABLE)?;
         self.state.gprs.rsi = rsi;
+        if let StartMode::Protected32 { eax, ebx, .. } = start {
+            self.state.gprs.rax = u64::from(eax);
+            self.state.gprs.rbx = u64::from(ebx);
+        }
         let cr0 = (cr0 | cr0_forced) & cr0_fixed1;
         let cr4_wanted = cr4;
         let cr4 = (cr4 | cr4_fixed0) & cr4_fixed1;
@@ -768,6 +780,10 @@ impl VmxVcpu {
             Exit::ExternalInterrupt => {
                 let info = self.get(w32::EXIT_INTERRUPTION_INFO);
                 self.last_external_vector = (info & INTR_VALID != 0).then_some(info as u8);
+                // Acknowledged on exit: the host APIC timer (the only host interrupt) needs
+                // its EOI here, as its handler never runs.
+                crate::platform::apic::TIMER_FIRED.store(true, core::sync::atomic::Ordering::Relaxed);
+                crate::platform::apic::eoi();
             }
             // Not requested (empty exception bitmap), but NMIs exit here: the interruption
             // information says which.

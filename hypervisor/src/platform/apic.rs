@@ -1,0 +1,187 @@
+//! The host's local APIC as a one-shot timer that forces the guest to exit when an emulated
+//! device's deadline arrives, and lets the host sleep in HLT until then.
+//!
+//! The legacy PIC is masked: the APIC timer is the host's only interrupt source.
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use raw_cpuid::cpuid;
+use x86_64::instructions::port::Port;
+use x86_64::registers::model_specific::Msr;
+use x86_64::structures::paging::{
+    FrameAllocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags, PhysFrame, Size4KiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+use super::memory;
+
+/// Vector of the host timer interrupt.
+pub const TIMER_VECTOR: u8 = 0xf0;
+/// Spurious-interrupt vector (no EOI).
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+
+const IA32_APIC_BASE: u32 = 0x1b;
+const APIC_BASE_X2APIC: u64 = 1 << 10;
+const APIC_BASE_ENABLE: u64 = 1 << 11;
+/// Where the xAPIC page is mapped uncached in the hypervisor's address space.
+const XAPIC_VIRT: u64 = 0x7f00_0000_0000;
+
+// Register offsets (xAPIC MMIO; x2APIC MSR = 0x800 + offset / 16).
+const EOI: u32 = 0xb0;
+const SVR: u32 = 0xf0;
+const LVT_TIMER: u32 = 0x320;
+const TIMER_INITIAL: u32 = 0x380;
+const TIMER_CURRENT: u32 = 0x390;
+const TIMER_DIVIDE: u32 = 0x3e0;
+const LVT_MASKED: u32 = 1 << 16;
+const DIVIDE_BY_1: u32 = 0b1011;
+
+static X2APIC: AtomicBool = AtomicBool::new(false);
+static READY: AtomicBool = AtomicBool::new(false);
+/// APIC timer ticks per millisecond.
+static TICKS_PER_MS: AtomicU64 = AtomicU64::new(0);
+/// Set by the timer interrupt handler.
+pub static TIMER_FIRED: AtomicBool = AtomicBool::new(false);
+
+fn read(reg: u32) -> u32 {
+    if X2APIC.load(Ordering::Relaxed) {
+        // SAFETY: x2APIC mode is enabled, so the MSR exists.
+        unsafe { Msr::new(0x800 + reg / 16).read() as u32 }
+    } else {
+        // SAFETY: the xAPIC page is mapped uncached at XAPIC_VIRT by `init`; registers are
+        // 32-bit at 16-byte-aligned offsets.
+        unsafe { core::ptr::read_volatile((XAPIC_VIRT + reg as u64) as *const u32) }
+    }
+}
+
+fn write(reg: u32, value: u32) {
+    if X2APIC.load(Ordering::Relaxed) {
+        // SAFETY: as in `read`.
+        unsafe { Msr::new(0x800 + reg / 16).write(value as u64) }
+    } else {
+        // SAFETY: as in `read`.
+        unsafe { core::ptr::write_volatile((XAPIC_VIRT + reg as u64) as *mut u32, value) }
+    }
+}
+
+struct Frames;
+
+// SAFETY: frames come from the global allocator, which hands each out once.
+unsafe impl FrameAllocator<Size4KiB> for Frames {
+    fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
+        memory::alloc_zeroed(1, 4096).map(|phys| PhysFrame::containing_address(PhysAddr::new(phys)))
+    }
+}
+
+/// Masks the PIC, enables the local APIC (x2APIC when available) and calibrates its timer.
+pub fn init() -> Result<(), &'static str> {
+    // SAFETY: masking every line of both 8259s only stops legacy interrupts, which nothing in
+    // the hypervisor uses; their vectors would collide with exceptions.
+    unsafe {
+        Port::<u8>::new(0x21).write(0xff);
+        Port::<u8>::new(0xa1).write(0xff);
+    }
+    if cpuid!(1).edx & (1 << 9) == 0 {
+        return Err("the CPU has no local APIC");
+    }
+    // SAFETY: IA32_APIC_BASE exists on every CPU with a local APIC.
+    let base = unsafe { Msr::new(IA32_APIC_BASE).read() };
+    if cpuid!(1).ecx & (1 << 21) != 0 {
+        // SAFETY: x2APIC is supported (CPUID); enabling it from xAPIC mode is allowed.
+        unsafe { Msr::new(IA32_APIC_BASE).write(base | APIC_BASE_ENABLE | APIC_BASE_X2APIC) };
+        X2APIC.store(true, Ordering::Relaxed);
+    } else {
+        map_xapic(base & 0xf_ffff_f000)?;
+    }
+    write(SVR, 0x100 | SPURIOUS_VECTOR as u32);
+    write(TIMER_DIVIDE, DIVIDE_BY_1);
+    write(LVT_TIMER, LVT_MASKED | TIMER_VECTOR as u32);
+
+    // Count APIC ticks across 1 ms of TSC.
+    let tsc_per_ms = super::serial::tsc_per_microsecond() * 1000;
+    if tsc_per_ms == 0 {
+        return Err("TSC frequency unknown: cannot calibrate the APIC timer");
+    }
+    write(TIMER_INITIAL, u32::MAX);
+    let start = rdtsc();
+    while rdtsc() - start < tsc_per_ms {
+        core::hint::spin_loop();
+    }
+    let elapsed = u32::MAX - read(TIMER_CURRENT);
+    write(TIMER_INITIAL, 0);
+    if elapsed == 0 {
+        return Err("the APIC timer does not count");
+    }
+    TICKS_PER_MS.store(elapsed as u64, Ordering::Relaxed);
+    READY.store(true, Ordering::Relaxed);
+    log::info!("apic: {} mode, timer {} kHz", if X2APIC.load(Ordering::Relaxed) { "x2APIC" } else { "xAPIC" }, elapsed);
+    Ok(())
+}
+
+fn map_xapic(phys: u64) -> Result<(), &'static str> {
+    let map = memory::phys_map();
+    let (root, _) = x86_64::registers::control::Cr3::read();
+    // SAFETY: CR3's table is reached through the physical-memory window and only this
+    // single-threaded bring-up modifies it.
+    let pml4 = unsafe { &mut *(map.virt(root.start_address().as_u64()) as *mut PageTable) };
+    // SAFETY: the bootloader maps all physical memory at this offset.
+    let mut mapper = unsafe { OffsetPageTable::new(pml4, VirtAddr::new(map.virt(0))) };
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(XAPIC_VIRT));
+    let frame = PhysFrame::containing_address(PhysAddr::new(phys));
+    let flags = PageTableFlags::PRESENT
+        | PageTableFlags::WRITABLE
+        | PageTableFlags::NO_CACHE
+        | PageTableFlags::WRITE_THROUGH
+        | PageTableFlags::NO_EXECUTE;
+    // SAFETY: the page is unused (reserved for the APIC) and the frame is the APIC's MMIO page,
+    // which no Rust object aliases.
+    unsafe { mapper.map_to(page, frame, flags, &mut Frames) }.map_err(|_| "mapping the local APIC failed")?.flush();
+    Ok(())
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Arms the one-shot timer to fire after `ns` (clamped to the counter's range), or disarms it.
+pub fn arm(ns: Option<u64>) {
+    if !READY.load(Ordering::Relaxed) {
+        return;
+    }
+    match ns {
+        None => write(TIMER_INITIAL, 0),
+        Some(ns) => {
+            let ticks =
+                (ns as u128 * TICKS_PER_MS.load(Ordering::Relaxed) as u128 / 1_000_000).clamp(1, u32::MAX as u128);
+            write(LVT_TIMER, TIMER_VECTOR as u32);
+            write(TIMER_INITIAL, ticks as u32);
+        }
+    }
+}
+
+/// Signals end of interrupt.
+pub fn eoi() {
+    if READY.load(Ordering::Relaxed) {
+        write(EOI, 0);
+    }
+}
+
+/// Lets a pending host interrupt be taken (after an exit caused by it).
+pub fn take_pending_interrupt() {
+    // The interrupt shadow of STI covers the NOP; the interrupt arrives right after it.
+    x86_64::instructions::interrupts::enable();
+    core::hint::spin_loop();
+    x86_64::instructions::interrupts::disable();
+}
+
+/// Sleeps until the timer (or another interrupt) fires; the caller armed the timer.
+pub fn sleep() {
+    x86_64::instructions::interrupts::enable_and_hlt();
+    x86_64::instructions::interrupts::disable();
+}
+
+/// Whether the host timer works (it does once `init` succeeded).
+pub fn ready() -> bool {
+    READY.load(Ordering::Relaxed)
+}
