@@ -497,6 +497,11 @@ struct Piece<'a> {
     vaddr: u64,
 }
 
+/// Whether the image carries a Multiboot header (magic with a valid checksum).
+pub fn has_header(image: &[u8]) -> bool {
+    find_header(image).is_ok()
+}
+
 /// The Multiboot header: offset and flags.
 fn find_header(image: &[u8]) -> Result<(usize, u32), MultibootError> {
     let searched = image.len().min(HEADER_SEARCH);

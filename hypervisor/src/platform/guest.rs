@@ -7,21 +7,16 @@ use alloc::string::String;
 use raw_cpuid::cpuid;
 
 use super::memory::{self, HostTables};
-use super::{serial, svm, vmx, xstate};
-use crate::loader::{elf, page_tables, GuestMemory, SliceMemory};
+use super::{apic, cmos, serial, svm, vmx, xstate};
+use crate::loader::SliceMemory;
 use crate::mm::frames::FRAME_SIZE;
 use crate::mm::second_level::{EntryFormat, Ept, Npt, PageSize, Perms, SecondLevelTables};
 use crate::ramdisk::{self, File};
-use crate::vcpu::{StartMode, Vcpu};
-use crate::vm::config::{Entry, VmConfig};
+use crate::vcpu::Vcpu;
+use crate::vm::config::VmConfig;
+use crate::vm::setup;
 use crate::vm::{Env, Vm, VmEnd};
 
-/// Guest-physical layout of what the hypervisor places for a 64-bit start.
-const PAGE_TABLES_GPA: u64 = 0x1_0000;
-const CMDLINE_GPA: u64 = 0x2_0000;
-const STACK_TOP_GPA: u64 = 0x8_0000;
-/// The identity map covers the 32-bit address space (RAM and the MMIO hole).
-const IDENTITY_LIMIT: u64 = 4 << 30;
 const GUEST_RAM_ALIGN: u64 = 2 << 20;
 
 /// Guest RAM: contiguous host frames, freed when the VM is dropped.
@@ -91,35 +86,24 @@ fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> R
     if config.vcpus != 1 {
         return Err(format!("vcpus = {}: only one vCPU per VM runs so far", config.vcpus));
     }
-    if config.initrd.is_some() {
-        return Err("initrd: loading an initial ramdisk is not supported yet".into());
-    }
     let kernel = ramdisk::find(files, &config.kernel)
         .ok_or_else(|| format!("kernel {:?} is not in the ramdisk", config.kernel))?;
+    let initrd = match &config.initrd {
+        Some(name) => Some((
+            name.as_str(),
+            ramdisk::find(files, name).ok_or_else(|| format!("initrd {name:?} is not in the ramdisk"))?.data,
+        )),
+        None => None,
+    };
     let ram = GuestRam::allocate(config.memory)
         .ok_or_else(|| format!("not enough host memory for {} MiB of guest RAM", config.memory >> 20))?;
     let mut guest_memory = ram.slice();
-    let loaded =
-        elf::load_elf64(kernel.data, &mut guest_memory).map_err(|e| format!("kernel {}: {e}", config.kernel))?;
-    let start = match config.entry {
-        Entry::Long64 => {
-            let cr3 = page_tables::build_identity_map(&mut guest_memory, PAGE_TABLES_GPA, IDENTITY_LIMIT)
-                .map_err(|e| format!("page tables: {e}"))?;
-            let mut cmdline = config.cmdline.as_bytes().to_vec();
-            cmdline.push(0);
-            guest_memory.write(CMDLINE_GPA, &cmdline).map_err(|e| format!("command line: {e}"))?;
-            StartMode::Long64 { rip: loaded.entry, rsp: STACK_TOP_GPA, cr3, rsi: CMDLINE_GPA }
-        }
-        Entry::Real => {
-            if loaded.entry >= 0x10_0000 {
-                return Err(format!("entry = real, but the kernel's entry {:#x} is above 1 MiB", loaded.entry));
-            }
-            StartMode::Real { cs: ((loaded.entry >> 4) & 0xf000) as u16, ip: (loaded.entry & 0xffff) as u16 }
-        }
-    };
+    let prepared = setup::prepare(config, kernel.data, initrd, &mut guest_memory)?;
+    let start = prepared.start;
 
     let mut tables = HostTables;
-    let mut vm = Vm::new(&config.name, ram.slice());
+    let tsc_hz = serial::tsc_per_microsecond() * 1_000_000;
+    let mut vm = Vm::new(&config.name, ram.slice(), tsc_hz, cmos::wall_clock_seconds());
     if config.devices.test {
         vm.bus
             .add(alloc::boxed::Box::new(crate::devices::test_device::TestDevice::default()))
@@ -139,14 +123,14 @@ fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> R
         }
     };
     log::info!(
-        "vm {}: {} MiB RAM, kernel {} ({} bytes, entry {:#x}), {:?} start",
+        "vm {}: {} MiB RAM, kernel {} ({} bytes): {}",
         config.name,
         config.memory >> 20,
         config.kernel,
         kernel.data.len(),
-        loaded.entry,
-        config.entry
+        prepared.summary
     );
+    let started_ns = serial::uptime_ns();
     let end = {
         let mut console = |line: &str| serial::write_line(line);
         let mut env = Env {
@@ -155,13 +139,16 @@ fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> R
                 [r.eax, r.ebx, r.ecx, r.edx]
             },
             now_micros: &serial::uptime_micros,
-            guest_ns: &|| serial::uptime_micros() * 1000,
+            guest_ns: &|| serial::uptime_ns() - started_ns,
             tsc: &|| {
                 // SAFETY: RDTSC has no side effects.
                 unsafe { core::arch::x86_64::_rdtsc() }
             },
             console: &mut console,
             supported_xcr0,
+            arm_timer: &apic::arm,
+            wait: &apic::sleep,
+            input: Some(&mut serial::read_byte),
         };
         vm.run(vcpu.as_mut(), &mut env)
     };

@@ -75,6 +75,24 @@ pub fn uptime_micros() -> u64 {
     }
 }
 
+/// Nanoseconds since `init` (0 if the TSC was not calibrated).
+pub fn uptime_ns() -> u64 {
+    let ticks = rdtsc().wrapping_sub(TSC_AT_BOOT.load(Ordering::Relaxed));
+    match TSC_PER_MICROSECOND.load(Ordering::Relaxed) {
+        0 => 0,
+        rate => (ticks as u128 * 1000 / rate as u128) as u64,
+    }
+}
+
+/// A byte typed on COM1, if one is waiting.
+pub fn read_byte() -> Option<u8> {
+    let mut line_status: Port<u8> = Port::new(COM1 + 5);
+    let mut data: Port<u8> = Port::new(COM1);
+    // SAFETY: reading COM1's line status has no side effects; the data register is read only
+    // when it holds a received byte.
+    unsafe { (line_status.read() & 1 != 0).then(|| data.read()) }
+}
+
 /// TSC frequency in ticks per microsecond (0 if unknown).
 pub fn tsc_per_microsecond() -> u64 {
     TSC_PER_MICROSECOND.load(Ordering::Relaxed)

@@ -12,7 +12,11 @@ pub const MAX_HYPERVISOR_LEAF: u32 = 0x4000_0001;
 /// EAX, EBX, ECX, EDX.
 pub type Regs = [u32; 4];
 
+const LEAF1_ECX_MONITOR: u32 = 1 << 3;
 const LEAF1_ECX_VMX: u32 = 1 << 5;
+const LEAF1_ECX_X2APIC: u32 = 1 << 21;
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+const LEAF1_EDX_APIC: u32 = 1 << 9;
 const LEAF1_ECX_FMA: u32 = 1 << 12;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF1_ECX_AVX: u32 = 1 << 28;
@@ -48,9 +52,15 @@ pub fn guest_cpuid(
             [MAX_HYPERVISOR_LEAF, word(0), word(4), word(8)]
         }
         0x4000_0001..=0x4fff_ffff => [0; 4],
+        // MONITOR/MWAIT and thermal/power management (APERF/MPERF) are not virtualized.
+        5 | 6 => [0; 4],
         1 => {
             let [eax, ebx, mut ecx, edx] = host(1, 0);
-            ecx = (ecx | LEAF1_ECX_HYPERVISOR) & !LEAF1_ECX_VMX & !LEAF1_ECX_OSXSAVE;
+            // The emulated local APIC offers x2APIC and the TSC-deadline timer whatever the
+            // host has; MONITOR/MWAIT would idle without exiting.
+            ecx = (ecx | LEAF1_ECX_HYPERVISOR | LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE)
+                & !(LEAF1_ECX_VMX | LEAF1_ECX_OSXSAVE | LEAF1_ECX_MONITOR);
+            let edx = edx | LEAF1_EDX_APIC;
             if guest_osxsave {
                 ecx |= LEAF1_ECX_OSXSAVE;
             }
@@ -121,6 +131,10 @@ mod tests {
         let leaf1 = guest_cpuid(1, 0, &generous_host, false, X87_SSE_AVX);
         assert_ne!(leaf1[2] & LEAF1_ECX_HYPERVISOR, 0);
         assert_eq!(leaf1[1] >> 16 & 0xff, 1, "one logical processor");
+        assert_eq!(leaf1[2] & (LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE), LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE);
+        assert_eq!(leaf1[2] & LEAF1_ECX_MONITOR, 0);
+        assert_ne!(leaf1[3] & LEAF1_EDX_APIC, 0);
+        assert_eq!(guest_cpuid(6, 0, &generous_host, false, X87_SSE_AVX), [0; 4]);
         assert_eq!(guest_cpuid(0x4000_0001, 0, &generous_host, false, X87_SSE_AVX), [0; 4]);
     }
 

@@ -8,6 +8,7 @@ pub mod cpuid;
 pub mod interrupts;
 pub mod lapic;
 pub mod msr;
+pub mod setup;
 pub mod stats;
 
 use alloc::boxed::Box;
@@ -22,6 +23,7 @@ use crate::loader::guest_walk::{self, WalkError};
 use crate::loader::GuestMemory;
 use crate::mmio::{self, MmioKind};
 use crate::vcpu::{valid_xcr0, Exit, GuestMode, IoExit, Vcpu};
+use interrupts::InterruptRouter;
 use msr::MsrModel;
 use stats::ExitStats;
 
@@ -49,6 +51,10 @@ pub enum VmEnd {
     },
     /// HLT with no way to wake up.
     Halted(&'static str),
+    /// ACPI S5 power-off.
+    PowerOff,
+    /// The guest reset the machine (i8042, port 0xcf9, triple-fault-free reboot).
+    Reset,
     /// The guest did something the hypervisor cannot emulate, or entry failed.
     Error(String),
 }
@@ -56,7 +62,7 @@ pub enum VmEnd {
 impl VmEnd {
     /// The VM ended the way a passing guest ends.
     pub fn is_clean(&self) -> bool {
-        *self == VmEnd::DebugExit(0)
+        matches!(self, VmEnd::DebugExit(0) | VmEnd::PowerOff)
     }
 }
 
@@ -67,6 +73,8 @@ impl VmEnd {
             VmEnd::DebugExit(status) => ("debug-exit", *status as u64),
             VmEnd::TripleFault { .. } => ("triple-fault", 0),
             VmEnd::Halted(_) => ("halted", 0),
+            VmEnd::PowerOff => ("power-off", 0),
+            VmEnd::Reset => ("reset", 0),
             VmEnd::Error(_) => ("error", 0),
         };
         let detail: String = format!("{self}").chars().map(|c| if c == '"' { '\'' } else { c }).collect();
@@ -80,6 +88,8 @@ impl fmt::Display for VmEnd {
             VmEnd::DebugExit(status) => write!(f, "debug-exit status {status}"),
             VmEnd::TripleFault { rip } => write!(f, "triple fault at RIP {rip:#x}"),
             VmEnd::Halted(why) => write!(f, "halted: {why}"),
+            VmEnd::PowerOff => f.write_str("powered off (ACPI S5)"),
+            VmEnd::Reset => f.write_str("reset by the guest"),
             VmEnd::Error(e) => write!(f, "error: {e}"),
         }
     }
@@ -99,7 +109,17 @@ pub struct Env<'a> {
     pub console: &'a mut dyn FnMut(&str),
     /// XCR0 bits guests may enable.
     pub supported_xcr0: u64,
+    /// Arms the host timer to force an exit (or end a wait) this many ns from now; `None` disarms.
+    pub arm_timer: &'a dyn Fn(Option<u64>),
+    /// Sleeps until the armed timer or another host interrupt.
+    pub wait: &'a dyn Fn(),
+    /// Bytes typed on the host console, if the host has one: a halted guest then waits for
+    /// input instead of being declared dead.
+    pub input: Option<&'a mut dyn FnMut() -> Option<u8>>,
 }
+
+/// How often a halted guest looks for console input.
+const INPUT_POLL_NS: u64 = 10_000_000;
 
 /// One VM: memory, devices, and the state its exit handlers keep.
 pub struct Vm<M: GuestMemory> {
@@ -109,6 +129,8 @@ pub struct Vm<M: GuestMemory> {
     pub memory: M,
     /// Port and MMIO devices.
     pub bus: Bus,
+    /// PIC, IOAPIC and local APIC.
+    pub router: InterruptRouter,
     /// Exit statistics.
     pub stats: ExitStats,
     msrs: MsrModel,
@@ -123,13 +145,22 @@ enum Next {
 }
 
 impl<M: GuestMemory> Vm<M> {
-    /// A VM with the standard devices (COM1 console, debug-exit port, POST-code port).
-    pub fn new(name: &str, memory: M) -> Self {
+    /// A VM with the PC device set: COM1 16550, i8259 pair, IOAPIC, local APIC, i8254 PIT,
+    /// CMOS RTC, i8042, ACPI PM block, PCI host bridge, POST-code and debug-exit ports.
+    /// `tsc_hz` is the guest TSC frequency; `epoch_seconds` the wall-clock time at start.
+    pub fn new(name: &str, memory: M, tsc_hz: u64, epoch_seconds: u64) -> Self {
         let mut bus = Bus::new();
-        let standard: [Box<dyn devices::Device>; 3] = [
-            Box::new(devices::console::Console::default()),
+        let mut rtc = devices::rtc::Rtc::new(epoch_seconds);
+        rtc.set_memory_size(memory.size());
+        let standard: [Box<dyn devices::Device>; 8] = [
+            Box::new(devices::uart::Uart16550::new(devices::uart::COM1_BASE, devices::uart::COM1_IRQ)),
             Box::new(devices::debug_exit::DebugExit),
             Box::new(devices::PostCode),
+            Box::new(devices::pit::Pit::new()),
+            Box::new(rtc),
+            Box::new(devices::i8042::I8042::new()),
+            Box::new(devices::acpi_pm::AcpiPm::new()),
+            Box::new(devices::pci::PciHost::new()),
         ];
         for device in standard {
             bus.add(device).expect("standard devices do not overlap");
@@ -138,6 +169,7 @@ impl<M: GuestMemory> Vm<M> {
             name: name.into(),
             memory,
             bus,
+            router: InterruptRouter::new(tsc_hz),
             stats: ExitStats::default(),
             msrs: MsrModel::default(),
             pending_interrupts: VecDeque::new(),
@@ -149,7 +181,12 @@ impl<M: GuestMemory> Vm<M> {
     /// Runs the vCPU until the VM ends.
     pub fn run(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>) -> VmEnd {
         let end = loop {
+            if let Next::End(end) = self.service_devices(env) {
+                break end;
+            }
             self.offer_interrupt(vcpu);
+            let now = (env.guest_ns)();
+            (env.arm_timer)(self.next_deadline_ns().map(|deadline| deadline.saturating_sub(now)));
             let entered = (env.now_micros)();
             let exit = vcpu.run();
             let exited = (env.now_micros)();
@@ -160,21 +197,82 @@ impl<M: GuestMemory> Vm<M> {
                 break end;
             }
         };
+        (env.arm_timer)(None);
         self.flush_console(env);
         end
     }
 
-    /// Injects the oldest pending interrupt if the guest can take it, else asks for a window.
+    /// Brings device timers up to date, feeds console input, and acts on what they raised.
+    fn service_devices(&mut self, env: &mut Env<'_>) -> Next {
+        let now = (env.guest_ns)();
+        let mut events = Events::default();
+        if let Some(input) = env.input.as_mut() {
+            while let Some(byte) = input() {
+                self.bus.input(byte, now, &mut events);
+            }
+        }
+        self.bus.poll(now, &mut events);
+        self.router.poll(now);
+        self.apply(events, env)
+    }
+
+    fn next_deadline_ns(&self) -> Option<u64> {
+        match (self.bus.next_deadline_ns(), self.router.next_deadline_ns()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn interrupt_ready(&self) -> bool {
+        !self.pending_interrupts.is_empty() || self.router.next_vector().is_some()
+    }
+
+    /// Injects the next interrupt if the guest can take it, else asks for a window.
     fn offer_interrupt(&mut self, vcpu: &mut dyn Vcpu) {
-        let Some(&vector) = self.pending_interrupts.front() else {
+        if !self.interrupt_ready() {
             return;
-        };
-        if vcpu.interrupts_open() {
-            vcpu.inject_interrupt(vector);
-            self.pending_interrupts.pop_front();
-            vcpu.set_interrupt_window_exiting(!self.pending_interrupts.is_empty());
-        } else {
+        }
+        if !vcpu.interrupts_open() {
             vcpu.set_interrupt_window_exiting(true);
+            return;
+        }
+        // Vectors from the test device bypass the controllers.
+        let vector = match self.pending_interrupts.pop_front() {
+            Some(vector) => Some(vector),
+            None => self.router.acknowledge(),
+        };
+        if let Some(vector) = vector {
+            vcpu.inject_interrupt(vector);
+        }
+        vcpu.set_interrupt_window_exiting(self.interrupt_ready());
+    }
+
+    /// HLT: sleep (on guest time) until an interrupt can be delivered.
+    fn halt(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>) -> Next {
+        if vcpu.rflags() & RFLAGS_IF == 0 && !self.interrupt_ready() {
+            return Next::End(VmEnd::Halted("HLT with interrupts disabled: the vCPU can never wake up"));
+        }
+        loop {
+            if self.interrupt_ready() {
+                return Next::Continue;
+            }
+            let now = (env.guest_ns)();
+            let until_deadline = self.next_deadline_ns().map(|deadline| deadline.saturating_sub(now));
+            let sleep = match (until_deadline, env.input.is_some()) {
+                (None, false) => {
+                    return Next::End(VmEnd::Halted("HLT with no interrupt pending and no device that could raise one"))
+                }
+                (None, true) => INPUT_POLL_NS,
+                (Some(ns), true) => ns.min(INPUT_POLL_NS),
+                (Some(ns), false) => ns,
+            };
+            if sleep > 0 {
+                (env.arm_timer)(Some(sleep));
+                (env.wait)();
+            }
+            if let Next::End(end) = self.service_devices(env) {
+                return Next::End(end);
+            }
         }
     }
 
@@ -195,13 +293,7 @@ impl<M: GuestMemory> Vm<M> {
             Exit::Io(io) => self.handle_io(vcpu, io, env),
             Exit::Hlt => {
                 vcpu.skip_instruction();
-                if !self.pending_interrupts.is_empty() {
-                    Next::Continue
-                } else if vcpu.rflags() & RFLAGS_IF == 0 {
-                    Next::End(VmEnd::Halted("HLT with interrupts disabled: the vCPU can never wake up"))
-                } else {
-                    Next::End(VmEnd::Halted("HLT with no interrupt pending and no device that could raise one"))
-                }
+                self.halt(vcpu, env)
             }
             Exit::Xsetbv => {
                 let gprs = *vcpu.gprs();
@@ -230,6 +322,23 @@ impl<M: GuestMemory> Vm<M> {
     fn handle_msr(&mut self, vcpu: &mut dyn Vcpu, write: bool, env: &mut Env<'_>) -> Next {
         let gprs = *vcpu.gprs();
         let msr = gprs.rcx as u32;
+        if InterruptRouter::is_lapic_msr(msr) {
+            let now = (env.guest_ns)();
+            let result = if write {
+                self.router.lapic_msr_write(msr, (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff), now, (env.tsc)())
+            } else {
+                self.router.lapic_msr_read(msr, now).map(|value| {
+                    let gprs = vcpu.gprs();
+                    gprs.rax = value & 0xffff_ffff;
+                    gprs.rdx = value >> 32;
+                })
+            };
+            match result {
+                Ok(()) => vcpu.skip_instruction(),
+                Err(()) => vcpu.inject_exception(VECTOR_GP, Some(0)),
+            }
+            return Next::Continue;
+        }
         let result = if write {
             self.msrs.write(msr, (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff))
         } else {
@@ -260,11 +369,11 @@ impl<M: GuestMemory> Vm<M> {
         let now = (env.guest_ns)();
         if io.write {
             let value = vcpu.gprs().rax as u32;
-            if !self.bus.io_write(io.port, io.size, value, now, &mut events) {
+            if !self.port_write(io.port, io.size, value, now, &mut events) {
                 self.warn_port(io.port);
             }
         } else {
-            let value = self.bus.io_read(io.port, io.size, now, &mut events).unwrap_or_else(|| {
+            let value = self.port_read(io.port, io.size, now, &mut events).unwrap_or_else(|| {
                 self.warn_port(io.port);
                 devices::ones(io.size) as u32
             });
@@ -300,14 +409,13 @@ impl<M: GuestMemory> Vm<M> {
             let bytes = &mut buf[..io.size as usize];
             let gprs = *vcpu.gprs();
             let result = if io.write {
-                guest_walk::read_virt(&self.memory, &mode, gprs.rsi, bytes).map(|()| {
-                    if !self.bus.io_write(io.port, io.size, u32::from_le_bytes(buf), now, &mut events) {
-                        self.warn_port(io.port);
-                    }
-                })
+                let read = guest_walk::read_virt(&self.memory, &mode, gprs.rsi, bytes);
+                if read.is_ok() && !self.port_write(io.port, io.size, u32::from_le_bytes(buf), now, &mut events) {
+                    self.warn_port(io.port);
+                }
+                read
             } else {
-                let value =
-                    self.bus.io_read(io.port, io.size, now, &mut events).unwrap_or(devices::ones(io.size) as u32);
+                let value = self.port_read(io.port, io.size, now, &mut events).unwrap_or(devices::ones(io.size) as u32);
                 guest_walk::write_virt(&mut self.memory, &mode, gprs.rdi, &value.to_le_bytes()[..io.size as usize])
             };
             if let Err(e) = result {
@@ -343,7 +451,7 @@ impl<M: GuestMemory> Vm<M> {
         env: &mut Env<'_>,
     ) -> Next {
         let rip = vcpu.rip();
-        if fetch || !self.bus.claims_mmio(gpa) {
+        if fetch || !(self.router.claims_mmio(gpa) || self.bus.claims_mmio(gpa)) {
             let access = if fetch {
                 "instruction fetch"
             } else if write {
@@ -370,20 +478,48 @@ impl<M: GuestMemory> Vm<M> {
         let now = (env.guest_ns)();
         match op.kind {
             MmioKind::Load { reg, extend } => {
-                let value = self.bus.mmio_read(gpa, op.size, now, &mut events).unwrap_or(devices::ones(op.size));
+                let value = if self.router.claims_mmio(gpa) {
+                    self.router.mmio_read(gpa, op.size, now, &mut events)
+                } else {
+                    self.bus.mmio_read(gpa, op.size, now, &mut events).unwrap_or(devices::ones(op.size))
+                };
                 mmio::apply_load(vcpu.gprs(), reg, op.size, extend, value);
             }
             MmioKind::Store { src } => {
                 let value = mmio::read_operand(vcpu.gprs(), src, op.size);
-                self.bus.mmio_write(gpa, op.size, value, now, &mut events);
+                if self.router.claims_mmio(gpa) {
+                    self.router.mmio_write(gpa, op.size, value, now, &mut events);
+                } else {
+                    self.bus.mmio_write(gpa, op.size, value, now, &mut events);
+                }
             }
         }
         vcpu.set_rip(rip.wrapping_add(op.len as u64));
         self.apply(events, env)
     }
 
+    /// Port read through the interrupt controllers or the bus; `None` if nothing claims it.
+    fn port_read(&mut self, port: u16, size: u8, now: u64, events: &mut Events) -> Option<u32> {
+        if self.router.claims_port(port) {
+            Some(self.router.io_read(port, size, now, events))
+        } else {
+            self.bus.io_read(port, size, now, events)
+        }
+    }
+
+    /// Port write through the interrupt controllers or the bus; false if nothing claims it.
+    fn port_write(&mut self, port: u16, size: u8, value: u32, now: u64, events: &mut Events) -> bool {
+        if self.router.claims_port(port) {
+            self.router.io_write(port, size, value, now, events);
+            true
+        } else {
+            self.bus.io_write(port, size, value, now, events)
+        }
+    }
+
     /// Acts on what devices asked for.
     fn apply(&mut self, events: Events, env: &mut Env<'_>) -> Next {
+        self.router.set_lines(&events.irq_lines);
         for byte in events.console {
             match byte {
                 b'\n' => self.flush_console(env),
@@ -403,9 +539,11 @@ impl<M: GuestMemory> Vm<M> {
                 self.pending_interrupts.push_back(vector);
             }
         }
-        match events.exit_status {
-            Some(status) => Next::End(VmEnd::DebugExit(status)),
-            None => Next::Continue,
+        match (events.exit_status, events.power) {
+            (Some(status), _) => Next::End(VmEnd::DebugExit(status)),
+            (None, Some(devices::Power::Off)) => Next::End(VmEnd::PowerOff),
+            (None, Some(devices::Power::Reset)) => Next::End(VmEnd::Reset),
+            (None, None) => Next::Continue,
         }
     }
 

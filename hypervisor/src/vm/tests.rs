@@ -132,6 +132,9 @@ fn run(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> (VmEnd, Vec<String
         tsc: &|| 42,
         console: &mut console,
         supported_xcr0: XCR0_X87 | XCR0_SSE | XCR0_AVX,
+        arm_timer: &|_| {},
+        wait: &|| {},
+        input: None,
     };
     let end = vm.run(vcpu, &mut env);
     (end, lines)
@@ -145,7 +148,7 @@ fn exit_with(status: u32) -> (Exit, Gprs) {
 }
 
 fn vm() -> Vm<SliceMemory<'static>> {
-    Vm::new("t", memory())
+    Vm::new("t", memory(), 1_000_000_000, 0)
 }
 
 #[test]
@@ -168,6 +171,9 @@ fn step(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> Option<VmEnd> {
         tsc: &|| 42,
         console: &mut console,
         supported_xcr0: XCR0_X87 | XCR0_SSE,
+        arm_timer: &|_| {},
+        wait: &|| {},
+        input: None,
     };
     vm.offer_interrupt(vcpu);
     let exit = vcpu.run();
@@ -265,6 +271,9 @@ fn interrupts_wait_for_a_window_then_are_injected() {
         tsc: &|| 0,
         console: &mut console,
         supported_xcr0: 1,
+        arm_timer: &|_| {},
+        wait: &|| {},
+        input: None,
     };
     let exit = vcpu.run();
     vm.handle(&mut vcpu, exit, &mut env);
@@ -299,6 +308,9 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
         tsc: &|| 0,
         console: &mut console,
         supported_xcr0: 1,
+        arm_timer: &|_| {},
+        wait: &|| {},
+        input: None,
     };
     let exit = vcpu.run();
     vm.handle(&mut vcpu, exit, &mut env);
@@ -351,6 +363,9 @@ fn rep_string_io_moves_guest_memory() {
         tsc: &|| 0,
         console: &mut console,
         supported_xcr0: 1,
+        arm_timer: &|_| {},
+        wait: &|| {},
+        input: None,
     };
     for _ in 0..2 {
         let exit = vcpu.run();
@@ -375,6 +390,9 @@ fn xsetbv_is_validated() {
         tsc: &|| 0,
         console: &mut console,
         supported_xcr0: XCR0_X87 | XCR0_SSE,
+        arm_timer: &|_| {},
+        wait: &|| {},
+        input: None,
     };
     let mut vcpu = Mock::new(vec![]).then(Exit::Xsetbv, Gprs { rax: 3, ..Gprs::default() });
     let exit = vcpu.run();
