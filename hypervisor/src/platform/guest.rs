@@ -146,6 +146,7 @@ fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> R
             },
             console: &mut console,
             supported_xcr0,
+            tsc_hz,
             arm_timer: &apic::arm,
             wait: &apic::sleep,
             input: Some(&mut serial::read_byte),

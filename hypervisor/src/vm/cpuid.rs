@@ -33,19 +33,48 @@ const LEAF7_ECX_AVX512: u32 = (1 << 1) | (1 << 6) | (1 << 11) | (1 << 12) | (1 <
 const XSAVE_SIZE_SSE: u32 = 576;
 const XSAVE_SIZE_AVX: u32 = 832;
 
+/// The machine facts the CPU model needs.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuModel {
+    /// XCR0 bits the hypervisor lets guests enable.
+    pub supported_xcr0: u64,
+    /// The guest TSC's real frequency, which leaves 0x15/0x16 report (0 if unknown).
+    pub tsc_hz: u64,
+}
+
+/// Leaf 0x15 (TSC/crystal ratio) is the highest leaf the model needs to report.
+const TSC_LEAF: u32 = 0x15;
+const FREQUENCY_LEAF: u32 = 0x16;
+const LEAF7_EBX_TSC_ADJUST: u32 = 1 << 1;
+
 /// What the guest's CPUID instruction returns.
 ///
-/// `host` executes the real CPUID; `guest_osxsave` is the guest's CR4.OSXSAVE;
-/// `supported_xcr0` the XCR0 bits the hypervisor lets guests enable.
+/// `host` executes the real CPUID; `guest_osxsave` is the guest's CR4.OSXSAVE.
 pub fn guest_cpuid(
     leaf: u32,
     subleaf: u32,
     host: &dyn Fn(u32, u32) -> Regs,
     guest_osxsave: bool,
-    supported_xcr0: u64,
+    model: &CpuModel,
 ) -> Regs {
+    let supported_xcr0 = model.supported_xcr0;
     let avx = supported_xcr0 & XCR0_AVX != 0;
+    let host_max = host(0, 0)[0];
     match leaf {
+        0 => {
+            let [eax, ebx, ecx, edx] = host(0, 0);
+            let eax = if model.tsc_hz != 0 { eax.max(FREQUENCY_LEAF) } else { eax };
+            [eax, ebx, ecx, edx]
+        }
+        // The TSC runs at the host's measured rate, not the model's nominal one: say so, or an
+        // Intel guest computes its clocks from a frequency the TSC does not have.
+        TSC_LEAF if model.tsc_hz != 0 => [1, 1, model.tsc_hz.min(u32::MAX as u64) as u32, 0],
+        FREQUENCY_LEAF if model.tsc_hz != 0 => {
+            let mhz = (model.tsc_hz / 1_000_000).min(0xffff) as u32;
+            [mhz, mhz, 100, 0]
+        }
+        // Leaves the host does not have but the raised maximum now covers.
+        l if l < 0x4000_0000 && l > host_max && l <= FREQUENCY_LEAF => [0; 4],
         0x4000_0000 => {
             let word =
                 |i: usize| u32::from_le_bytes([SIGNATURE[i], SIGNATURE[i + 1], SIGNATURE[i + 2], SIGNATURE[i + 3]]);
@@ -73,7 +102,8 @@ pub fn guest_cpuid(
         }
         7 if subleaf == 0 => {
             let [eax, mut ebx, ecx, edx] = host(7, 0);
-            ebx &= !LEAF7_EBX_AVX512;
+            // TSC_ADJUST is not modelled: the TSC is the host's.
+            ebx &= !(LEAF7_EBX_AVX512 | LEAF7_EBX_TSC_ADJUST);
             if !avx {
                 ebx &= !LEAF7_EBX_AVX2;
             }
@@ -113,6 +143,7 @@ mod tests {
             (0xd, 2) => [256, 576, 0, 0],
             (0x8000_0001, _) => [0, 0, 0xffff_ffff, 0],
             (0x8000_000a, _) => [1, 16, 0, 0xff],
+            (0, _) => [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69],
             _ => [leaf, subleaf, 0x1111, 0x2222],
         }
     }
@@ -121,51 +152,118 @@ mod tests {
 
     #[test]
     fn signature_and_hypervisor_bit() {
-        let regs = guest_cpuid(0x4000_0000, 0, &generous_host, false, X87_SSE_AVX);
+        let regs =
+            guest_cpuid(0x4000_0000, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 });
         assert_eq!(regs[0], MAX_HYPERVISOR_LEAF);
         let mut text = [0u8; 12];
         for (i, r) in regs[1..].iter().enumerate() {
             text[i * 4..i * 4 + 4].copy_from_slice(&r.to_le_bytes());
         }
         assert_eq!(&text, SIGNATURE);
-        let leaf1 = guest_cpuid(1, 0, &generous_host, false, X87_SSE_AVX);
+        let leaf1 = guest_cpuid(1, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 });
         assert_ne!(leaf1[2] & LEAF1_ECX_HYPERVISOR, 0);
         assert_eq!(leaf1[1] >> 16 & 0xff, 1, "one logical processor");
         assert_eq!(leaf1[2] & (LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE), LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE);
         assert_eq!(leaf1[2] & LEAF1_ECX_MONITOR, 0);
         assert_ne!(leaf1[3] & LEAF1_EDX_APIC, 0);
-        assert_eq!(guest_cpuid(6, 0, &generous_host, false, X87_SSE_AVX), [0; 4]);
-        assert_eq!(guest_cpuid(0x4000_0001, 0, &generous_host, false, X87_SSE_AVX), [0; 4]);
+        assert_eq!(
+            guest_cpuid(6, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 }),
+            [0; 4]
+        );
+        assert_eq!(
+            guest_cpuid(0x4000_0001, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 }),
+            [0; 4]
+        );
     }
 
     #[test]
     fn virtualization_extensions_are_hidden() {
-        assert_eq!(guest_cpuid(1, 0, &generous_host, false, X87_SSE_AVX)[2] & LEAF1_ECX_VMX, 0);
-        assert_eq!(guest_cpuid(0x8000_0001, 0, &generous_host, false, X87_SSE_AVX)[2] & EXT1_ECX_SVM, 0);
-        assert_eq!(guest_cpuid(0x8000_000a, 0, &generous_host, false, X87_SSE_AVX), [0; 4]);
+        assert_eq!(
+            guest_cpuid(1, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 })[2]
+                & LEAF1_ECX_VMX,
+            0
+        );
+        assert_eq!(
+            guest_cpuid(0x8000_0001, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 })[2]
+                & EXT1_ECX_SVM,
+            0
+        );
+        assert_eq!(
+            guest_cpuid(0x8000_000a, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 }),
+            [0; 4]
+        );
     }
 
     #[test]
     fn osxsave_follows_the_guest_cr4() {
-        assert_eq!(guest_cpuid(1, 0, &generous_host, false, X87_SSE_AVX)[2] & LEAF1_ECX_OSXSAVE, 0);
-        assert_ne!(guest_cpuid(1, 0, &generous_host, true, X87_SSE_AVX)[2] & LEAF1_ECX_OSXSAVE, 0);
+        assert_eq!(
+            guest_cpuid(1, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 })[2]
+                & LEAF1_ECX_OSXSAVE,
+            0
+        );
+        assert_ne!(
+            guest_cpuid(1, 0, &generous_host, true, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 })[2]
+                & LEAF1_ECX_OSXSAVE,
+            0
+        );
     }
 
     #[test]
     fn extended_state_is_limited_to_what_is_switched() {
-        assert_eq!(guest_cpuid(0xd, 0, &generous_host, true, X87_SSE_AVX), [7, 832, 832, 0]);
-        assert_eq!(guest_cpuid(7, 0, &generous_host, true, X87_SSE_AVX)[1] & LEAF7_EBX_AVX512, 0);
-        assert_ne!(guest_cpuid(7, 0, &generous_host, true, X87_SSE_AVX)[1] & LEAF7_EBX_AVX2, 0);
+        assert_eq!(
+            guest_cpuid(0xd, 0, &generous_host, true, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 }),
+            [7, 832, 832, 0]
+        );
+        assert_eq!(
+            guest_cpuid(7, 0, &generous_host, true, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 })[1]
+                & LEAF7_EBX_AVX512,
+            0
+        );
+        assert_ne!(
+            guest_cpuid(7, 0, &generous_host, true, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 })[1]
+                & LEAF7_EBX_AVX2,
+            0
+        );
         let sse_only = XCR0_X87 | XCR0_SSE;
-        assert_eq!(guest_cpuid(0xd, 0, &generous_host, true, sse_only), [3, 576, 576, 0]);
-        assert_eq!(guest_cpuid(1, 0, &generous_host, true, sse_only)[2] & LEAF1_ECX_AVX, 0);
-        assert_eq!(guest_cpuid(7, 0, &generous_host, true, sse_only)[1] & LEAF7_EBX_AVX2, 0);
-        assert_eq!(guest_cpuid(0xd, 2, &generous_host, true, sse_only), [0; 4]);
-        assert_eq!(guest_cpuid(0xd, 1, &generous_host, true, sse_only), [1, 0, 0, 0]);
+        assert_eq!(
+            guest_cpuid(0xd, 0, &generous_host, true, &CpuModel { supported_xcr0: sse_only, tsc_hz: 0 }),
+            [3, 576, 576, 0]
+        );
+        assert_eq!(
+            guest_cpuid(1, 0, &generous_host, true, &CpuModel { supported_xcr0: sse_only, tsc_hz: 0 })[2]
+                & LEAF1_ECX_AVX,
+            0
+        );
+        assert_eq!(
+            guest_cpuid(7, 0, &generous_host, true, &CpuModel { supported_xcr0: sse_only, tsc_hz: 0 })[1]
+                & LEAF7_EBX_AVX2,
+            0
+        );
+        assert_eq!(
+            guest_cpuid(0xd, 2, &generous_host, true, &CpuModel { supported_xcr0: sse_only, tsc_hz: 0 }),
+            [0; 4]
+        );
+        assert_eq!(
+            guest_cpuid(0xd, 1, &generous_host, true, &CpuModel { supported_xcr0: sse_only, tsc_hz: 0 }),
+            [1, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn tsc_frequency_leaves_report_the_measured_rate() {
+        let model = CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 99_000_000 };
+        assert_eq!(guest_cpuid(0, 0, &generous_host, false, &model)[0], 0x16, "max leaf raised to cover 0x16");
+        assert_eq!(guest_cpuid(0x15, 0, &generous_host, false, &model), [1, 1, 99_000_000, 0]);
+        assert_eq!(guest_cpuid(0x16, 0, &generous_host, false, &model)[0], 99);
+        assert_eq!(guest_cpuid(0x14, 0, &generous_host, false, &model), [0; 4], "above the host's maximum");
+        assert_eq!(guest_cpuid(7, 0, &generous_host, false, &model)[1] & LEAF7_EBX_TSC_ADJUST, 0);
     }
 
     #[test]
     fn other_leaves_pass_through() {
-        assert_eq!(guest_cpuid(0x16, 3, &generous_host, false, X87_SSE_AVX), [0x16, 3, 0x1111, 0x2222]);
+        let model = CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 };
+        assert_eq!(guest_cpuid(0xb, 3, &generous_host, false, &model), [0xb, 3, 0x1111, 0x2222]);
+        assert_eq!(guest_cpuid(0x8000_0008, 0, &generous_host, false, &model), [0x8000_0008, 0, 0x1111, 0x2222]);
+        assert_eq!(guest_cpuid(0x16, 0, &generous_host, false, &model), [0; 4], "above the maximum without a TSC rate");
     }
 }

@@ -109,6 +109,8 @@ pub struct Env<'a> {
     pub console: &'a mut dyn FnMut(&str),
     /// XCR0 bits guests may enable.
     pub supported_xcr0: u64,
+    /// The guest TSC's frequency (0 if unknown).
+    pub tsc_hz: u64,
     /// Arms the host timer to force an exit (or end a wait) this many ns from now; `None` disarms.
     pub arm_timer: &'a dyn Fn(Option<u64>),
     /// Sleeps until the armed timer or another host interrupt.
@@ -282,7 +284,8 @@ impl<M: GuestMemory> Vm<M> {
                 let gprs = vcpu.gprs();
                 let (leaf, subleaf) = (gprs.rax as u32, gprs.rcx as u32);
                 let osxsave = vcpu.mode().cr4 & CR4_OSXSAVE != 0;
-                let [a, b, c, d] = cpuid::guest_cpuid(leaf, subleaf, env.cpuid, osxsave, env.supported_xcr0);
+                let model = cpuid::CpuModel { supported_xcr0: env.supported_xcr0, tsc_hz: env.tsc_hz };
+                let [a, b, c, d] = cpuid::guest_cpuid(leaf, subleaf, env.cpuid, osxsave, &model);
                 let gprs = vcpu.gprs();
                 (gprs.rax, gprs.rbx, gprs.rcx, gprs.rdx) = (a as u64, b as u64, c as u64, d as u64);
                 vcpu.skip_instruction();

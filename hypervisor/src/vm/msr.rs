@@ -35,6 +35,7 @@ pub struct Refused {
 fn is_storage_msr(msr: u32) -> bool {
     matches!(msr,
         IA32_BIOS_SIGN_ID | IA32_MISC_ENABLE | IA32_PAT | IA32_MTRR_DEF_TYPE
+        | 0x3b                       // TSC_ADJUST (hidden in CPUID, harmless if probed)
         | 0x174..=0x176              // SYSENTER_CS/ESP/EIP
         | 0x200..=0x20f              // variable-range MTRRs
         | 0x250 | 0x258 | 0x259 | 0x268..=0x26f // fixed-range MTRRs

@@ -118,7 +118,10 @@ fn memory() -> SliceMemory<'static> {
 }
 
 fn host_cpuid(leaf: u32, subleaf: u32) -> cpuid::Regs {
-    [leaf, subleaf, 0x5, 0x6]
+    match leaf {
+        0 => [0xd, 0, 0, 0],
+        _ => [leaf, subleaf, 0x5, 0x6],
+    }
 }
 
 /// Runs the mock to the VM's end; returns the end and the console lines.
@@ -132,6 +135,7 @@ fn run(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> (VmEnd, Vec<String
         tsc: &|| 42,
         console: &mut console,
         supported_xcr0: XCR0_X87 | XCR0_SSE | XCR0_AVX,
+        tsc_hz: 0,
         arm_timer: &|_| {},
         wait: &|| {},
         input: None,
@@ -171,6 +175,7 @@ fn step(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> Option<VmEnd> {
         tsc: &|| 42,
         console: &mut console,
         supported_xcr0: XCR0_X87 | XCR0_SSE,
+        tsc_hz: 0,
         arm_timer: &|_| {},
         wait: &|| {},
         input: None,
@@ -271,6 +276,7 @@ fn interrupts_wait_for_a_window_then_are_injected() {
         tsc: &|| 0,
         console: &mut console,
         supported_xcr0: 1,
+        tsc_hz: 0,
         arm_timer: &|_| {},
         wait: &|| {},
         input: None,
@@ -308,6 +314,7 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
         tsc: &|| 0,
         console: &mut console,
         supported_xcr0: 1,
+        tsc_hz: 0,
         arm_timer: &|_| {},
         wait: &|| {},
         input: None,
@@ -363,6 +370,7 @@ fn rep_string_io_moves_guest_memory() {
         tsc: &|| 0,
         console: &mut console,
         supported_xcr0: 1,
+        tsc_hz: 0,
         arm_timer: &|_| {},
         wait: &|| {},
         input: None,
@@ -390,6 +398,7 @@ fn xsetbv_is_validated() {
         tsc: &|| 0,
         console: &mut console,
         supported_xcr0: XCR0_X87 | XCR0_SSE,
+        tsc_hz: 0,
         arm_timer: &|_| {},
         wait: &|| {},
         input: None,
