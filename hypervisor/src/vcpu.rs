@@ -221,6 +221,8 @@ pub trait Vcpu {
     fn set_xcr0(&mut self, xcr0: u64);
     /// The guest's XCR0.
     fn xcr0(&self) -> u64;
+    /// Sets the value added to the host TSC to form the guest's (RDTSC is not intercepted).
+    fn set_tsc_offset(&mut self, offset: u64);
 }
 
 /// XCR0 bits: x87, SSE, AVX (Intel SDM Vol. 1, 13.3).

@@ -130,7 +130,6 @@ fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> R
         kernel.data.len(),
         prepared.summary
     );
-    let started_ns = serial::uptime_ns();
     let end = {
         let mut console = |line: &str| serial::write_line(line);
         let mut env = Env {
@@ -139,8 +138,7 @@ fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> R
                 [r.eax, r.ebx, r.ecx, r.edx]
             },
             now_micros: &serial::uptime_micros,
-            guest_ns: &|| serial::uptime_ns() - started_ns,
-            tsc: &|| {
+            host_tsc: &|| {
                 // SAFETY: RDTSC has no side effects.
                 unsafe { core::arch::x86_64::_rdtsc() }
             },

@@ -101,10 +101,8 @@ pub struct Env<'a> {
     pub cpuid: &'a dyn Fn(u32, u32) -> cpuid::Regs,
     /// A monotonic clock in microseconds (for statistics).
     pub now_micros: &'a dyn Fn() -> u64,
-    /// Guest time in nanoseconds, the clock devices run on.
-    pub guest_ns: &'a dyn Fn() -> u64,
-    /// The guest's TSC.
-    pub tsc: &'a dyn Fn() -> u64,
+    /// The host's TSC (the guest's is derived from it; see [`GuestClock`]).
+    pub host_tsc: &'a dyn Fn() -> u64,
     /// Receives each console line, already prefixed with the VM name.
     pub console: &'a mut dyn FnMut(&str),
     /// XCR0 bits guests may enable.
@@ -123,6 +121,58 @@ pub struct Env<'a> {
 /// How often a halted guest looks for console input.
 const INPUT_POLL_NS: u64 = 10_000_000;
 
+/// Guest time: the host TSC minus the time the hypervisor spent handling exits.
+///
+/// Hiding exit handling makes an exit cost the guest nothing on its own clocks (TSC, PIT,
+/// APIC timer, PM timer), so calibration loops that poll a device port see the same rates as
+/// on hardware even when each exit is slow (nested or emulated). Time spent halted is not
+/// hidden: a sleeping guest's clocks keep running.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestClock {
+    start: u64,
+    hidden: u64,
+    frozen_at: Option<u64>,
+    tsc_hz: u64,
+}
+
+impl GuestClock {
+    /// A clock starting now (`host_tsc`) at guest time 0.
+    pub fn new(host_tsc: u64, tsc_hz: u64) -> Self {
+        GuestClock { start: host_tsc, hidden: 0, frozen_at: None, tsc_hz }
+    }
+
+    /// The guest's TSC at host TSC `host_tsc`.
+    pub fn tsc(&self, host_tsc: u64) -> u64 {
+        self.frozen_at.unwrap_or(host_tsc).wrapping_sub(self.hidden)
+    }
+
+    /// Guest nanoseconds since the start.
+    pub fn ns(&self, host_tsc: u64) -> u64 {
+        if self.tsc_hz == 0 {
+            return 0;
+        }
+        let ticks = self.tsc(host_tsc).wrapping_sub(self.start) as u128;
+        (ticks * 1_000_000_000 / self.tsc_hz as u128) as u64
+    }
+
+    /// Stops guest time (an exit is being handled).
+    pub fn freeze(&mut self, host_tsc: u64) {
+        self.frozen_at.get_or_insert(host_tsc);
+    }
+
+    /// Lets guest time run again, hiding the time since [`Self::freeze`].
+    pub fn resume(&mut self, host_tsc: u64) {
+        if let Some(at) = self.frozen_at.take() {
+            self.hidden += host_tsc.saturating_sub(at);
+        }
+    }
+
+    /// The TSC offset that makes the hardware count guest time.
+    pub fn tsc_offset(&self) -> u64 {
+        self.hidden.wrapping_neg()
+    }
+}
+
 /// One VM: memory, devices, and the state its exit handlers keep.
 pub struct Vm<M: GuestMemory> {
     /// Name used in every log line.
@@ -135,6 +185,7 @@ pub struct Vm<M: GuestMemory> {
     pub router: InterruptRouter,
     /// Exit statistics.
     pub stats: ExitStats,
+    clock: GuestClock,
     msrs: MsrModel,
     pending_interrupts: VecDeque<u8>,
     console_line: Vec<u8>,
@@ -173,6 +224,7 @@ impl<M: GuestMemory> Vm<M> {
             bus,
             router: InterruptRouter::new(tsc_hz),
             stats: ExitStats::default(),
+            clock: GuestClock::new(0, tsc_hz),
             msrs: MsrModel::default(),
             pending_interrupts: VecDeque::new(),
             console_line: Vec::new(),
@@ -182,15 +234,19 @@ impl<M: GuestMemory> Vm<M> {
 
     /// Runs the vCPU until the VM ends.
     pub fn run(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>) -> VmEnd {
+        self.clock = GuestClock::new((env.host_tsc)(), self.clock.tsc_hz);
         let end = loop {
             if let Next::End(end) = self.service_devices(env) {
                 break end;
             }
             self.offer_interrupt(vcpu);
-            let now = (env.guest_ns)();
+            let now = self.now(env);
             (env.arm_timer)(self.next_deadline_ns().map(|deadline| deadline.saturating_sub(now)));
+            self.clock.resume((env.host_tsc)());
+            vcpu.set_tsc_offset(self.clock.tsc_offset());
             let entered = (env.now_micros)();
             let exit = vcpu.run();
+            self.clock.freeze((env.host_tsc)());
             let exited = (env.now_micros)();
             self.stats.guest_micros += exited.saturating_sub(entered);
             let next = self.handle(vcpu, exit, env);
@@ -204,9 +260,14 @@ impl<M: GuestMemory> Vm<M> {
         end
     }
 
+    /// Guest time in ns.
+    fn now(&self, env: &Env<'_>) -> u64 {
+        self.clock.ns((env.host_tsc)())
+    }
+
     /// Brings device timers up to date, feeds console input, and acts on what they raised.
     fn service_devices(&mut self, env: &mut Env<'_>) -> Next {
-        let now = (env.guest_ns)();
+        let now = self.now(env);
         let mut events = Events::default();
         if let Some(input) = env.input.as_mut() {
             while let Some(byte) = input() {
@@ -254,11 +315,14 @@ impl<M: GuestMemory> Vm<M> {
         if vcpu.rflags() & RFLAGS_IF == 0 && !self.interrupt_ready() {
             return Next::End(VmEnd::Halted("HLT with interrupts disabled: the vCPU can never wake up"));
         }
+        // Halted time is real guest time: let the clock run while waiting.
+        self.clock.resume((env.host_tsc)());
         loop {
             if self.interrupt_ready() {
+                self.clock.freeze((env.host_tsc)());
                 return Next::Continue;
             }
-            let now = (env.guest_ns)();
+            let now = self.now(env);
             let until_deadline = self.next_deadline_ns().map(|deadline| deadline.saturating_sub(now));
             let sleep = match (until_deadline, env.input.is_some()) {
                 (None, false) => {
@@ -273,6 +337,7 @@ impl<M: GuestMemory> Vm<M> {
                 (env.wait)();
             }
             if let Next::End(end) = self.service_devices(env) {
+                self.clock.freeze((env.host_tsc)());
                 return Next::End(end);
             }
         }
@@ -326,9 +391,10 @@ impl<M: GuestMemory> Vm<M> {
         let gprs = *vcpu.gprs();
         let msr = gprs.rcx as u32;
         if InterruptRouter::is_lapic_msr(msr) {
-            let now = (env.guest_ns)();
+            let now = self.now(env);
+            let tsc = self.clock.tsc((env.host_tsc)());
             let result = if write {
-                self.router.lapic_msr_write(msr, (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff), now, (env.tsc)())
+                self.router.lapic_msr_write(msr, (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff), now, tsc)
             } else {
                 self.router.lapic_msr_read(msr, now).map(|value| {
                     let gprs = vcpu.gprs();
@@ -345,7 +411,7 @@ impl<M: GuestMemory> Vm<M> {
         let result = if write {
             self.msrs.write(msr, (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff))
         } else {
-            self.msrs.read(msr, (env.tsc)()).map(|value| {
+            self.msrs.read(msr, self.clock.tsc((env.host_tsc)())).map(|value| {
                 let gprs = vcpu.gprs();
                 gprs.rax = value & 0xffff_ffff;
                 gprs.rdx = value >> 32;
@@ -369,7 +435,7 @@ impl<M: GuestMemory> Vm<M> {
 
     fn handle_io(&mut self, vcpu: &mut dyn Vcpu, io: IoExit, env: &mut Env<'_>) -> Next {
         let mut events = Events::default();
-        let now = (env.guest_ns)();
+        let now = self.now(env);
         if io.write {
             let value = vcpu.gprs().rax as u32;
             if !self.port_write(io.port, io.size, value, now, &mut events) {
@@ -406,7 +472,7 @@ impl<M: GuestMemory> Vm<M> {
         let count = if io.rep { vcpu.gprs().rcx } else { 1 };
         let batch = count.min(MAX_STRING_ITERATIONS);
         let mut events = Events::default();
-        let now = (env.guest_ns)();
+        let now = self.now(env);
         for _ in 0..batch {
             let mut buf = [0u8; 4];
             let bytes = &mut buf[..io.size as usize];
@@ -478,7 +544,7 @@ impl<M: GuestMemory> Vm<M> {
             }
         };
         let mut events = Events::default();
-        let now = (env.guest_ns)();
+        let now = self.now(env);
         match op.kind {
             MmioKind::Load { reg, extend } => {
                 let value = if self.router.claims_mmio(gpa) {

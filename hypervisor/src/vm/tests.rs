@@ -18,6 +18,7 @@ struct Mock {
     window: bool,
     xcr0: u64,
     skips: u32,
+    tsc_offset: u64,
 }
 
 const START_RIP: u64 = 0x20_0000;
@@ -35,6 +36,7 @@ impl Mock {
             window: false,
             xcr0: XCR0_X87,
             skips: 0,
+            tsc_offset: 0,
         }
     }
 
@@ -105,6 +107,9 @@ impl Vcpu for Mock {
     fn xcr0(&self) -> u64 {
         self.xcr0
     }
+    fn set_tsc_offset(&mut self, offset: u64) {
+        self.tsc_offset = offset;
+    }
 }
 
 const PAGE_TABLES: u64 = 0x1_0000;
@@ -131,8 +136,7 @@ fn run(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> (VmEnd, Vec<String
     let mut env = Env {
         cpuid: &host_cpuid,
         now_micros: &|| 0,
-        guest_ns: &|| 0,
-        tsc: &|| 42,
+        host_tsc: &|| 42,
         console: &mut console,
         supported_xcr0: XCR0_X87 | XCR0_SSE | XCR0_AVX,
         tsc_hz: 0,
@@ -171,8 +175,7 @@ fn step(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> Option<VmEnd> {
     let mut env = Env {
         cpuid: &host_cpuid,
         now_micros: &|| 0,
-        guest_ns: &|| 0,
-        tsc: &|| 42,
+        host_tsc: &|| 42,
         console: &mut console,
         supported_xcr0: XCR0_X87 | XCR0_SSE,
         tsc_hz: 0,
@@ -220,6 +223,22 @@ fn unknown_msrs_get_gp_and_allowed_ones_round_trip() {
     assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0xffff_8000, 0x1000));
     step(&mut vm, &mut vcpu);
     assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0, 42), "TSC reads the guest TSC");
+}
+
+#[test]
+fn guest_clock_hides_exit_handling_but_not_halts() {
+    let mut clock = GuestClock::new(1_000, 1_000_000_000);
+    assert_eq!(clock.ns(3_000), 2_000);
+    clock.freeze(3_000);
+    assert_eq!(clock.ns(9_000), 2_000, "frozen while an exit is handled");
+    clock.resume(9_000);
+    assert_eq!(clock.tsc_offset(), 6_000u64.wrapping_neg());
+    assert_eq!(clock.tsc(10_000), 4_000);
+    assert_eq!(clock.ns(10_000), 3_000);
+    // A halt: resume first (hides nothing new), then real time passes.
+    clock.freeze(10_000);
+    clock.resume(10_000);
+    assert_eq!(clock.ns(20_000), 13_000);
 }
 
 #[test]
@@ -272,8 +291,7 @@ fn interrupts_wait_for_a_window_then_are_injected() {
     let mut env = Env {
         cpuid: &host_cpuid,
         now_micros: &|| 0,
-        guest_ns: &|| 0,
-        tsc: &|| 0,
+        host_tsc: &|| 0,
         console: &mut console,
         supported_xcr0: 1,
         tsc_hz: 0,
@@ -310,8 +328,7 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
     let mut env = Env {
         cpuid: &host_cpuid,
         now_micros: &|| 0,
-        guest_ns: &|| 0,
-        tsc: &|| 0,
+        host_tsc: &|| 0,
         console: &mut console,
         supported_xcr0: 1,
         tsc_hz: 0,
@@ -366,8 +383,7 @@ fn rep_string_io_moves_guest_memory() {
     let mut env = Env {
         cpuid: &host_cpuid,
         now_micros: &|| 0,
-        guest_ns: &|| 0,
-        tsc: &|| 0,
+        host_tsc: &|| 0,
         console: &mut console,
         supported_xcr0: 1,
         tsc_hz: 0,
@@ -394,8 +410,7 @@ fn xsetbv_is_validated() {
     let mut env = Env {
         cpuid: &host_cpuid,
         now_micros: &|| 0,
-        guest_ns: &|| 0,
-        tsc: &|| 0,
+        host_tsc: &|| 0,
         console: &mut console,
         supported_xcr0: XCR0_X87 | XCR0_SSE,
         tsc_hz: 0,

@@ -563,6 +563,10 @@ impl Vcpu for SvmVcpu {
     fn xcr0(&self) -> u64 {
         self.xstate.guest_xcr0
     }
+
+    fn set_tsc_offset(&mut self, offset: u64) {
+        self.vmcb.write(control::TSC_OFFSET, offset);
+    }
 }
 
 impl SvmVcpu {

@@ -25,6 +25,7 @@ const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
 const PIN_NMI_EXITING: u32 = 1 << 3;
 // Primary processor-based controls.
 const PRIMARY_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
+const PRIMARY_USE_TSC_OFFSETTING: u32 = 1 << 3;
 const PRIMARY_HLT_EXITING: u32 = 1 << 7;
 const PRIMARY_USE_IO_BITMAPS: u32 = 1 << 25;
 const PRIMARY_USE_MSR_BITMAPS: u32 = 1 << 28;
@@ -239,9 +240,14 @@ impl VmxVcpu {
         self.interrupt_window_allowed = (primary_cap >> 32) as u32 & PRIMARY_INTERRUPT_WINDOW_EXITING != 0;
         let primary = adjust(
             primary_cap,
-            PRIMARY_HLT_EXITING | PRIMARY_USE_IO_BITMAPS | PRIMARY_USE_MSR_BITMAPS | PRIMARY_ACTIVATE_SECONDARY,
+            PRIMARY_HLT_EXITING
+                | PRIMARY_USE_TSC_OFFSETTING
+                | PRIMARY_USE_IO_BITMAPS
+                | PRIMARY_USE_MSR_BITMAPS
+                | PRIMARY_ACTIVATE_SECONDARY,
             &[
                 (PRIMARY_HLT_EXITING, "HLT exiting"),
+                (PRIMARY_USE_TSC_OFFSETTING, "use TSC offsetting"),
                 (PRIMARY_USE_IO_BITMAPS, "use I/O bitmaps"),
                 (PRIMARY_USE_MSR_BITMAPS, "use MSR bitmaps"),
                 (PRIMARY_ACTIVATE_SECONDARY, "activate secondary controls"),
@@ -884,6 +890,10 @@ impl Vcpu for VmxVcpu {
 
     fn xcr0(&self) -> u64 {
         self.state.guest_xcr0
+    }
+
+    fn set_tsc_offset(&mut self, offset: u64) {
+        self.set(w64::TSC_OFFSET, offset);
     }
 
     fn set_interrupt_window_exiting(&mut self, on: bool) {
