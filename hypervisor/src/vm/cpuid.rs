@@ -17,6 +17,8 @@ const LEAF1_ECX_VMX: u32 = 1 << 5;
 const LEAF1_ECX_X2APIC: u32 = 1 << 21;
 const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_EDX_APIC: u32 = 1 << 9;
+/// Machine-check exception and architecture: no banks are emulated.
+const LEAF1_EDX_MCE_MCA: u32 = (1 << 7) | (1 << 14);
 const LEAF1_ECX_FMA: u32 = 1 << 12;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF1_ECX_AVX: u32 = 1 << 28;
@@ -89,7 +91,7 @@ pub fn guest_cpuid(
             // host has; MONITOR/MWAIT would idle without exiting.
             ecx = (ecx | LEAF1_ECX_HYPERVISOR | LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE)
                 & !(LEAF1_ECX_VMX | LEAF1_ECX_OSXSAVE | LEAF1_ECX_MONITOR);
-            let edx = edx | LEAF1_EDX_APIC;
+            let edx = (edx | LEAF1_EDX_APIC) & !LEAF1_EDX_MCE_MCA;
             if guest_osxsave {
                 ecx |= LEAF1_ECX_OSXSAVE;
             }
@@ -166,6 +168,7 @@ mod tests {
         assert_eq!(leaf1[2] & (LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE), LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE);
         assert_eq!(leaf1[2] & LEAF1_ECX_MONITOR, 0);
         assert_ne!(leaf1[3] & LEAF1_EDX_APIC, 0);
+        assert_eq!(leaf1[3] & LEAF1_EDX_MCE_MCA, 0);
         assert_eq!(
             guest_cpuid(6, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 }),
             [0; 4]

@@ -36,6 +36,11 @@ fn is_storage_msr(msr: u32) -> bool {
     matches!(msr,
         IA32_BIOS_SIGN_ID | IA32_MISC_ENABLE | IA32_PAT | IA32_MTRR_DEF_TYPE
         | 0x3b                       // TSC_ADJUST (hidden in CPUID, harmless if probed)
+        | 0x179 | 0x17a              // MCG_CAP (no banks), MCG_STATUS: machine check is hidden
+        | 0xc001_0010                // AMD SYSCFG (no memory encryption)
+        | 0xc001_0015                // AMD HWCR
+        | 0xc001_0055                // AMD interrupt-pending message (no C1E)
+        | 0xc001_1029                // AMD DE_CFG (LFENCE serialization bit)
         | 0x174..=0x176              // SYSENTER_CS/ESP/EIP
         | 0x200..=0x20f              // variable-range MTRRs
         | 0x250 | 0x258 | 0x259 | 0x268..=0x26f // fixed-range MTRRs
@@ -102,6 +107,16 @@ mod tests {
         assert_eq!(m.read(IA32_APIC_BASE, 0), Ok(0xfee0_0100));
         assert_eq!(m.read(IA32_MISC_ENABLE, 0), Ok(1));
         assert_eq!(m.read(IA32_MTRRCAP, 0), Ok(0));
+    }
+
+    #[test]
+    fn cpu_identification_msrs_linux_reads_have_safe_values() {
+        let mut m = MsrModel::default();
+        for msr in [0x179, 0x17a, 0xc001_0010, 0xc001_0015, 0xc001_0055, 0xc001_1029] {
+            assert_eq!(m.read(msr, 0), Ok(0), "MSR {msr:#x}");
+        }
+        m.write(0xc001_1029, 2).unwrap();
+        assert_eq!(m.read(0xc001_1029, 0), Ok(2));
     }
 
     #[test]

@@ -1,0 +1,147 @@
+//! Unmodified Linux boots inside the hypervisor to a busybox userspace and powers off through
+//! ACPI: the small kernel built from linux-source-6.1 on SVM (QEMU TCG) and VMX (Bochs), and
+//! Debian's distro kernel on SVM. Each test asserts on the guest's own output.
+//!
+//! The images come from `guest-images/linux/*.sh` (cached outside the checkout;
+//! `scripts/test.sh` builds them first, so here they are cache hits).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use integration_tests::{Firmware, Log, Platform, RunOutcome, RunStatus, TIMEOUT};
+
+fn image(script: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images/linux").join(script);
+    let output = Command::new("bash").arg(&path).output().unwrap_or_else(|e| panic!("running {script}: {e}"));
+    if !output.status.success() {
+        panic!("{script} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last =
+        stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_else(|| panic!("{script} printed no path"));
+    PathBuf::from(last.trim())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Small,
+    Distro,
+}
+
+fn boot_linux(platform: Platform, kernel: Kernel) -> RunOutcome {
+    let kernel_path = image(match kernel {
+        Kernel::Small => "small-kernel.sh",
+        Kernel::Distro => "distro-kernel.sh",
+    });
+    let initrd = image("initramfs.sh");
+    let vms = format!(
+        "[vm linux]\nkernel = {}\ninitrd = {}\ncmdline = console=ttyS0 panic=-1\nmemory = 256M\n",
+        kernel_path.display(),
+        initrd.display()
+    );
+    let mut config = boot::RunConfig::new(platform, Firmware::Bios, boot::HYPERVISOR_KERNEL);
+    config.timeout = TIMEOUT * 3;
+    config.ramdisk = boot::ramdisk_files_for(&vms, Path::new("/")).unwrap_or_else(|e| panic!("VM set: {e}"));
+    boot::run(&config).unwrap_or_else(|e| panic!("could not run Linux on {platform}: {e}"))
+}
+
+fn run(platform: Platform, kernel: Kernel) -> &'static RunOutcome {
+    static SVM_SMALL: OnceLock<RunOutcome> = OnceLock::new();
+    static VMX_SMALL: OnceLock<RunOutcome> = OnceLock::new();
+    static SVM_DISTRO: OnceLock<RunOutcome> = OnceLock::new();
+    let cell = match (platform, kernel) {
+        (Platform::Bochs, _) => &VMX_SMALL,
+        (_, Kernel::Small) => &SVM_SMALL,
+        (_, Kernel::Distro) => &SVM_DISTRO,
+    };
+    cell.get_or_init(|| boot_linux(platform, kernel))
+}
+
+/// The count column of a /proc/interrupts line whose label contains `name`.
+fn interrupt_count(outcome: &RunOutcome, irq: &str, name: &str) -> Option<u64> {
+    outcome.serial.lines().filter_map(|l| l.strip_prefix("[linux] ")).find_map(|line| {
+        let mut fields = line.split_whitespace();
+        (fields.next()? == irq && line.contains(name)).then(|| fields.next()?.parse().ok())?
+    })
+}
+
+fn reaches_userspace_and_powers_off(platform: Platform, kernel: Kernel) {
+    let outcome = run(platform, kernel);
+    Log(outcome)
+        .contains("[linux] HV-LINUX-MARKER: userspace up\n")
+        .line_with_all(&["[linux] Linux ", " 6.1.", " x86_64"])
+        .contains("[linux] HV-LINUX-MARKER: checks done\n")
+        .contains("VM-END vm=linux reason=power-off status=0")
+        .ended(RunStatus::Success, "1 VMs ran, all ended cleanly");
+}
+
+fn timer_and_uart_interrupts_count(platform: Platform, kernel: Kernel) {
+    let outcome = run(platform, kernel);
+    let log = Log(outcome);
+    let timer = interrupt_count(outcome, "0:", "timer");
+    let uart = interrupt_count(outcome, "4:", "ttyS0");
+    let local = interrupt_count(outcome, "LOC:", "Local timer");
+    if !matches!(timer, Some(n) if n > 0) || !matches!(uart, Some(n) if n > 0) || !matches!(local, Some(n) if n > 0) {
+        log.contains(&format!("(interrupt counts: timer {timer:?}, ttyS0 {uart:?}, LOC {local:?})"));
+    }
+    log.line_with_all(&["[linux]", "IO-APIC", "timer"]).line_with_all(&["[linux]", "IO-APIC", "ttyS0"]);
+}
+
+fn clocksource_is_not_jiffies(platform: Platform, kernel: Kernel) {
+    let outcome = run(platform, kernel);
+    let last = outcome
+        .serial
+        .lines()
+        .filter_map(|l| l.split("clocksource: Switched to clocksource ").nth(1))
+        .last()
+        .map(str::trim);
+    if !matches!(last, Some("tsc" | "tsc-early" | "acpi_pm" | "hpet")) {
+        Log(outcome).contains(&format!("(final clocksource {last:?}, expected tsc, hpet or acpi_pm)"));
+    }
+}
+
+#[test]
+fn svm_small_kernel_reaches_userspace_and_powers_off() {
+    reaches_userspace_and_powers_off(Platform::Tcg, Kernel::Small);
+}
+
+#[test]
+fn svm_small_kernel_counts_timer_and_uart_interrupts() {
+    timer_and_uart_interrupts_count(Platform::Tcg, Kernel::Small);
+}
+
+#[test]
+fn svm_small_kernel_clocksource_is_not_jiffies() {
+    clocksource_is_not_jiffies(Platform::Tcg, Kernel::Small);
+}
+
+#[test]
+fn vmx_small_kernel_reaches_userspace_and_powers_off() {
+    reaches_userspace_and_powers_off(Platform::Bochs, Kernel::Small);
+}
+
+#[test]
+fn vmx_small_kernel_counts_timer_and_uart_interrupts() {
+    timer_and_uart_interrupts_count(Platform::Bochs, Kernel::Small);
+}
+
+#[test]
+fn vmx_small_kernel_clocksource_is_not_jiffies() {
+    clocksource_is_not_jiffies(Platform::Bochs, Kernel::Small);
+}
+
+#[test]
+fn svm_distro_kernel_reaches_userspace_and_powers_off() {
+    reaches_userspace_and_powers_off(Platform::Tcg, Kernel::Distro);
+}
+
+#[test]
+fn svm_distro_kernel_counts_timer_and_uart_interrupts() {
+    timer_and_uart_interrupts_count(Platform::Tcg, Kernel::Distro);
+}
+
+#[test]
+fn svm_distro_kernel_clocksource_is_not_jiffies() {
+    clocksource_is_not_jiffies(Platform::Tcg, Kernel::Distro);
+}
