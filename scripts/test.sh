@@ -16,6 +16,10 @@ step "clippy (host)"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 step "clippy (bare metal)"
 cargo clippy --quiet -p hypervisor --target x86_64-unknown-none -- -D warnings
+step "Linux guest images (built once, cached in ${HV_CACHE:-$HOME/.cache/hypervisor-guests})"
+guest-images/linux/small-kernel.sh >/dev/null
+guest-images/linux/distro-kernel.sh >/dev/null
+guest-images/linux/initramfs.sh >/dev/null
 step "tests"
 cargo test --workspace
 say "all checks passed"

@@ -131,7 +131,7 @@ fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> R
         prepared.summary
     );
     let end = {
-        let mut console = |line: &str| serial::write_line(line);
+        let mut console = |text: &str| serial::write_str(text);
         let mut env = Env {
             cpuid: &|leaf, subleaf| {
                 let r = cpuid!(leaf, subleaf);

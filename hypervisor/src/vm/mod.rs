@@ -103,7 +103,7 @@ pub struct Env<'a> {
     pub now_micros: &'a dyn Fn() -> u64,
     /// The host's TSC (the guest's is derived from it; see [`GuestClock`]).
     pub host_tsc: &'a dyn Fn() -> u64,
-    /// Receives each console line, already prefixed with the VM name.
+    /// Receives console text, lines prefixed with the VM name (a line may arrive in pieces).
     pub console: &'a mut dyn FnMut(&str),
     /// XCR0 bits guests may enable.
     pub supported_xcr0: u64,
@@ -189,6 +189,8 @@ pub struct Vm<M: GuestMemory> {
     msrs: MsrModel,
     pending_interrupts: VecDeque<u8>,
     console_line: Vec<u8>,
+    /// A partial console line was already written (the guest is waiting for input mid-line).
+    console_mid_line: bool,
     warned_ports: Vec<u16>,
 }
 
@@ -228,6 +230,7 @@ impl<M: GuestMemory> Vm<M> {
             msrs: MsrModel::default(),
             pending_interrupts: VecDeque::new(),
             console_line: Vec::new(),
+            console_mid_line: false,
             warned_ports: Vec::new(),
         }
     }
@@ -315,6 +318,8 @@ impl<M: GuestMemory> Vm<M> {
         if vcpu.rflags() & RFLAGS_IF == 0 && !self.interrupt_ready() {
             return Next::End(VmEnd::Halted("HLT with interrupts disabled: the vCPU can never wake up"));
         }
+        // A prompt without a newline must be visible while the guest waits for input.
+        self.write_console(env, false);
         // Halted time is real guest time: let the clock run while waiting.
         self.clock.resume((env.host_tsc)());
         loop {
@@ -591,12 +596,12 @@ impl<M: GuestMemory> Vm<M> {
         self.router.set_lines(&events.irq_lines);
         for byte in events.console {
             match byte {
-                b'\n' => self.flush_console(env),
+                b'\n' => self.write_console(env, true),
                 b'\r' => {}
                 _ => {
                     self.console_line.push(byte);
                     if self.console_line.len() >= MAX_CONSOLE_LINE {
-                        self.flush_console(env);
+                        self.write_console(env, true);
                     }
                 }
             }
@@ -616,17 +621,30 @@ impl<M: GuestMemory> Vm<M> {
         }
     }
 
-    fn flush_console(&mut self, env: &mut Env<'_>) {
-        if self.console_line.is_empty() {
+    /// Writes the buffered console text, prefixed with the VM name at the start of a line;
+    /// `end_line` ends the line, otherwise the rest of the line follows later (a prompt).
+    fn write_console(&mut self, env: &mut Env<'_>, end_line: bool) {
+        if self.console_line.is_empty() && !end_line {
             return;
         }
-        let text: String = self
-            .console_line
-            .iter()
-            .map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' })
-            .collect();
-        (env.console)(&format!("[{}] {text}", self.name));
+        let mut text = String::new();
+        if !self.console_mid_line {
+            text = format!("[{}] ", self.name);
+        }
+        text.extend(self.console_line.iter().map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' }));
+        if end_line {
+            text.push('\n');
+        }
+        (env.console)(&text);
         self.console_line.clear();
+        self.console_mid_line = !end_line;
+    }
+
+    /// At the VM's end: whatever is buffered, on a line of its own.
+    fn flush_console(&mut self, env: &mut Env<'_>) {
+        if !self.console_line.is_empty() || self.console_mid_line {
+            self.write_console(env, true);
+        }
     }
 
     fn warn_port(&mut self, port: u16) {

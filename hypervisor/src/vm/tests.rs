@@ -257,7 +257,7 @@ fn console_output_is_prefixed_with_the_vm_name() {
     let (e, g) = exit_with(0);
     let (end, lines) = run(&mut vm(), &mut vcpu.then(e, g));
     assert_eq!(end, VmEnd::DebugExit(0));
-    assert_eq!(lines, ["[t] hi", "[t] there"], "an unterminated line is flushed when the VM ends");
+    assert_eq!(lines.concat(), "[t] hi\n[t] there\n", "an unterminated line is flushed when the VM ends");
 }
 
 #[test]
@@ -273,6 +273,28 @@ fn port_reads_replace_only_the_accessed_width() {
     vcpu = vcpu.then(Exit::Io(IoExit { port: 0x999, size: 4, write: false, string: false, rep: false }), gprs);
     step(&mut vm, &mut vcpu);
     assert_eq!(vcpu.gprs.rax, 0xffff_ffff, "unclaimed port floats high; 32-bit write clears the top");
+}
+
+#[test]
+fn a_prompt_is_shown_while_the_guest_waits_and_the_line_continues() {
+    let out = |byte: u8| {
+        (
+            Exit::Io(IoExit { port: 0x3f8, size: 1, write: true, string: false, rep: false }),
+            Gprs { rax: byte as u64, ..Gprs::default() },
+        )
+    };
+    let mut vcpu = Mock::new(vec![]);
+    for byte in b"$ " {
+        let (e, g) = out(*byte);
+        vcpu = vcpu.then(e, g);
+    }
+    // HLT with interrupts enabled and nothing pending: the prompt is written before the VM
+    // is declared halted (no input source in this test).
+    vcpu.rflags |= RFLAGS_IF;
+    vcpu = vcpu.then(Exit::Hlt, Gprs::default());
+    let (end, lines) = run(&mut vm(), &mut vcpu);
+    assert!(matches!(end, VmEnd::Halted(_)));
+    assert_eq!(lines, ["[t] $ ", "\n"]);
 }
 
 #[test]
@@ -400,7 +422,7 @@ fn rep_string_io_moves_guest_memory() {
     assert_eq!(buf, [0x60, 0x60, 0x60, 0x60, 0]);
     assert_eq!((vcpu.gprs.rcx, vcpu.gprs.rdi), (0, 0x4004));
     assert_eq!(vcpu.skips, 2);
-    assert_eq!(lines, ["[t] ok"]);
+    assert_eq!(lines.concat(), "[t] ok\n");
 }
 
 #[test]
