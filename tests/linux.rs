@@ -93,8 +93,8 @@ fn clocksource_is_not_jiffies(platform: Platform, kernel: Kernel) {
     let last = outcome
         .serial
         .lines()
-        .filter_map(|l| l.split("clocksource: Switched to clocksource ").nth(1))
-        .last()
+        .rev()
+        .find_map(|l| l.split("clocksource: Switched to clocksource ").nth(1))
         .map(str::trim);
     if !matches!(last, Some("tsc" | "tsc-early" | "acpi_pm" | "hpet")) {
         Log(outcome).contains(&format!("(final clocksource {last:?}, expected tsc, hpet or acpi_pm)"));
