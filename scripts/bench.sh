@@ -10,7 +10,7 @@
 #   --hv-timeout  the hypervisor run's --timeout (default 300)
 #   --bare-only   skip the run inside the hypervisor
 # Images are built (or taken from the cache, $HV_CACHE) by guest-images/linux/*.sh.
-# Progress goes to stderr; the result table to stdout.
+# Progress goes to stderr; the result table to stdout. Serial logs of the last runs: $HV_CACHE/bench/.
 set -euo pipefail
 SCRIPT_NAME=bench
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,6 +49,9 @@ command -v qemu-system-x86_64 >/dev/null || ensure_packages qemu-system-x86
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hv-bench.XXXXXX")
+# The serial logs of the last runs are kept here.
+LOGS=$HV_CACHE/bench
+mkcache "$LOGS"
 PIDS=()
 cleanup() {
     local pid
@@ -123,7 +126,7 @@ run_bare() {
         grep -qF "$DONE_MARKER" "$log" || BARE_NOTES+=" run $i: no '$DONE_MARKER';"
         [ $rc -ne 124 ] || BARE_NOTES+=" run $i: did not power off;"
         say "bare run $i: marker after ${t}s, QEMU ended after ${total}s (status $rc)"
-        cp "$log" "$WORK/bare-last.log"
+        cp "$log" "$LOGS/$KIND-bare.log"
     done
 }
 
@@ -180,10 +183,10 @@ VMS
     local vm_end
     vm_end=$(tr -d '\r' <"$serial" | grep -m1 '^VM-END vm=linux' || true)
     [ -z "$vm_end" ] || HV_STATUS+=$'\n'"  $vm_end"
-    [ $hv_rc -eq 0 ] || HV_STATUS+=$'\n'"  boot run exit status $hv_rc (serial log: kept below; stderr: $(tail -n1 "$WORK/hv.err" 2>/dev/null))"
+    [ $hv_rc -eq 0 ] || HV_STATUS+=$'\n'"  boot run ended with exit status $hv_rc"
     # The exit-count table: the "vm linux:" line and the indented lines after it.
     HV_TABLE=$(tr -d '\r' <"$serial" | awk '/^vm linux:/ { p = 1; print; next } p && /^ / { print; next } p { exit }')
-    cp "$serial" "$WORK/hv-serial-kept.log" 2>/dev/null || true
+    cp "$serial" "$LOGS/$KIND-hypervisor.log" 2>/dev/null || true
     [ $rc -eq 0 ]
 }
 
@@ -201,19 +204,20 @@ fi
 RATIO=""
 [ -n "$BARE" ] && [ -n "$HV_TIME" ] && RATIO=$(awk -v b="$BARE" -v h="$HV_TIME" 'BEGIN { printf "%.1fx", h / b }')
 echo "Linux boot to '$MARKER' ($KIND kernel: $KERNEL)"
-printf '  %-34s %s\n' "bare QEMU TCG (median of $RUNS)" "${BARE:+${BARE} s}${BARE:-no marker}  [runs: ${BARE_TIMES[*]:-none}]"
-printf '  %-34s %s\n' "inside the hypervisor (QEMU TCG)" "${HV_TIME:+${HV_TIME} s}${HV_TIME:--}"
+printf '  %-34s %s\n' "bare QEMU TCG (median of $RUNS)" "$([ -n "$BARE" ] && echo "$BARE s" || echo "no marker")  [runs: ${BARE_TIMES[*]:-none}]"
+printf '  %-34s %s\n' "inside the hypervisor (QEMU TCG)" "$([ -n "$HV_TIME" ] && echo "$HV_TIME s" || echo "-")"
 printf '  %-34s %s\n' "ratio hypervisor / bare" "${RATIO:--}"
 [ -z "$BARE_NOTES" ] || echo "  bare notes:$BARE_NOTES"
+[ -z "$BARE" ] || echo "  (last bare serial log: $LOGS/$KIND-bare.log)"
 echo "$HV_STATUS"
 if [ -n "$HV_TABLE" ]; then
     echo "exit counts:"
     echo "$HV_TABLE"
 elif [ "$BARE_ONLY" = 0 ]; then
     echo "exit counts: none (no 'vm linux:' table in the serial log)"
-    if [ -s "$WORK/hv-serial-kept.log" ]; then
-        echo "last lines of the hypervisor's serial log:"
-        tr -d '\r' <"$WORK/hv-serial-kept.log" | tail -n 8 | sed 's/^/  /'
+    if [ -s "$LOGS/$KIND-hypervisor.log" ]; then
+        echo "last lines of the hypervisor's serial log ($LOGS/$KIND-hypervisor.log):"
+        tr -d '\r' <"$LOGS/$KIND-hypervisor.log" | tail -n 8 | sed 's/^/  /'
     fi
 fi
 [ -n "$BARE" ] || exit 1
