@@ -3,6 +3,7 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use alloc::vec::Vec;
 
 use raw_cpuid::cpuid;
 
@@ -13,7 +14,7 @@ use crate::mm::frames::FRAME_SIZE;
 use crate::mm::second_level::{EntryFormat, Ept, Npt, PageSize, Perms, SecondLevelTables};
 use crate::ramdisk::{self, File};
 use crate::vcpu::Vcpu;
-use crate::vm::config::VmConfig;
+use crate::vm::config::{self, VmConfig};
 use crate::vm::setup;
 use crate::vm::{Env, Vm, VmEnd};
 
@@ -95,10 +96,16 @@ fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> R
         )),
         None => None,
     };
+    let mut modules = Vec::new();
+    for entry in &config.modules {
+        let file = config::module_file(entry).unwrap_or(entry);
+        let data = ramdisk::find(files, file).ok_or_else(|| format!("module {file:?} is not in the ramdisk"))?.data;
+        modules.push((entry.as_str(), data));
+    }
     let ram = GuestRam::allocate(config.memory)
         .ok_or_else(|| format!("not enough host memory for {} MiB of guest RAM", config.memory >> 20))?;
     let mut guest_memory = ram.slice();
-    let prepared = setup::prepare(config, kernel.data, initrd, &mut guest_memory)?;
+    let prepared = setup::prepare(config, kernel.data, initrd, &modules, &mut guest_memory)?;
     let start = prepared.start;
 
     let mut tables = HostTables;

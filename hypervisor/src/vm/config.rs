@@ -9,6 +9,7 @@
 //! vcpus   = 1
 //! entry   = long64             # long64 (64-bit, identity-mapped) or real (real mode at the ELF entry)
 //! devices = test               # extra devices: test (interrupt port 0xf5, MMIO page 0xd0000000)
+//! modules = a.bin arg, b.bin   # multiboot modules: file and the module's string
 //! ```
 //!
 //! Errors name the VM, the line and the field; unknown fields are errors, not ignored.
@@ -42,6 +43,8 @@ pub struct VmConfig {
     pub kernel: String,
     /// Initial ramdisk file in the ramdisk, if any.
     pub initrd: Option<String>,
+    /// Multiboot modules: each "file [arguments]"; the whole text is the module's string.
+    pub modules: Vec<String>,
     /// Kernel command line.
     pub cmdline: String,
     /// Guest RAM in bytes.
@@ -94,6 +97,7 @@ struct Draft {
     name: String,
     kernel: Option<String>,
     initrd: Option<String>,
+    modules: Vec<String>,
     cmdline: String,
     memory: u64,
     vcpus: u32,
@@ -140,6 +144,7 @@ pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
                 name: name.to_string(),
                 kernel: None,
                 initrd: None,
+                modules: Vec::new(),
                 cmdline: String::new(),
                 memory: DEFAULT_MEMORY,
                 vcpus: 1,
@@ -157,6 +162,9 @@ pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
         match key {
             "kernel" => draft.kernel = Some(non_empty(value).ok_or_else(|| error(field, "is empty".into()))?),
             "initrd" => draft.initrd = Some(non_empty(value).ok_or_else(|| error(field, "is empty".into()))?),
+            "modules" => {
+                draft.modules = value.split(',').map(str::trim).filter(|m| !m.is_empty()).map(str::to_string).collect();
+            }
             "cmdline" => {
                 if value.len() > MAX_CMDLINE {
                     return Err(error(field, alloc::format!("is {} bytes, longer than {MAX_CMDLINE}", value.len())));
@@ -220,6 +228,7 @@ fn finish(draft: Draft) -> Result<VmConfig, ConfigError> {
         name: draft.name,
         kernel,
         initrd: draft.initrd,
+        modules: draft.modules,
         cmdline: draft.cmdline,
         memory: draft.memory,
         vcpus: draft.vcpus,
@@ -247,13 +256,19 @@ fn parse_size(text: &str) -> Option<u64> {
 pub fn referenced_files(vms: &[VmConfig]) -> Vec<&str> {
     let mut files: Vec<&str> = Vec::new();
     for vm in vms {
-        for name in core::iter::once(vm.kernel.as_str()).chain(vm.initrd.as_deref()) {
+        let modules = vm.modules.iter().filter_map(|m| module_file(m));
+        for name in core::iter::once(vm.kernel.as_str()).chain(vm.initrd.as_deref()).chain(modules) {
             if !files.contains(&name) {
                 files.push(name);
             }
         }
     }
     files
+}
+
+/// The file a `modules` entry names (its first word).
+pub fn module_file(entry: &str) -> Option<&str> {
+    entry.split_whitespace().next()
 }
 
 #[cfg(test)]
@@ -277,6 +292,9 @@ mod tests {
         assert_eq!(vms[1].memory, DEFAULT_MEMORY);
         assert_eq!(vms[1].initrd.as_deref(), Some("i.cpio"));
         assert_eq!(referenced_files(&vms), ["k.elf", "r.elf", "i.cpio"]);
+        let mb = parse("[vm m]\nkernel = mb.elf\nmodules = one.bin arg=1 , two.bin,, \n").unwrap();
+        assert_eq!(mb[0].modules, ["one.bin arg=1", "two.bin"]);
+        assert_eq!(referenced_files(&mb), ["mb.elf", "one.bin", "two.bin"]);
     }
 
     #[test]

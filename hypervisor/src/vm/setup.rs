@@ -93,10 +93,14 @@ pub struct Prepared {
 }
 
 /// Loads `kernel` (and `initrd`) into `mem` as `config` describes, with ACPI tables.
+///
+/// `initrd` is Linux's initrd (or, for a multiboot kernel, its first module, as QEMU's `-initrd`
+/// does); `modules` are further multiboot modules with their strings.
 pub fn prepare(
     config: &VmConfig,
     kernel: &[u8],
     initrd: Option<(&str, &[u8])>,
+    modules: &[(&str, &[u8])],
     mem: &mut impl GuestMemory,
 ) -> Result<Prepared, String> {
     let ram = mem.size();
@@ -133,6 +137,9 @@ pub fn prepare(
     if initrd.is_some() && format == KernelFormat::Elf64 {
         return Err(format!("initrd: an ELF64 kernel ({}) takes no initrd", config.kernel));
     }
+    if !modules.is_empty() && format != KernelFormat::Multiboot {
+        return Err(format!("modules: only multiboot kernels take modules, and {} is a {format:?}", config.kernel));
+    }
     match (format, config.entry) {
         (KernelFormat::BzImage, Entry::Long64) => {
             let linux_layout = LinuxLayout {
@@ -162,7 +169,8 @@ pub fn prepare(
             })
         }
         (KernelFormat::Multiboot, Entry::Long64) => {
-            let modules: Vec<(&[u8], &str)> = initrd.map(|(name, data)| (data, name)).into_iter().collect();
+            let modules: Vec<(&[u8], &str)> =
+                initrd.into_iter().chain(modules.iter().copied()).map(|(name, data)| (data, name)).collect();
             let mb_layout = MultibootLayout {
                 ram_bytes: ram,
                 e820: e820(ram),
@@ -232,6 +240,7 @@ mod tests {
             name: "t".into(),
             kernel: kernel.into(),
             initrd: None,
+            modules: Vec::new(),
             cmdline: "console=ttyS0".into(),
             memory: 16 << 20,
             vcpus: 1,
@@ -268,21 +277,23 @@ mod tests {
     fn unknown_images_and_bad_combinations_are_refused_with_the_vm_field() {
         let mut bytes = vec![0u8; 16 << 20];
         let mut mem = SliceMemory(&mut bytes);
-        let e = prepare(&config("junk.bin", Entry::Long64), b"MZ\x90\x00", None, &mut mem).unwrap_err();
+        let e = prepare(&config("junk.bin", Entry::Long64), b"MZ\x90\x00", None, &[], &mut mem).unwrap_err();
         assert!(e.contains("junk.bin: not a bzImage, multiboot or ELF64 image"), "{e}");
         let mut bz = vec![0u8; 0x300];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
-        let e = prepare(&config("vmlinuz", Entry::Real), &bz, None, &mut mem).unwrap_err();
+        let e = prepare(&config("vmlinuz", Entry::Real), &bz, None, &[], &mut mem).unwrap_err();
         assert!(e.contains("entry = real is only for ELF images"), "{e}");
-        let e = prepare(&config("vmlinuz", Entry::Long64), &bz, None, &mut mem).unwrap_err();
+        let e = prepare(&config("vmlinuz", Entry::Long64), &bz, None, &[], &mut mem).unwrap_err();
         assert!(e.starts_with("kernel vmlinuz: "), "loader errors name the kernel: {e}");
+        let e = prepare(&config("vmlinuz", Entry::Long64), &bz, None, &[("m.bin", b"x")], &mut mem).unwrap_err();
+        assert!(e.contains("only multiboot kernels take modules"), "{e}");
     }
 
     #[test]
     fn acpi_tables_land_in_the_bios_area() {
         let mut bytes = vec![0u8; 16 << 20];
         let mut mem = SliceMemory(&mut bytes);
-        let _ = prepare(&config("junk", Entry::Long64), b"junk", None, &mut mem);
+        let _ = prepare(&config("junk", Entry::Long64), b"junk", None, &[], &mut mem);
         let mut signature = [0u8; 8];
         mem.read(layout::RSDP, &mut signature).unwrap();
         assert_eq!(&signature, b"RSD PTR ");
