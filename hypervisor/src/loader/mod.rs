@@ -180,3 +180,22 @@ mod tests {
         assert_eq!(Size(0).to_string(), "0 bytes");
     }
 }
+
+/// Guest memory after a load in tests; its `Debug` does not print megabytes.
+#[cfg(test)]
+pub(crate) struct TestMemory(pub alloc::vec::Vec<u8>);
+
+#[cfg(test)]
+impl core::fmt::Debug for TestMemory {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "<{} bytes of guest memory>", self.0.len())
+    }
+}
+
+#[cfg(test)]
+impl core::ops::Deref for TestMemory {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}

@@ -829,21 +829,7 @@ mod tests {
     const MEM: usize = 8 << 20;
     const INFO: u64 = 0x9000;
 
-    /// Guest memory after a load; its `Debug` does not print 8 MiB.
-    struct Mem(Vec<u8>);
-
-    impl fmt::Debug for Mem {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "<{} bytes of guest memory>", self.0.len())
-        }
-    }
-
-    impl core::ops::Deref for Mem {
-        type Target = [u8];
-        fn deref(&self) -> &[u8] {
-            &self.0
-        }
-    }
+    use crate::loader::TestMemory as Mem;
 
     fn layout() -> MultibootLayout {
         MultibootLayout {
