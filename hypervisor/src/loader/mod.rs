@@ -143,6 +143,25 @@ impl fmt::Display for Size {
     }
 }
 
+/// Guest memory after a load in tests; its `Debug` does not print megabytes.
+#[cfg(test)]
+pub(crate) struct TestMemory(pub alloc::vec::Vec<u8>);
+
+#[cfg(test)]
+impl core::fmt::Debug for TestMemory {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "<{} bytes of guest memory>", self.0.len())
+    }
+}
+
+#[cfg(test)]
+impl core::ops::Deref for TestMemory {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,24 +197,5 @@ mod tests {
         assert_eq!(Size(4096).to_string(), "4 KiB");
         assert_eq!(Size(1000).to_string(), "1000 bytes");
         assert_eq!(Size(0).to_string(), "0 bytes");
-    }
-}
-
-/// Guest memory after a load in tests; its `Debug` does not print megabytes.
-#[cfg(test)]
-pub(crate) struct TestMemory(pub alloc::vec::Vec<u8>);
-
-#[cfg(test)]
-impl core::fmt::Debug for TestMemory {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "<{} bytes of guest memory>", self.0.len())
-    }
-}
-
-#[cfg(test)]
-impl core::ops::Deref for TestMemory {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.0
     }
 }
