@@ -114,6 +114,14 @@ impl XSaveArea {
     }
 }
 
+impl Drop for XSaveArea {
+    fn drop(&mut self) {
+        if let Err(e) = memory::FRAMES.lock().free(self.phys, 1) {
+            log::error!("xstate: freeing the save area at {:#x}: {e}", self.phys);
+        }
+    }
+}
+
 /// The host's and one guest's extended state, swapped around guest execution.
 pub struct XState {
     features: XFeatures,

@@ -55,12 +55,7 @@ pub(crate) mod msr {
 const FEATURE_CONTROL_LOCK: u64 = 1 << 0;
 const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
 const CR4_VMXE: u64 = 1 << 13;
-const CR4_OSFXSR: u64 = 1 << 9;
-const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const CR4_OSXSAVE: u64 = 1 << 18;
 const CPUID1_ECX_VMX: u32 = 1 << 5;
-const CPUID1_ECX_XSAVE: u32 = 1 << 26;
-const CPUID1_EDX_FXSR: u32 = 1 << 24;
 const EPT_CAP_2M: u64 = 1 << 16;
 const EPT_CAP_1G: u64 = 1 << 17;
 
@@ -82,14 +77,8 @@ fn revision_id() -> u32 {
     rdmsr(IA32_VMX_BASIC) as u32 & 0x7fff_ffff
 }
 
-/// Whether the CPU has XSAVE (otherwise FXSAVE is used for guest extended state).
-fn has_xsave() -> bool {
-    cpuid!(1).ecx & CPUID1_ECX_XSAVE != 0
-}
-
 /// Turns VMX operation on for this CPU: feature control, fixed CR0/CR4 bits, VMXON.
-/// Later calls return `Ok` at once. Also enables FXSR/XSAVE in the host, which the world
-/// switch relies on.
+/// Later calls return `Ok` at once. (Extended-state instructions are `platform::xstate`'s.)
 pub fn enable() -> Result<(), VmxError> {
     if ENABLED.load(Ordering::Acquire) {
         return Ok(());
@@ -108,16 +97,7 @@ pub fn enable() -> Result<(), VmxError> {
         return Err(VmxError::DisabledByFirmware);
     }
 
-    let leaf1 = cpuid!(1);
-    let mut cr4_extra = CR4_VMXE;
-    if leaf1.edx & CPUID1_EDX_FXSR != 0 {
-        cr4_extra |= CR4_OSFXSR | CR4_OSXMMEXCPT;
-    } else {
-        return Err(VmxError::Unsupported("CPUID does not report FXSAVE/FXRSTOR"));
-    }
-    if leaf1.ecx & CPUID1_ECX_XSAVE != 0 {
-        cr4_extra |= CR4_OSXSAVE;
-    }
+    let cr4_extra = CR4_VMXE;
     let cr0 = (Cr0::read_raw() | rdmsr(cap_msr::CR0_FIXED0)) & rdmsr(cap_msr::CR0_FIXED1);
     let cr4 = (Cr4::read_raw() | cr4_extra | rdmsr(cap_msr::CR4_FIXED0)) & rdmsr(cap_msr::CR4_FIXED1);
     if cr4 & CR4_VMXE == 0 {

@@ -2,34 +2,19 @@
 //!
 //! The host's callee-saved registers and a pointer to the [`SwitchState`] are pushed on the
 //! host stack; HOST_RSP is rewritten with that stack pointer on every entry, so a VM exit lands
-//! on `hv_vmx_exit` with the pointer at `[rsp]`. Extended state (x87/SSE/AVX) is swapped inside
-//! the assembly, because compiled code between a Rust-level swap and the entry could touch it.
+//! on `hv_vmx_exit` with the pointer at `[rsp]`. Extended state is swapped around this call by
+//! `platform::xstate` (the hypervisor is built soft-float, so no compiled code touches it).
 
 use core::arch::global_asm;
 use core::mem::offset_of;
 
 use crate::vcpu::Gprs;
 
-/// Extended-state handling chosen from CPUID.
-pub const XMODE_FXSAVE: u64 = 1;
-/// XSAVE/XRSTOR with XCR0 switched between host and guest values.
-pub const XMODE_XSAVE: u64 = 2;
-
 /// What the world switch reads and writes. `gprs` must stay first (offset 0).
 #[repr(C)]
 pub struct SwitchState {
     /// Guest general-purpose registers.
     pub gprs: Gprs,
-    /// Virtual address of the guest's extended-state area (64-byte aligned).
-    pub guest_area: u64,
-    /// Virtual address of the host's extended-state area (64-byte aligned).
-    pub host_area: u64,
-    /// XCR0 while the guest runs.
-    pub guest_xcr0: u64,
-    /// XCR0 of the host.
-    pub host_xcr0: u64,
-    /// [`XMODE_FXSAVE`] or [`XMODE_XSAVE`].
-    pub xmode: u64,
 }
 
 /// World-switch result: the guest ran and exited.
@@ -61,27 +46,6 @@ global_asm!(
     "push rdi",
     "mov r12, rdi",
     "mov r13, rsi",
-    // Host extended state out, guest extended state in.
-    "mov rbx, [r12 + {host_area}]",
-    "mov r14, [r12 + {guest_area}]",
-    "cmp qword ptr [r12 + {xmode}], {xsave}",
-    "jne 2f",
-    "mov eax, -1",
-    "mov edx, -1",
-    "xsave64 [rbx]",
-    "mov rax, [r12 + {guest_xcr0}]",
-    "mov rdx, rax",
-    "shr rdx, 32",
-    "xor ecx, ecx",
-    "xsetbv",
-    "mov eax, -1",
-    "mov edx, -1",
-    "xrstor64 [r14]",
-    "jmp 3f",
-    "2:",
-    "fxsave64 [rbx]",
-    "fxrstor64 [r14]",
-    "3:",
     // HOST_RSP: the stack as it is now, with the state pointer on top.
     "mov rax, {host_rsp}",
     "vmwrite rax, rsp",
@@ -140,28 +104,7 @@ global_asm!(
     "pop qword ptr [rax + {rax}]",
     "mov r12, rax",
     "xor r13d, r13d",
-    // Guest extended state out, host extended state back.
     "8:",
-    "mov rbx, [r12 + {host_area}]",
-    "mov r14, [r12 + {guest_area}]",
-    "cmp qword ptr [r12 + {xmode}], {xsave}",
-    "jne 9f",
-    "mov eax, -1",
-    "mov edx, -1",
-    "xsave64 [r14]",
-    "mov rax, [r12 + {host_xcr0}]",
-    "mov rdx, rax",
-    "shr rdx, 32",
-    "xor ecx, ecx",
-    "xsetbv",
-    "mov eax, -1",
-    "mov edx, -1",
-    "xrstor64 [rbx]",
-    "jmp 10f",
-    "9:",
-    "fxsave64 [r14]",
-    "fxrstor64 [rbx]",
-    "10:",
     "mov rax, r13",
     "add rsp, 8",
     "pop r15",
@@ -173,14 +116,8 @@ global_asm!(
     "ret",
     ".popsection",
     host_rsp = const 0x6c14,
-    xsave = const XMODE_XSAVE,
     fail_valid = const SWITCH_FAIL_VALID,
     fail_invalid = const SWITCH_FAIL_INVALID,
-    host_area = const offset_of!(SwitchState, host_area),
-    guest_area = const offset_of!(SwitchState, guest_area),
-    guest_xcr0 = const offset_of!(SwitchState, guest_xcr0),
-    host_xcr0 = const offset_of!(SwitchState, host_xcr0),
-    xmode = const offset_of!(SwitchState, xmode),
     rax = const offset_of!(Gprs, rax),
     rbx = const offset_of!(Gprs, rbx),
     rcx = const offset_of!(Gprs, rcx),

@@ -2,20 +2,20 @@
 //! bitmaps, and exit decoding into [`Exit`].
 
 use alloc::boxed::Box;
-use core::arch::asm;
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use raw_cpuid::{cpuid, cpuid as cpuid_sub};
+use raw_cpuid::cpuid;
 use x86_64::instructions::tables::{sgdt, sidt};
 use x86_64::registers::control::{Cr0, Cr3, Cr4};
 
 use super::fields::{natural, w16, w32, w64, Field, Natural, Readable, Width, W16, W32};
 use super::instructions::{self as vmx, VmxError};
-use super::switch::{self, SwitchState, XMODE_FXSAVE, XMODE_XSAVE};
-use super::{cap_msr, ept_vpid_cap, has_xsave, msr, rdmsr, revision_id};
+use super::switch::{self, SwitchState};
+use super::{cap_msr, ept_vpid_cap, msr, rdmsr, revision_id};
 use crate::exit_decode;
 use crate::mm::frames::FRAME_SIZE;
+use crate::platform::xstate::XState;
 use crate::platform::{gdt, memory};
 use crate::vcpu::{valid_xcr0, Exit, Gprs, GuestMode, StartMode, Vcpu};
 use crate::virt::msr::IA32_VMX_BASIC;
@@ -116,15 +116,12 @@ struct Frames {
     vmcs: u64,
     io_bitmaps: u64,
     msr_bitmap: u64,
-    /// Guest extended-state area followed by the host's, `xsave_pages` each.
-    xsave: u64,
-    xsave_pages: u64,
 }
 
 impl Frames {
-    fn alloc(xsave_pages: u64) -> Result<Self, VmxError> {
-        let mut got: [(u64, u64); 4] = [(0, 0); 4];
-        for (slot, count) in got.iter_mut().zip([1, 2, 1, 2 * xsave_pages]) {
+    fn alloc() -> Result<Self, VmxError> {
+        let mut got: [(u64, u64); 3] = [(0, 0); 3];
+        for (slot, count) in got.iter_mut().zip([1, 2, 1]) {
             match memory::alloc_zeroed(count, FRAME_SIZE) {
                 Some(phys) => *slot = (phys, count),
                 None => {
@@ -135,14 +132,12 @@ impl Frames {
                 }
             }
         }
-        Ok(Frames { vmcs: got[0].0, io_bitmaps: got[1].0, msr_bitmap: got[2].0, xsave: got[3].0, xsave_pages })
+        Ok(Frames { vmcs: got[0].0, io_bitmaps: got[1].0, msr_bitmap: got[2].0 })
     }
 
     fn free(&self) {
         let mut frames = memory::FRAMES.lock();
-        for (phys, count) in
-            [(self.vmcs, 1), (self.io_bitmaps, 2), (self.msr_bitmap, 1), (self.xsave, 2 * self.xsave_pages)]
-        {
+        for (phys, count) in [(self.vmcs, 1), (self.io_bitmaps, 2), (self.msr_bitmap, 1)] {
             if let Err(e) = frames.free(phys, count) {
                 log::error!("vmx: freeing {count} frames at {phys:#x}: {e}");
             }
@@ -158,8 +153,8 @@ pub struct VmxVcpu {
     launched: bool,
     eptp: u64,
     vpid: u16,
-    /// XCR0 values the CPU supports (CPUID 0xD.0), for [`Self::set_xcr0`].
-    xcr0_supported: u64,
+    /// The guest's extended state and XCR0, swapped around every entry.
+    xstate: XState,
     interrupt_window_allowed: bool,
     last_external_vector: Option<u8>,
     _not_send: PhantomData<*const ()>,
@@ -176,31 +171,22 @@ impl VmxVcpu {
         if ept_root & 0xfff != 0 {
             return Err(VmxError::Unsupported("EPT root is not 4 KiB aligned"));
         }
-        let (xmode, area_size, xcr0_supported, host_xcr0) = if has_xsave() {
-            let leaf = cpuid_sub!(0xd, 0);
-            (XMODE_XSAVE, u64::from(leaf.ecx), u64::from(leaf.eax) | u64::from(leaf.edx) << 32, xgetbv0())
-        } else {
-            (XMODE_FXSAVE, 512, 0, 0)
+        let frames = Frames::alloc()?;
+        let xstate = match XState::new() {
+            Some(xstate) => xstate,
+            None => {
+                frames.free();
+                return Err(VmxError::OutOfMemory);
+            }
         };
-        let frames = Frames::alloc(area_size.div_ceil(FRAME_SIZE).max(1))?;
-        let map = memory::phys_map();
-        let guest_area = map.virt(frames.xsave);
-        let host_area = guest_area + frames.xsave_pages * FRAME_SIZE;
-        // SAFETY: the area is ours, page aligned and at least 512 bytes: FCW and MXCSR get their
-        // reset values (x87 control word at byte 0, MXCSR at byte 24 of the legacy region).
-        unsafe {
-            core::ptr::write_volatile(guest_area as *mut u16, 0x37f);
-            core::ptr::write_volatile((guest_area + 24) as *mut u32, 0x1f80);
-        }
-        let state =
-            Box::new(SwitchState { gprs: Gprs::default(), guest_area, host_area, guest_xcr0: 1, host_xcr0, xmode });
+        let state = Box::new(SwitchState { gprs: Gprs::default() });
         let mut vcpu = VmxVcpu {
             frames,
             state,
             launched: false,
             eptp: ept_root | EPTP_WB_4_LEVEL,
             vpid,
-            xcr0_supported,
+            xstate,
             interrupt_window_allowed: false,
             last_external_vector: None,
             _not_send: PhantomData,
@@ -748,7 +734,9 @@ impl VmxVcpu {
         // SAFETY: VMX is on, our VMCS is current with complete host state (HOST_RIP is the exit
         // path of the same assembly, HOST_RSP is written by it); `state` points at our boxed
         // switch state, whose extended-state areas are ours and 64-byte aligned.
+        self.xstate.enter_guest();
         let result = unsafe { switch::hv_vmx_run(state, u64::from(self.launched)) };
+        self.xstate.leave_guest();
         if result != switch::SWITCH_EXITED {
             let code = if result == switch::SWITCH_FAIL_VALID { vmx::vm_instruction_error() } else { 0 };
             let instruction = if self.launched { "VMRESUME" } else { "VMLAUNCH" };
@@ -880,16 +868,17 @@ impl Vcpu for VmxVcpu {
     }
 
     fn set_xcr0(&mut self, xcr0: u64) {
-        // The caller validated it against CPUID; re-check what XSETBV in the world switch needs.
-        if self.state.xmode == XMODE_XSAVE && valid_xcr0(xcr0, self.xcr0_supported) {
-            self.state.guest_xcr0 = xcr0;
+        // The run loop validated it already; refusing again costs nothing and keeps XSETBV in
+        // the world switch from faulting in the host.
+        if valid_xcr0(xcr0, self.xstate.supported_xcr0()) {
+            self.xstate.guest_xcr0 = xcr0;
         } else {
-            log::error!("vmx: refusing guest XCR0 {xcr0:#x} (supported {:#x})", self.xcr0_supported);
+            log::error!("vmx: refusing guest XCR0 {xcr0:#x} (supported {:#x})", self.xstate.supported_xcr0());
         }
     }
 
     fn xcr0(&self) -> u64 {
-        self.state.guest_xcr0
+        self.xstate.guest_xcr0
     }
 
     fn set_tsc_offset(&mut self, offset: u64) {
@@ -917,13 +906,4 @@ impl Drop for VmxVcpu {
         let _ = CURRENT_VMCS.compare_exchange(self.frames.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
         self.frames.free();
     }
-}
-
-/// XCR0 of the host.
-fn xgetbv0() -> u64 {
-    let (low, high): (u32, u32);
-    // SAFETY: only called when CPUID reports XSAVE and `enable` has set CR4.OSXSAVE; XGETBV
-    // with ECX = 0 reads XCR0 and nothing else.
-    unsafe { asm!("xgetbv", in("ecx") 0, out("eax") low, out("edx") high, options(nomem, nostack)) };
-    u64::from(low) | u64::from(high) << 32
 }
