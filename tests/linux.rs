@@ -132,6 +132,27 @@ fn vmx_small_kernel_clocksource_is_not_jiffies() {
 }
 
 #[test]
+fn svm_small_kernel_shell_takes_typed_input() {
+    let kernel = image("small-kernel.sh");
+    let initrd = image("initramfs.sh");
+    let vms = format!(
+        "[vm linux]\nkernel = {}\ninitrd = {}\ncmdline = console=ttyS0 panic=-1 hv.shell=1\nmemory = 256M\n",
+        kernel.display(),
+        initrd.display()
+    );
+    let mut config = boot::RunConfig::new(Platform::Tcg, Firmware::Bios, boot::HYPERVISOR_KERNEL);
+    // Without the typed `exit` the shell would wait forever: keep the failure short.
+    config.timeout = TIMEOUT;
+    config.ramdisk = boot::ramdisk_files_for(&vms, Path::new("/")).unwrap_or_else(|e| panic!("VM set: {e}"));
+    config.typed_input = Some(("shell on the console".into(), b"echo typed-$((6*7))\nexit\n".to_vec()));
+    let outcome = boot::run(&config).unwrap_or_else(|e| panic!("could not run Linux: {e}"));
+    Log(&outcome)
+        .contains("[linux] typed-42\n")
+        .contains("VM-END vm=linux reason=power-off status=0")
+        .ended(RunStatus::Success, "1 VMs ran, all ended cleanly");
+}
+
+#[test]
 fn svm_distro_kernel_reaches_userspace_and_powers_off() {
     reaches_userspace_and_powers_off(Platform::Tcg, Kernel::Distro);
 }

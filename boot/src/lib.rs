@@ -185,6 +185,9 @@ pub struct RunConfig {
     pub echo: bool,
     /// Connect our stdin to the guest's serial input (QEMU only).
     pub interactive: bool,
+    /// Type this on the serial console once the log contains the first string (QEMU only):
+    /// how tests drive an interactive guest.
+    pub typed_input: Option<(String, Vec<u8>)>,
     /// QEMU `-cpu` model instead of the platform's default (for tests of unusable CPUs).
     pub qemu_cpu: Option<String>,
 }
@@ -201,6 +204,7 @@ impl RunConfig {
             log_path: None,
             echo: false,
             interactive: false,
+            typed_input: None,
             qemu_cpu: None,
         }
     }
@@ -322,6 +326,25 @@ fn supervise(config: &RunConfig, mut launch: Launch, log_path: PathBuf) -> Resul
         SerialSource::File(path) => tail = Some((wait_for_file(path)?, path.clone())),
     }
 
+    let typist = match (config.typed_input.clone(), launch.child.stdin.take()) {
+        (Some((after, bytes)), Some(mut stdin)) => {
+            let captured = Arc::clone(&captured);
+            Some(thread::spawn(move || {
+                let seen = |log: &[u8]| log.windows(after.len()).any(|w| w == after.as_bytes());
+                while !seen(&captured.lock().unwrap()) {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                // One byte at a time, as a person types: the guest UART has a 16-byte FIFO.
+                for byte in bytes {
+                    if stdin.write_all(&[byte]).and_then(|()| stdin.flush()).is_err() {
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+            }))
+        }
+        _ => None,
+    };
     let mut poll_tail = |sink: &dyn Fn(&[u8])| {
         if let Some((file, _)) = tail.as_mut() {
             let mut buf = Vec::new();
@@ -348,6 +371,8 @@ fn supervise(config: &RunConfig, mut launch: Launch, log_path: PathBuf) -> Resul
     if let Some(reader) = reader {
         let _ = reader.join();
     }
+    // A typist still waiting for its cue ends with the run: it holds no resources.
+    drop(typist);
     let elapsed = start.elapsed();
 
     let serial_bytes = captured.lock().unwrap().clone();

@@ -152,7 +152,13 @@ fn launch_qemu(config: &RunConfig, image: &Path) -> Result<Launch, BootError> {
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .arg("-drive")
         .arg(format!("format=raw,file={}", image.display()))
-        .stdin(if config.interactive { Stdio::inherit() } else { Stdio::null() })
+        .stdin(if config.typed_input.is_some() {
+            Stdio::piped()
+        } else if config.interactive {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = qemu.spawn().map_err(io_error(format!("starting {QEMU}")))?;
