@@ -52,7 +52,31 @@ fn whole_suite_ends_cleanly(platform: Platform) {
         .contains("VM-END vm=exits reason=debug-exit status=0")
         .contains("[real-mode] real-mode: ok\n")
         .contains("VM-END vm=real-mode reason=debug-exit status=0")
-        .ended(RunStatus::Success, "2 VMs ran, all ended cleanly");
+        .ended(RunStatus::Success, "3 VMs ran, all ended cleanly");
+}
+
+/// A multiboot v1 kernel gets its magic, memory map, command line and modules, as QEMU's
+/// `-kernel/-append/-initrd` would give them.
+fn multiboot_kernel_gets_its_boot_information(platform: Platform) {
+    let log = Log(suite(platform));
+    for check in ["magic", "flags", "mem", "cmdline", "modules", "mmap"] {
+        log.contains(&format!("[multiboot] multiboot: {check} ok\n"));
+    }
+    log.contains("[multiboot] multiboot: cmdline mbtest cmdline ok\n")
+        .contains("[multiboot] multiboot: modules 2\n")
+        .contains("[multiboot] multiboot: module 0 multiboot-modules/one.txt first-module 0xd\n")
+        .contains("[multiboot] multiboot: module 1 multiboot-modules/two.txt second 0x1f\n")
+        .contains("VM-END vm=multiboot reason=debug-exit status=0");
+}
+
+#[test]
+fn svm_multiboot_kernel_gets_its_boot_information() {
+    multiboot_kernel_gets_its_boot_information(Platform::Tcg);
+}
+
+#[test]
+fn vmx_multiboot_kernel_gets_its_boot_information() {
+    multiboot_kernel_gets_its_boot_information(Platform::Bochs);
 }
 
 fn exit_table_is_printed(platform: Platform, reasons: &[&str]) {
