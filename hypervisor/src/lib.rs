@@ -11,6 +11,7 @@ extern crate alloc;
 pub mod acpi;
 pub mod devices;
 pub mod exit_decode;
+pub mod guest_clock;
 pub mod loader;
 pub mod mm;
 pub mod mmio;

@@ -6,6 +6,8 @@
 
 use core::fmt;
 
+use crate::guest_clock::GuestClock;
+
 /// General-purpose registers saved and restored by the world switch. RSP and RIP live in the
 /// VMCS/VMCB and are reached through [`Vcpu`] methods. The layout is shared with the assembly
 /// world switches: do not reorder.
@@ -191,8 +193,10 @@ pub struct GuestMode {
 /// One virtual CPU on one hardware backend. Not `Send`: a VMCS/VMCB is bound to the physical
 /// CPU that loaded it.
 pub trait Vcpu {
-    /// Enters the guest and runs it until the next exit.
-    fn run(&mut self) -> Exit;
+    /// Enters the guest and runs it until the next exit. The backend resumes `clock` (and
+    /// programs the TSC offset it gives) immediately before entry and freezes it immediately
+    /// after the exit, so guest time excludes the world switch.
+    fn run(&mut self, clock: &mut GuestClock) -> Exit;
     /// The general-purpose registers (valid between exits; written back on the next entry).
     fn gprs(&mut self) -> &mut Gprs;
     /// Guest RIP.
@@ -221,8 +225,6 @@ pub trait Vcpu {
     fn set_xcr0(&mut self, xcr0: u64);
     /// The guest's XCR0.
     fn xcr0(&self) -> u64;
-    /// Sets the value added to the host TSC to form the guest's (RDTSC is not intercepted).
-    fn set_tsc_offset(&mut self, offset: u64);
 }
 
 /// XCR0 bits: x87, SSE, AVX (Intel SDM Vol. 1, 13.3).

@@ -19,6 +19,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::devices::{self, Bus, Events};
+use crate::guest_clock::GuestClock;
 use crate::loader::guest_walk::{self, WalkError};
 use crate::loader::GuestMemory;
 use crate::mmio::{self, MmioKind};
@@ -121,58 +122,6 @@ pub struct Env<'a> {
 /// How often a halted guest looks for console input.
 const INPUT_POLL_NS: u64 = 10_000_000;
 
-/// Guest time: the host TSC minus the time the hypervisor spent handling exits.
-///
-/// Hiding exit handling makes an exit cost the guest nothing on its own clocks (TSC, PIT,
-/// APIC timer, PM timer), so calibration loops that poll a device port see the same rates as
-/// on hardware even when each exit is slow (nested or emulated). Time spent halted is not
-/// hidden: a sleeping guest's clocks keep running.
-#[derive(Clone, Copy, Debug)]
-pub struct GuestClock {
-    start: u64,
-    hidden: u64,
-    frozen_at: Option<u64>,
-    tsc_hz: u64,
-}
-
-impl GuestClock {
-    /// A clock starting now (`host_tsc`) at guest time 0.
-    pub fn new(host_tsc: u64, tsc_hz: u64) -> Self {
-        GuestClock { start: host_tsc, hidden: 0, frozen_at: None, tsc_hz }
-    }
-
-    /// The guest's TSC at host TSC `host_tsc`.
-    pub fn tsc(&self, host_tsc: u64) -> u64 {
-        self.frozen_at.unwrap_or(host_tsc).wrapping_sub(self.hidden)
-    }
-
-    /// Guest nanoseconds since the start.
-    pub fn ns(&self, host_tsc: u64) -> u64 {
-        if self.tsc_hz == 0 {
-            return 0;
-        }
-        let ticks = self.tsc(host_tsc).wrapping_sub(self.start) as u128;
-        (ticks * 1_000_000_000 / self.tsc_hz as u128) as u64
-    }
-
-    /// Stops guest time (an exit is being handled).
-    pub fn freeze(&mut self, host_tsc: u64) {
-        self.frozen_at.get_or_insert(host_tsc);
-    }
-
-    /// Lets guest time run again, hiding the time since [`Self::freeze`].
-    pub fn resume(&mut self, host_tsc: u64) {
-        if let Some(at) = self.frozen_at.take() {
-            self.hidden += host_tsc.saturating_sub(at);
-        }
-    }
-
-    /// The TSC offset that makes the hardware count guest time.
-    pub fn tsc_offset(&self) -> u64 {
-        self.hidden.wrapping_neg()
-    }
-}
-
 /// One VM: memory, devices, and the state its exit handlers keep.
 pub struct Vm<M: GuestMemory> {
     /// Name used in every log line.
@@ -237,7 +186,7 @@ impl<M: GuestMemory> Vm<M> {
 
     /// Runs the vCPU until the VM ends.
     pub fn run(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>) -> VmEnd {
-        self.clock = GuestClock::new((env.host_tsc)(), self.clock.tsc_hz);
+        self.clock = GuestClock::new((env.host_tsc)(), self.clock.tsc_hz());
         let end = loop {
             if let Next::End(end) = self.service_devices(env) {
                 break end;
@@ -245,11 +194,10 @@ impl<M: GuestMemory> Vm<M> {
             self.offer_interrupt(vcpu);
             let now = self.now(env);
             (env.arm_timer)(self.next_deadline_ns().map(|deadline| deadline.saturating_sub(now)));
-            self.clock.resume((env.host_tsc)());
-            vcpu.set_tsc_offset(self.clock.tsc_offset());
             let entered = (env.now_micros)();
-            let exit = vcpu.run();
-            self.clock.freeze((env.host_tsc)());
+            // The backend resumes the guest clock right before entry and freezes it right
+            // after the exit, so the world switch's own cost is hidden as well.
+            let exit = vcpu.run(&mut self.clock);
             let exited = (env.now_micros)();
             self.stats.guest_micros += exited.saturating_sub(entered);
             let next = self.handle(vcpu, exit, env);

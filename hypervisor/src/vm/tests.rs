@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::devices::test_device::{TestDevice, IRQ_PORT, MMIO_BASE};
+use crate::guest_clock::GuestClock;
 use crate::loader::{page_tables, SliceMemory};
 use crate::vcpu::{Gprs, GuestMode, XCR0_AVX, XCR0_SSE, XCR0_X87};
 use alloc::vec;
@@ -18,7 +19,6 @@ struct Mock {
     window: bool,
     xcr0: u64,
     skips: u32,
-    tsc_offset: u64,
 }
 
 const START_RIP: u64 = 0x20_0000;
@@ -36,7 +36,6 @@ impl Mock {
             window: false,
             xcr0: XCR0_X87,
             skips: 0,
-            tsc_offset: 0,
         }
     }
 
@@ -60,7 +59,7 @@ fn long_mode() -> GuestMode {
 }
 
 impl Vcpu for Mock {
-    fn run(&mut self) -> Exit {
+    fn run(&mut self, _clock: &mut GuestClock) -> Exit {
         let (exit, gprs) = self.script.pop_front().expect("the run loop ran past the end of the script");
         if let Some(gprs) = gprs {
             self.gprs = gprs;
@@ -106,9 +105,6 @@ impl Vcpu for Mock {
     }
     fn xcr0(&self) -> u64 {
         self.xcr0
-    }
-    fn set_tsc_offset(&mut self, offset: u64) {
-        self.tsc_offset = offset;
     }
 }
 
@@ -184,7 +180,7 @@ fn step(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> Option<VmEnd> {
         input: None,
     };
     vm.offer_interrupt(vcpu);
-    let exit = vcpu.run();
+    let exit = vcpu.run(&mut GuestClock::new(0, 0));
     match vm.handle(vcpu, exit, &mut env) {
         Next::End(end) => Some(end),
         Next::Continue => None,
@@ -223,22 +219,6 @@ fn unknown_msrs_get_gp_and_allowed_ones_round_trip() {
     assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0xffff_8000, 0x1000));
     step(&mut vm, &mut vcpu);
     assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0, 42), "TSC reads the guest TSC");
-}
-
-#[test]
-fn guest_clock_hides_exit_handling_but_not_halts() {
-    let mut clock = GuestClock::new(1_000, 1_000_000_000);
-    assert_eq!(clock.ns(3_000), 2_000);
-    clock.freeze(3_000);
-    assert_eq!(clock.ns(9_000), 2_000, "frozen while an exit is handled");
-    clock.resume(9_000);
-    assert_eq!(clock.tsc_offset(), 6_000u64.wrapping_neg());
-    assert_eq!(clock.tsc(10_000), 4_000);
-    assert_eq!(clock.ns(10_000), 3_000);
-    // A halt: resume first (hides nothing new), then real time passes.
-    clock.freeze(10_000);
-    clock.resume(10_000);
-    assert_eq!(clock.ns(20_000), 13_000);
 }
 
 #[test]
@@ -321,7 +301,7 @@ fn interrupts_wait_for_a_window_then_are_injected() {
         wait: &|| {},
         input: None,
     };
-    let exit = vcpu.run();
+    let exit = vcpu.run(&mut GuestClock::new(0, 0));
     vm.handle(&mut vcpu, exit, &mut env);
     vm.offer_interrupt(&mut vcpu);
     assert!(vcpu.window, "IF=0: ask for an interrupt window");
@@ -332,7 +312,7 @@ fn interrupts_wait_for_a_window_then_are_injected() {
     assert!(!vcpu.window);
     // HLT with the interrupt already delivered and IF=1 has nothing left to wait for.
     vcpu.script.push_back((Exit::Hlt, None));
-    let exit = vcpu.run();
+    let exit = vcpu.run(&mut GuestClock::new(0, 0));
     assert!(matches!(vm.handle(&mut vcpu, exit, &mut env), Next::End(VmEnd::Halted(_))));
 }
 
@@ -358,7 +338,7 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
         wait: &|| {},
         input: None,
     };
-    let exit = vcpu.run();
+    let exit = vcpu.run(&mut GuestClock::new(0, 0));
     vm.handle(&mut vcpu, exit, &mut env);
     assert_eq!(vcpu.gprs.rax, 0x1234_5678);
     assert_eq!(vcpu.rip, START_RIP + 2);
@@ -366,7 +346,7 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
         Exit::NestedFault { gpa: MMIO_BASE + 8, write: true, fetch: false },
         Gprs { rbx: MMIO_BASE + 8, rcx: 0x1122_3344_5566_7788, ..Gprs::default() },
     );
-    let exit = vcpu.run();
+    let exit = vcpu.run(&mut GuestClock::new(0, 0));
     vm.handle(&mut vcpu, exit, &mut env);
     assert_eq!(vcpu.rip, START_RIP + 5);
     assert_eq!(vm.bus.mmio_read(MMIO_BASE + 8, 8, 0, &mut Events::default()), Some(0x1122_3344_5566_7788));
@@ -414,7 +394,7 @@ fn rep_string_io_moves_guest_memory() {
         input: None,
     };
     for _ in 0..2 {
-        let exit = vcpu.run();
+        let exit = vcpu.run(&mut GuestClock::new(0, 0));
         vm.handle(&mut vcpu, exit, &mut env);
     }
     let mut buf = [0u8; 5];
@@ -441,13 +421,13 @@ fn xsetbv_is_validated() {
         input: None,
     };
     let mut vcpu = Mock::new(vec![]).then(Exit::Xsetbv, Gprs { rax: 3, ..Gprs::default() });
-    let exit = vcpu.run();
+    let exit = vcpu.run(&mut GuestClock::new(0, 0));
     vm.handle(&mut vcpu, exit, &mut env);
     assert_eq!(vcpu.injected_exceptions, [(VECTOR_UD, None)], "CR4.OSXSAVE clear");
     vcpu.mode.cr4 |= CR4_OSXSAVE;
     for (rax, rcx) in [(3, 0), (2, 0), (7, 0), (3, 1)] {
         vcpu = vcpu.then(Exit::Xsetbv, Gprs { rax, rcx, ..Gprs::default() });
-        let exit = vcpu.run();
+        let exit = vcpu.run(&mut GuestClock::new(0, 0));
         vm.handle(&mut vcpu, exit, &mut env);
     }
     assert_eq!(vcpu.xcr0, 3);

@@ -14,6 +14,7 @@ use self::vmcb::{control, misc1, misc2, save};
 use super::memory;
 use super::xstate::XState;
 use crate::exit_decode;
+use crate::guest_clock::GuestClock;
 use crate::mm::frames::FRAME_SIZE;
 use crate::vcpu::{Exit, Gprs, GuestMode, StartMode, Vcpu};
 
@@ -320,13 +321,16 @@ impl SvmVcpu {
     }
 
     /// One VMRUN and the raw decoding of its exit; `None` for exits handled here.
-    fn run_once(&mut self) -> Option<Exit> {
+    fn run_once(&mut self, clock: &mut GuestClock) -> Option<Exit> {
         self.vmcb.write(save::RAX, self.gprs.rax);
         self.xstate.enter_guest();
+        clock.resume(rdtsc());
+        self.vmcb.write(control::TSC_OFFSET, clock.tsc_offset());
         // SAFETY: the VMCB passed the setup above (SVME set, VMRUN intercepted, ASID != 0,
         // valid maps), the host save area is set by `enable`, both pages are owned by this
         // vCPU, and `hv_svm_run` restores every callee-saved register.
         unsafe { hv_svm_run(self.vmcb.phys, &mut self.gprs, self.host_area.phys) };
+        clock.freeze(rdtsc());
         self.xstate.leave_guest();
         self.gprs.rax = self.vmcb.read(save::RAX);
         self.vmcb.write(control::TLB_CONTROL, 0u8);
@@ -465,9 +469,9 @@ fn msrpm_position(msr: u32) -> Option<(usize, u32)> {
 }
 
 impl Vcpu for SvmVcpu {
-    fn run(&mut self) -> Exit {
+    fn run(&mut self, clock: &mut GuestClock) -> Exit {
         loop {
-            if let Some(exit) = self.run_once() {
+            if let Some(exit) = self.run_once(clock) {
                 return exit;
             }
         }
@@ -563,10 +567,6 @@ impl Vcpu for SvmVcpu {
     fn xcr0(&self) -> u64 {
         self.xstate.guest_xcr0
     }
-
-    fn set_tsc_offset(&mut self, offset: u64) {
-        self.vmcb.write(control::TSC_OFFSET, offset);
-    }
 }
 
 impl SvmVcpu {
@@ -574,4 +574,9 @@ impl SvmVcpu {
     pub fn supported_xcr0(&self) -> u64 {
         self.xstate.supported_xcr0()
     }
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
 }

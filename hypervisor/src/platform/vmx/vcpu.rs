@@ -14,6 +14,7 @@ use super::instructions::{self as vmx, VmxError};
 use super::switch::{self, SwitchState};
 use super::{cap_msr, ept_vpid_cap, msr, rdmsr, revision_id};
 use crate::exit_decode;
+use crate::guest_clock::GuestClock;
 use crate::mm::frames::FRAME_SIZE;
 use crate::platform::xstate::XState;
 use crate::platform::{gdt, memory};
@@ -728,14 +729,17 @@ impl VmxVcpu {
     }
 
     /// One VM entry and exit; `None` when the backend handled the exit and the guest continues.
-    fn run_once(&mut self) -> Option<Exit> {
+    fn run_once(&mut self, clock: &mut GuestClock) -> Option<Exit> {
         self.activate();
         let state: *mut SwitchState = &mut *self.state;
         // SAFETY: VMX is on, our VMCS is current with complete host state (HOST_RIP is the exit
         // path of the same assembly, HOST_RSP is written by it); `state` points at our boxed
         // switch state, whose extended-state areas are ours and 64-byte aligned.
         self.xstate.enter_guest();
+        clock.resume(rdtsc());
+        self.set(w64::TSC_OFFSET, clock.tsc_offset());
         let result = unsafe { switch::hv_vmx_run(state, u64::from(self.launched)) };
+        clock.freeze(rdtsc());
         self.xstate.leave_guest();
         if result != switch::SWITCH_EXITED {
             let code = if result == switch::SWITCH_FAIL_VALID { vmx::vm_instruction_error() } else { 0 };
@@ -797,9 +801,9 @@ impl VmxVcpu {
 }
 
 impl Vcpu for VmxVcpu {
-    fn run(&mut self) -> Exit {
+    fn run(&mut self, clock: &mut GuestClock) -> Exit {
         loop {
-            if let Some(exit) = self.run_once() {
+            if let Some(exit) = self.run_once(clock) {
                 return exit;
             }
         }
@@ -881,10 +885,6 @@ impl Vcpu for VmxVcpu {
         self.xstate.guest_xcr0
     }
 
-    fn set_tsc_offset(&mut self, offset: u64) {
-        self.set(w64::TSC_OFFSET, offset);
-    }
-
     fn set_interrupt_window_exiting(&mut self, on: bool) {
         if on && !self.interrupt_window_allowed {
             log::error!("vmx: interrupt-window exiting is not available on this CPU");
@@ -906,4 +906,9 @@ impl Drop for VmxVcpu {
         let _ = CURRENT_VMCS.compare_exchange(self.frames.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
         self.frames.free();
     }
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
