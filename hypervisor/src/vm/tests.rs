@@ -125,21 +125,35 @@ fn host_cpuid(leaf: u32, subleaf: u32) -> cpuid::Regs {
     }
 }
 
-/// Runs the mock to the VM's end; returns the end and the console lines.
-fn run(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> (VmEnd, Vec<String>) {
-    let mut lines = Vec::new();
-    let mut console = |line: &str| lines.push(String::from(line));
-    let mut env = Env {
+fn zero() -> u64 {
+    0
+}
+
+/// The host TSC the tests see (the guest TSC too: nothing is hidden in a test).
+fn host_tsc() -> u64 {
+    42
+}
+
+/// The environment the tests run in: no clock, no host timer, no console input.
+fn test_env<'a>(console: &'a mut dyn FnMut(&str), supported_xcr0: u64) -> Env<'a> {
+    Env {
         cpuid: &host_cpuid,
-        now_micros: &|| 0,
-        host_tsc: &|| 42,
-        console: &mut console,
-        supported_xcr0: XCR0_X87 | XCR0_SSE | XCR0_AVX,
+        now_micros: &zero,
+        host_tsc: &host_tsc,
+        console,
+        supported_xcr0,
         tsc_hz: 0,
         arm_timer: &|_| {},
         wait: &|| {},
         input: None,
-    };
+    }
+}
+
+/// Runs the mock to the VM's end; returns the end and the console lines.
+fn run(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> (VmEnd, Vec<String>) {
+    let mut lines = Vec::new();
+    let mut console = |line: &str| lines.push(String::from(line));
+    let mut env = test_env(&mut console, XCR0_X87 | XCR0_SSE | XCR0_AVX);
     let end = vm.run(vcpu, &mut env);
     (end, lines)
 }
@@ -168,17 +182,7 @@ fn debug_exit_ends_the_vm_with_its_status() {
 /// Runs exactly one scripted exit through the handlers.
 fn step(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> Option<VmEnd> {
     let mut console = |_: &str| {};
-    let mut env = Env {
-        cpuid: &host_cpuid,
-        now_micros: &|| 0,
-        host_tsc: &|| 42,
-        console: &mut console,
-        supported_xcr0: XCR0_X87 | XCR0_SSE,
-        tsc_hz: 0,
-        arm_timer: &|_| {},
-        wait: &|| {},
-        input: None,
-    };
+    let mut env = test_env(&mut console, XCR0_X87 | XCR0_SSE);
     vm.offer_interrupt(vcpu);
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
     match vm.handle(vcpu, exit, &mut env) {
@@ -290,17 +294,7 @@ fn interrupts_wait_for_a_window_then_are_injected() {
     let request = Exit::Io(IoExit { port: IRQ_PORT, size: 1, write: true, string: false, rep: false });
     let mut vcpu = Mock::new(vec![]).then(request, Gprs { rax: 0x40, ..Gprs::default() });
     let mut console = |_: &str| {};
-    let mut env = Env {
-        cpuid: &host_cpuid,
-        now_micros: &|| 0,
-        host_tsc: &|| 0,
-        console: &mut console,
-        supported_xcr0: 1,
-        tsc_hz: 0,
-        arm_timer: &|_| {},
-        wait: &|| {},
-        input: None,
-    };
+    let mut env = test_env(&mut console, 1);
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
     vm.handle(&mut vcpu, exit, &mut env);
     vm.offer_interrupt(&mut vcpu);
@@ -327,17 +321,7 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
         Gprs { rax: u64::MAX, rbx: MMIO_BASE, ..Gprs::default() },
     );
     let mut console = |_: &str| {};
-    let mut env = Env {
-        cpuid: &host_cpuid,
-        now_micros: &|| 0,
-        host_tsc: &|| 0,
-        console: &mut console,
-        supported_xcr0: 1,
-        tsc_hz: 0,
-        arm_timer: &|_| {},
-        wait: &|| {},
-        input: None,
-    };
+    let mut env = test_env(&mut console, 1);
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
     vm.handle(&mut vcpu, exit, &mut env);
     assert_eq!(vcpu.gprs.rax, 0x1234_5678);
@@ -382,17 +366,7 @@ fn rep_string_io_moves_guest_memory() {
         .then(ins, Gprs { rdi: 0x4000, rcx: 4, ..Gprs::default() });
     let mut lines = Vec::new();
     let mut console = |line: &str| lines.push(String::from(line));
-    let mut env = Env {
-        cpuid: &host_cpuid,
-        now_micros: &|| 0,
-        host_tsc: &|| 0,
-        console: &mut console,
-        supported_xcr0: 1,
-        tsc_hz: 0,
-        arm_timer: &|_| {},
-        wait: &|| {},
-        input: None,
-    };
+    let mut env = test_env(&mut console, 1);
     for _ in 0..2 {
         let exit = vcpu.run(&mut GuestClock::new(0, 0));
         vm.handle(&mut vcpu, exit, &mut env);
@@ -409,17 +383,7 @@ fn rep_string_io_moves_guest_memory() {
 fn xsetbv_is_validated() {
     let mut vm = vm();
     let mut console = |_: &str| {};
-    let mut env = Env {
-        cpuid: &host_cpuid,
-        now_micros: &|| 0,
-        host_tsc: &|| 0,
-        console: &mut console,
-        supported_xcr0: XCR0_X87 | XCR0_SSE,
-        tsc_hz: 0,
-        arm_timer: &|_| {},
-        wait: &|| {},
-        input: None,
-    };
+    let mut env = test_env(&mut console, XCR0_X87 | XCR0_SSE);
     let mut vcpu = Mock::new(vec![]).then(Exit::Xsetbv, Gprs { rax: 3, ..Gprs::default() });
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
     vm.handle(&mut vcpu, exit, &mut env);
