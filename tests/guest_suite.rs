@@ -129,3 +129,17 @@ fn svm_triple_fault_stops_only_that_vm() {
 fn vmx_triple_fault_stops_only_that_vm() {
     triple_fault_stops_only_that_vm(Platform::Bochs);
 }
+
+#[test]
+fn malformed_and_oversized_images_end_only_their_vm_with_the_reason() {
+    let outcome = integration_tests::boot_vms(Platform::Tcg, Firmware::Bios, "bad-images.vms");
+    Log(&outcome)
+        .line_with_all(&[
+            "VM-END vm=not-a-kernel reason=error",
+            "kernel multiboot-modules/one.txt: not a bzImage, multiboot or ELF64 image",
+        ])
+        .line_with_all(&["VM-END vm=too-small reason=error", "kernel test-guest.elf:", "outside guest memory"])
+        .contains("[still-running] real-mode: ok\n")
+        .contains("VM-END vm=still-running reason=debug-exit status=0")
+        .ended(RunStatus::Failure, "3 VMs ran, 2 failed: not-a-kernel (error: kernel multiboot-modules/one.txt");
+}
