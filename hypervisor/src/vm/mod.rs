@@ -121,6 +121,8 @@ pub struct Env<'a> {
 
 /// How often a halted guest looks for console input.
 const INPUT_POLL_NS: u64 = 10_000_000;
+/// How often a running guest's host console is checked for input.
+const INPUT_POLL_INTERVAL_US: u64 = 1_000;
 
 /// One VM: memory, devices, and the state its exit handlers keep.
 pub struct Vm<M: GuestMemory> {
@@ -140,6 +142,7 @@ pub struct Vm<M: GuestMemory> {
     console_line: Vec<u8>,
     /// A partial console line was already written (the guest is waiting for input mid-line).
     console_mid_line: bool,
+    last_input_poll: u64,
     warned_ports: Vec<u16>,
 }
 
@@ -180,6 +183,7 @@ impl<M: GuestMemory> Vm<M> {
             pending_interrupts: VecDeque::new(),
             console_line: Vec::new(),
             console_mid_line: false,
+            last_input_poll: 0,
             warned_ports: Vec::new(),
         }
     }
@@ -220,7 +224,13 @@ impl<M: GuestMemory> Vm<M> {
     fn service_devices(&mut self, env: &mut Env<'_>) -> Next {
         let now = self.now(env);
         let mut events = Events::default();
-        if let Some(input) = env.input.as_mut() {
+        // Reading the host UART is itself an exit when the hypervisor is nested: look at most
+        // once per INPUT_POLL_INTERVAL_US, which is still far faster than anyone types.
+        let wall = (env.now_micros)();
+        if let Some(input) =
+            env.input.as_mut().filter(|_| wall.wrapping_sub(self.last_input_poll) >= INPUT_POLL_INTERVAL_US)
+        {
+            self.last_input_poll = wall;
             while let Some(byte) = input() {
                 self.bus.input(byte, now, &mut events);
             }
