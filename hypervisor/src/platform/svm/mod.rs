@@ -84,14 +84,24 @@ pub fn enable() -> Result<(), SvmError> {
     Ok(())
 }
 
-/// One page of guest-visible control structure, reached through the physical-memory window.
+/// Frames of a control structure (VMCB, permission maps), reached through the physical-memory
+/// window and returned to the allocator when the vCPU goes away.
 struct Page {
     phys: u64,
+    frames: u64,
+}
+
+impl Drop for Page {
+    fn drop(&mut self) {
+        if let Err(e) = memory::FRAMES.lock().free(self.phys, self.frames) {
+            log::error!("svm: freeing {} frames at {:#x}: {e}", self.frames, self.phys);
+        }
+    }
 }
 
 impl Page {
     fn new(frames: u64) -> Result<Self, SvmError> {
-        memory::alloc_zeroed(frames, FRAME_SIZE).map(|phys| Page { phys }).ok_or(SvmError::OutOfMemory)
+        memory::alloc_zeroed(frames, FRAME_SIZE).map(|phys| Page { phys, frames }).ok_or(SvmError::OutOfMemory)
     }
 
     fn ptr<T>(&self, offset: usize) -> *mut T {
@@ -109,9 +119,9 @@ impl Page {
         unsafe { core::ptr::write_volatile(self.ptr(offset), value) }
     }
 
-    fn fill(&self, frames: u64, byte: u8) {
-        // SAFETY: `frames` is the size this page run was allocated with.
-        unsafe { core::ptr::write_bytes(self.ptr::<u8>(0), byte, (frames * FRAME_SIZE) as usize) }
+    fn fill(&self, byte: u8) {
+        // SAFETY: `self.frames` is the size this run was allocated with, and it is ours.
+        unsafe { core::ptr::write_bytes(self.ptr::<u8>(0), byte, (self.frames * FRAME_SIZE) as usize) }
     }
 
     fn set_segment(&self, offset: usize, selector: u16, attrib: u16, limit: u32, base: u64) {
@@ -236,9 +246,9 @@ impl SvmVcpu {
         let host_area = Page::new(1)?;
         // Every port and every MSR exits unless listed otherwise.
         let iopm = Page::new(3)?;
-        iopm.fill(3, 0xff);
+        iopm.fill(0xff);
         let msrpm = Page::new(2)?;
-        msrpm.fill(2, 0xff);
+        msrpm.fill(0xff);
         for msr in PASS_THROUGH_MSRS {
             if let Some((byte, bit)) = msrpm_position(msr) {
                 let old: u8 = msrpm.read(byte);
