@@ -46,6 +46,14 @@ impl GuestClock {
         }
     }
 
+    /// For world switches that read the TSC themselves right before entry: freezes the clock
+    /// if it runs and returns `(hidden, frozen_at)`. Resuming at entry TSC `t` means a TSC offset
+    /// of `-(hidden + t - frozen_at)`; the caller then reports `t` to [`Self::resume`].
+    pub fn entry_base(&mut self, host_tsc: u64) -> (u64, u64) {
+        let at = *self.frozen_at.get_or_insert(host_tsc);
+        (self.hidden, at)
+    }
+
     /// The guest TSC's frequency.
     pub fn tsc_hz(&self) -> u64 {
         self.tsc_hz
@@ -75,5 +83,18 @@ mod tests {
         clock.freeze(10_000);
         clock.resume(10_000);
         assert_eq!(clock.ns(20_000), 13_000);
+    }
+
+    #[test]
+    fn entry_base_matches_resume() {
+        let mut by_base = GuestClock::new(0, 1);
+        by_base.freeze(100);
+        let (hidden, at) = by_base.entry_base(500);
+        assert_eq!((hidden, at), (0, 100), "already frozen: the freeze time stays");
+        let offset = (hidden + 400 - at).wrapping_neg();
+        by_base.resume(400);
+        assert_eq!(by_base.tsc_offset(), offset);
+        let mut running = GuestClock::new(0, 1);
+        assert_eq!(running.entry_base(700), (0, 700));
     }
 }

@@ -165,13 +165,29 @@ pub struct SvmVcpu {
     _not_send: PhantomData<*const ()>,
 }
 
-unsafe extern "C" {
-    /// The world switch in `global_asm!` below.
-    fn hv_svm_run(vmcb: u64, gprs: *mut Gprs, host_area: u64);
+/// What the world switch needs to start and stop the guest clock at VMRUN itself.
+#[repr(C)]
+struct TscSync {
+    /// Exit time hidden so far.
+    hidden: u64,
+    /// When the clock stopped.
+    frozen_at: u64,
+    /// Virtual address of the VMCB's TSC_OFFSET field.
+    offset_field: u64,
+    /// Host TSC right before VMRUN (written by the switch).
+    entry: u64,
+    /// Host TSC right after #VMEXIT (written by the switch).
+    exit: u64,
 }
 
-// rdi = guest VMCB, rsi = Gprs, rdx = host VMSAVE area (all physical except rsi).
+unsafe extern "C" {
+    /// The world switch in `global_asm!` below.
+    fn hv_svm_run(vmcb: u64, gprs: *mut Gprs, host_area: u64, sync: *mut TscSync);
+}
+
+// rdi = guest VMCB, rsi = Gprs, rdx = host VMSAVE area (physical), rcx = TscSync.
 // Host FS/GS/TR/LDTR and syscall MSRs are parked with VMSAVE because VMLOAD replaces them.
+// The TSC is read as close to VMRUN and #VMEXIT as possible so guest time hides the rest.
 global_asm!(
     ".global hv_svm_run",
     "hv_svm_run:",
@@ -184,12 +200,25 @@ global_asm!(
     "push rsi",
     "push rdi",
     "push rdx",
+    "push rcx",
     "clgi",
     // Host interrupts stay blocked by GIF until VMRUN; with IF set they exit the guest.
     "sti",
     "mov rax, rdx",
     "vmsave rax",
-    "mov rax, rdi",
+    // TSC offset = -(hidden + now - frozen_at).
+    "mov rcx, [rsp]",
+    "rdtsc",
+    "shl rdx, 32",
+    "or rax, rdx",
+    "mov [rcx + {entry}], rax",
+    "sub rax, [rcx + {frozen_at}]",
+    "add rax, [rcx + {hidden}]",
+    "neg rax",
+    "mov rdx, [rcx + {offset_field}]",
+    "mov [rdx], rax",
+    "mov rax, [rsp + 16]",
+    "mov rsi, [rsp + 24]",
     "mov rbx, [rsi + 8]",
     "mov rcx, [rsi + 16]",
     "mov rdx, [rsi + 24]",
@@ -207,7 +236,7 @@ global_asm!(
     "vmload rax",
     "vmrun rax",
     "vmsave rax",
-    "mov rax, [rsp + 16]",
+    "mov rax, [rsp + 24]",
     "mov [rax + 8], rbx",
     "mov [rax + 16], rcx",
     "mov [rax + 24], rdx",
@@ -222,11 +251,16 @@ global_asm!(
     "mov [rax + 96], r13",
     "mov [rax + 104], r14",
     "mov [rax + 112], r15",
-    "mov rax, [rsp]",
+    "rdtsc",
+    "shl rdx, 32",
+    "or rax, rdx",
+    "mov rcx, [rsp]",
+    "mov [rcx + {exit}], rax",
+    "mov rax, [rsp + 8]",
     "vmload rax",
     "cli",
     "stgi",
-    "add rsp, 24",
+    "add rsp, 32",
     "pop r15",
     "pop r14",
     "pop r13",
@@ -234,6 +268,11 @@ global_asm!(
     "pop rbp",
     "pop rbx",
     "ret",
+    hidden = const core::mem::offset_of!(TscSync, hidden),
+    frozen_at = const core::mem::offset_of!(TscSync, frozen_at),
+    offset_field = const core::mem::offset_of!(TscSync, offset_field),
+    entry = const core::mem::offset_of!(TscSync, entry),
+    exit = const core::mem::offset_of!(TscSync, exit),
 );
 
 impl SvmVcpu {
@@ -334,13 +373,16 @@ impl SvmVcpu {
     fn run_once(&mut self, clock: &mut GuestClock) -> Option<Exit> {
         self.vmcb.write(save::RAX, self.gprs.rax);
         self.xstate.enter_guest();
-        clock.resume(rdtsc());
-        self.vmcb.write(control::TSC_OFFSET, clock.tsc_offset());
+        let (hidden, frozen_at) = clock.entry_base(rdtsc());
+        let offset_field = self.vmcb.ptr::<u64>(control::TSC_OFFSET) as u64;
+        let mut sync = TscSync { hidden, frozen_at, offset_field, entry: 0, exit: 0 };
         // SAFETY: the VMCB passed the setup above (SVME set, VMRUN intercepted, ASID != 0,
         // valid maps), the host save area is set by `enable`, both pages are owned by this
-        // vCPU, and `hv_svm_run` restores every callee-saved register.
-        unsafe { hv_svm_run(self.vmcb.phys, &mut self.gprs, self.host_area.phys) };
-        clock.freeze(rdtsc());
+        // vCPU, `offset_field` points into the VMCB, and `hv_svm_run` restores every
+        // callee-saved register.
+        unsafe { hv_svm_run(self.vmcb.phys, &mut self.gprs, self.host_area.phys, &mut sync) };
+        clock.resume(sync.entry);
+        clock.freeze(sync.exit);
         self.xstate.leave_guest();
         self.gprs.rax = self.vmcb.read(save::RAX);
         self.vmcb.write(control::TLB_CONTROL, 0u8);
