@@ -4,7 +4,6 @@
 //! interrupt, ending the VM) is returned through [`Events`], and the VM's run loop acts on it.
 
 pub mod acpi_pm;
-pub mod console;
 pub mod debug_exit;
 pub mod i8042;
 pub mod ioapic;
