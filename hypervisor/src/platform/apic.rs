@@ -40,8 +40,6 @@ static X2APIC: AtomicBool = AtomicBool::new(false);
 static READY: AtomicBool = AtomicBool::new(false);
 /// APIC timer ticks per millisecond.
 static TICKS_PER_MS: AtomicU64 = AtomicU64::new(0);
-/// Set by the timer interrupt handler.
-pub static TIMER_FIRED: AtomicBool = AtomicBool::new(false);
 
 fn read(reg: u32) -> u32 {
     if X2APIC.load(Ordering::Relaxed) {
@@ -179,9 +177,4 @@ pub fn take_pending_interrupt() {
 pub fn sleep() {
     x86_64::instructions::interrupts::enable_and_hlt();
     x86_64::instructions::interrupts::disable();
-}
-
-/// Whether the host timer works (it does once `init` succeeded).
-pub fn ready() -> bool {
-    READY.load(Ordering::Relaxed)
 }

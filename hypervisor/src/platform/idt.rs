@@ -107,7 +107,6 @@ static IDT: Lazy<Idt> = Lazy::new(|| {
 
 /// The host's APIC timer: it only has to wake the hypervisor (out of HLT or out of the guest).
 extern "x86-interrupt" fn timer_interrupt(_frame: InterruptStackFrame) {
-    apic::TIMER_FIRED.store(true, core::sync::atomic::Ordering::Relaxed);
     apic::eoi();
 }
 

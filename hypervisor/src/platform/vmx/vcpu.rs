@@ -157,7 +157,6 @@ pub struct VmxVcpu {
     /// The guest's extended state and XCR0, swapped around every entry.
     xstate: XState,
     interrupt_window_allowed: bool,
-    last_external_vector: Option<u8>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -189,7 +188,6 @@ impl VmxVcpu {
             vpid,
             xstate,
             interrupt_window_allowed: false,
-            last_external_vector: None,
             _not_send: PhantomData,
         };
         // On error, Drop clears the VMCS and frees the frames.
@@ -548,12 +546,6 @@ impl VmxVcpu {
         }
     }
 
-    /// The vector of the host interrupt behind the last [`Exit::ExternalInterrupt`]
-    /// (acknowledged on exit, so the host must EOI it).
-    pub fn last_external_vector(&self) -> Option<u8> {
-        self.last_external_vector
-    }
-
     /// The guest's view of CR4 (read shadow for host-owned bits).
     fn guest_cr4(&self) -> u64 {
         let mask = self.get(natural::CR4_GUEST_HOST_MASK);
@@ -777,11 +769,12 @@ impl VmxVcpu {
             Exit::InterruptWindow => self.set_interrupt_window_exiting(false),
             Exit::ExternalInterrupt => {
                 let info = self.get(w32::EXIT_INTERRUPTION_INFO);
-                self.last_external_vector = (info & INTR_VALID != 0).then_some(info as u8);
-                // Acknowledged on exit: the host APIC timer (the only host interrupt) needs
-                // its EOI here, as its handler never runs.
-                crate::platform::apic::TIMER_FIRED.store(true, core::sync::atomic::Ordering::Relaxed);
-                crate::platform::apic::eoi();
+                let vector = (info & INTR_VALID != 0).then_some(info as u8);
+                // Acknowledged on exit: the host APIC timer (the only host interrupt) needs its
+                // EOI here, as its handler never runs; spurious interrupts take none.
+                if vector != Some(crate::platform::apic::SPURIOUS_VECTOR) {
+                    crate::platform::apic::eoi();
+                }
             }
             // Not requested (empty exception bitmap), but NMIs exit here: the interruption
             // information says which.
