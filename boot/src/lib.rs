@@ -259,7 +259,29 @@ pub fn run_directory() -> Result<PathBuf, BootError> {
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
     let dir = root.join(format!("{stamp}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
     fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
+    prune_old_runs(&root);
     Ok(dir)
+}
+
+/// Run directories kept; each holds disk images of several MiB.
+const KEPT_RUNS: usize = 40;
+
+/// Deletes the oldest run directories beyond [`KEPT_RUNS`], sparing any from the last ten
+/// minutes (a parallel test may still be using it). Failures only cost disk space.
+fn prune_old_runs(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else { return };
+    let mut runs: Vec<(std::time::SystemTime, PathBuf)> =
+        entries.filter_map(Result::ok).filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path()))).collect();
+    if runs.len() <= KEPT_RUNS {
+        return;
+    }
+    runs.sort();
+    let recent = std::time::SystemTime::now() - Duration::from_secs(600);
+    for (modified, path) in &runs[..runs.len() - KEPT_RUNS] {
+        if *modified < recent {
+            let _ = fs::remove_dir_all(path);
+        }
+    }
 }
 
 /// Builds the image and runs it to its end, its crash or the timeout.
