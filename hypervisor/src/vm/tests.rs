@@ -526,6 +526,7 @@ fn random_device_port_traffic_never_panics() {
         0x40, 0x41, 0x42, 0x43, 0x61, 0x60, 0x64, 0x70, 0x71, 0x80, 0x3f8, 0x3fd, 0x600, 0x604, 0x608, 0xcf8, 0xcf9,
         0xcfc,
     ];
+    let (mut line_changes, mut console_bytes) = (0, 0);
     for _ in 0..50_000 {
         now += next() % 50_000;
         let port = if next() & 3 == 0 {
