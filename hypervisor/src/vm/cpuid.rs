@@ -14,6 +14,8 @@ pub type Regs = [u32; 4];
 
 const LEAF1_ECX_MONITOR: u32 = 1 << 3;
 const LEAF1_ECX_VMX: u32 = 1 << 5;
+/// Perfmon and debug capability (IA32_PERF_CAPABILITIES): no PMU is virtualized.
+const LEAF1_ECX_PDCM: u32 = 1 << 15;
 const LEAF1_ECX_X2APIC: u32 = 1 << 21;
 const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_EDX_APIC: u32 = 1 << 9;
@@ -83,14 +85,15 @@ pub fn guest_cpuid(
             [MAX_HYPERVISOR_LEAF, word(0), word(4), word(8)]
         }
         0x4000_0001..=0x4fff_ffff => [0; 4],
-        // MONITOR/MWAIT and thermal/power management (APERF/MPERF) are not virtualized.
-        5 | 6 => [0; 4],
+        // MONITOR/MWAIT, thermal/power management (APERF/MPERF) and the architectural PMU
+        // (leaf 0xA) are not virtualized.
+        5 | 6 | 0xa => [0; 4],
         1 => {
             let [eax, ebx, mut ecx, edx] = host(1, 0);
             // The emulated local APIC offers x2APIC and the TSC-deadline timer whatever the
             // host has; MONITOR/MWAIT would idle without exiting.
             ecx = (ecx | LEAF1_ECX_HYPERVISOR | LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE)
-                & !(LEAF1_ECX_VMX | LEAF1_ECX_OSXSAVE | LEAF1_ECX_MONITOR);
+                & !(LEAF1_ECX_VMX | LEAF1_ECX_OSXSAVE | LEAF1_ECX_MONITOR | LEAF1_ECX_PDCM);
             let edx = (edx | LEAF1_EDX_APIC) & !LEAF1_EDX_MCE_MCA;
             if guest_osxsave {
                 ecx |= LEAF1_ECX_OSXSAVE;
@@ -166,7 +169,8 @@ mod tests {
         assert_ne!(leaf1[2] & LEAF1_ECX_HYPERVISOR, 0);
         assert_eq!(leaf1[1] >> 16 & 0xff, 1, "one logical processor");
         assert_eq!(leaf1[2] & (LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE), LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE);
-        assert_eq!(leaf1[2] & LEAF1_ECX_MONITOR, 0);
+        assert_eq!(leaf1[2] & (LEAF1_ECX_MONITOR | LEAF1_ECX_PDCM), 0);
+        assert_eq!(guest_cpuid(0xa, 0, &generous_host, false, &CpuModel { supported_xcr0: 7, tsc_hz: 0 }), [0; 4]);
         assert_ne!(leaf1[3] & LEAF1_EDX_APIC, 0);
         assert_eq!(leaf1[3] & LEAF1_EDX_MCE_MCA, 0);
         assert_eq!(

@@ -5,6 +5,9 @@ use alloc::collections::BTreeMap;
 use alloc::collections::BTreeSet;
 
 const IA32_TSC: u32 = 0x10;
+const IA32_FEATURE_CONTROL: u32 = 0x3a;
+/// Locked with VMX (and SGX, LMCE) off: what firmware leaves when it disables them.
+const FEATURE_CONTROL_LOCKED: u64 = 1;
 const IA32_APIC_BASE: u32 = 0x1b;
 const IA32_BIOS_SIGN_ID: u32 = 0x8b;
 const IA32_MTRRCAP: u32 = 0xfe;
@@ -54,6 +57,7 @@ impl MsrModel {
     pub fn read(&mut self, msr: u32, tsc: u64) -> Result<u64, Refused> {
         match msr {
             IA32_TSC => Ok(tsc),
+            IA32_FEATURE_CONTROL => Ok(FEATURE_CONTROL_LOCKED),
             // Reports no variable or fixed MTRRs: the guest has nothing to program.
             IA32_MTRRCAP => Ok(0),
             IA32_APIC_BASE => Ok(*self.values.get(&msr).unwrap_or(&APIC_BASE_RESET)),
@@ -124,7 +128,8 @@ mod tests {
         let mut m = MsrModel::default();
         assert_eq!(m.read(0x4000_00ff, 0), Err(Refused { first: true }));
         assert_eq!(m.write(0x4000_00ff, 1), Err(Refused { first: false }));
-        assert_eq!(m.read(0x3a, 0), Err(Refused { first: true }), "VMX feature control is hidden");
+        assert_eq!(m.read(0x3a, 0), Ok(1), "feature control reads locked with VMX off");
+        assert_eq!(m.write(0x3a, 5), Err(Refused { first: true }), "and a locked MSR cannot be written");
         assert_eq!(m.write(IA32_PAT, 0x0202_0202_0202_0202), Err(Refused { first: true }), "memory type 2 is reserved");
         assert_eq!(m.write(IA32_APIC_BASE, 0xfee0_0900), Err(Refused { first: true }));
         assert_eq!(m.read(IA32_PAT, 0), Ok(PAT_RESET), "a refused write changes nothing");
