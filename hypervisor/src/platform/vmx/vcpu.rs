@@ -724,12 +724,12 @@ impl VmxVcpu {
     fn run_once(&mut self, clock: &mut GuestClock) -> Option<Exit> {
         self.activate();
         let state: *mut SwitchState = &mut *self.state;
-        // SAFETY: VMX is on, our VMCS is current with complete host state (HOST_RIP is the exit
-        // path of the same assembly, HOST_RSP is written by it); `state` points at our boxed
-        // switch state, whose extended-state areas are ours and 64-byte aligned.
         self.xstate.enter_guest();
         clock.resume(rdtsc());
         self.set(w64::TSC_OFFSET, clock.tsc_offset());
+        // SAFETY: VMX is on, our VMCS is current with complete host state (HOST_RIP is the exit
+        // path of the same assembly, HOST_RSP is written by it), and `state` points at our
+        // boxed switch state, which outlives the call.
         let result = unsafe { switch::hv_vmx_run(state, u64::from(self.launched)) };
         clock.freeze(rdtsc());
         self.xstate.leave_guest();
