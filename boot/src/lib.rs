@@ -433,3 +433,78 @@ fn wait_for_file(path: &Path) -> Result<fs::File, BootError> {
     fs::File::create(path).map_err(io_error(format!("creating {}", path.display())))?;
     fs::File::open(path).map_err(io_error(format!("opening {}", path.display())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hv-boot-test-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn ramdisk_carries_the_config_and_every_image_it_names() {
+        let dir = scratch_dir("pack");
+        fs::write(dir.join("initrd.img"), b"initrd bytes").unwrap();
+        fs::create_dir_all(dir.join("mods")).unwrap();
+        fs::write(dir.join("mods/m.bin"), b"module").unwrap();
+        let config = "[vm a]\nkernel = test-guest.elf\ninitrd = initrd.img\n\
+                      [vm b]\nkernel = multiboot-guest.elf\nmodules = mods/m.bin arg\n";
+        let files = ramdisk_files_for(config, &dir).unwrap();
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, [VM_CONFIG_FILE, "test-guest.elf", "initrd.img", "multiboot-guest.elf", "mods/m.bin"]);
+        assert_eq!(files[0].1, config.as_bytes());
+        assert_eq!(files[2].1, b"initrd bytes");
+        assert_eq!(&files[1].1[..4], b"\x7fELF", "built-in images come from the build");
+
+        let packed = pack_ramdisk(&files);
+        let parsed = hypervisor::ramdisk::parse(&packed).unwrap();
+        assert_eq!(hypervisor::ramdisk::find(&parsed, "mods/m.bin").unwrap().data, b"module");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn missing_images_and_bad_configs_are_named() {
+        let dir = scratch_dir("errors");
+        let e = ramdisk_files_for("[vm a]\nkernel = nowhere.bin\n", &dir).unwrap_err();
+        assert!(e.starts_with("image \"nowhere.bin\""), "{e}");
+        let e = ramdisk_files_for("[vm a]\nkernel = k\nmemory = lots\n", &dir).unwrap_err();
+        assert_eq!(e, "line 3, vm a, field memory: \"lots\" is not a size like 64M or 1G");
+        let e = ramdisk_files(Some(&dir.join("absent.vms"))).unwrap_err();
+        assert!(e.to_string().contains("absent.vms"), "{e}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn platform_and_firmware_names() {
+        assert_eq!(Platform::parse("bochs").unwrap(), Platform::Bochs);
+        assert_eq!(Platform::parse("tcg").unwrap(), Platform::Tcg);
+        assert!(Platform::parse("xen").unwrap_err().to_string().contains("expected auto, kvm, tcg or bochs"));
+        assert_eq!(Firmware::parse("uefi").unwrap(), Firmware::Uefi);
+        assert!(Firmware::parse("coreboot").unwrap_err().to_string().contains("expected bios or uefi"));
+    }
+
+    #[test]
+    fn outcome_summary_names_timeouts_and_end_lines() {
+        let mut outcome = RunOutcome {
+            serial: String::new(),
+            end: Some((RunStatus::Failure, "3 VMs ran, 1 failed".into())),
+            timed_out: false,
+            emulator_exit: "exited through isa-debug-exit with the failure code".into(),
+            emulator_messages: String::new(),
+            elapsed: Duration::from_millis(2500),
+            log_path: PathBuf::from("x"),
+        };
+        assert!(!outcome.succeeded());
+        assert_eq!(
+            outcome.summary(),
+            "hypervisor ended with failure (3 VMs ran, 1 failed) after 2.5 s; emulator exited through \
+             isa-debug-exit with the failure code"
+        );
+        outcome.timed_out = true;
+        assert_eq!(outcome.summary(), "timed out after 2.5 s without an end line");
+    }
+}
