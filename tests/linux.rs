@@ -30,6 +30,10 @@ enum Kernel {
 }
 
 fn boot_linux(platform: Platform, kernel: Kernel) -> RunOutcome {
+    boot_linux_with(platform, Firmware::Bios, kernel)
+}
+
+fn boot_linux_with(platform: Platform, firmware: Firmware, kernel: Kernel) -> RunOutcome {
     let kernel_path = image(match kernel {
         Kernel::Small => "small-kernel.sh",
         Kernel::Distro => "distro-kernel.sh",
@@ -40,7 +44,7 @@ fn boot_linux(platform: Platform, kernel: Kernel) -> RunOutcome {
         kernel_path.display(),
         initrd.display()
     );
-    let mut config = boot::RunConfig::new(platform, Firmware::Bios, boot::HYPERVISOR_KERNEL);
+    let mut config = boot::RunConfig::new(platform, firmware, boot::HYPERVISOR_KERNEL);
     config.timeout = TIMEOUT * 3;
     config.ramdisk = boot::ramdisk_files_for(&vms, Path::new("/")).unwrap_or_else(|e| panic!("VM set: {e}"));
     boot::run(&config).unwrap_or_else(|e| panic!("could not run Linux on {platform}: {e}"))
@@ -129,6 +133,15 @@ fn vmx_small_kernel_counts_timer_and_uart_interrupts() {
 #[test]
 fn vmx_small_kernel_clocksource_is_not_jiffies() {
     clocksource_is_not_jiffies(Platform::Bochs, Kernel::Small);
+}
+
+#[test]
+fn svm_small_kernel_boots_from_the_uefi_image_too() {
+    let outcome = boot_linux_with(Platform::Tcg, Firmware::Uefi, Kernel::Small);
+    Log(&outcome)
+        .contains("[linux] HV-LINUX-MARKER: checks done\n")
+        .contains("VM-END vm=linux reason=power-off status=0")
+        .ended(RunStatus::Success, "1 VMs ran, all ended cleanly");
 }
 
 #[test]
