@@ -3,24 +3,23 @@
 //! Debian's distro kernel on SVM. Each test asserts on the guest's own output.
 //!
 //! The images come from `guest-images/linux/*.sh` (cached outside the checkout;
-//! `scripts/test.sh` builds them first, so here they are cache hits).
+//! `scripts/test.sh` builds them first, so here they are cache hits) and are booted through the
+//! committed VM sets `guest-images/linux*.vms`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
 use integration_tests::{Firmware, Log, Platform, RunOutcome, RunStatus, TIMEOUT};
 
-fn image(script: &str) -> PathBuf {
+/// Runs a guest-image script: it builds the image if needed and links it into
+/// `guest-images/linux/out/`, where the committed VM sets name it.
+fn ensure_image(script: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images/linux").join(script);
     let output = Command::new("bash").arg(&path).output().unwrap_or_else(|e| panic!("running {script}: {e}"));
     if !output.status.success() {
         panic!("{script} failed:\n{}", String::from_utf8_lossy(&output.stderr));
     }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let last =
-        stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_else(|| panic!("{script} printed no path"));
-    PathBuf::from(last.trim())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -33,21 +32,36 @@ fn boot_linux(platform: Platform, kernel: Kernel) -> RunOutcome {
     boot_linux_with(platform, Firmware::Bios, kernel)
 }
 
+/// Builds (or finds) the images, which links them where the committed VM sets expect them,
+/// then boots the set for `kernel`.
 fn boot_linux_with(platform: Platform, firmware: Firmware, kernel: Kernel) -> RunOutcome {
-    let kernel_path = image(match kernel {
-        Kernel::Small => "small-kernel.sh",
-        Kernel::Distro => "distro-kernel.sh",
-    });
-    let initrd = image("initramfs.sh");
-    let vms = format!(
-        "[vm linux]\nkernel = {}\ninitrd = {}\ncmdline = console=ttyS0 panic=-1\nmemory = 256M\n",
-        kernel_path.display(),
-        initrd.display()
-    );
+    ensure_image("initramfs.sh");
+    let vms = match kernel {
+        Kernel::Small => {
+            ensure_image("small-kernel.sh");
+            "linux-checks.vms"
+        }
+        Kernel::Distro => {
+            ensure_image("distro-kernel.sh");
+            "linux-distro.vms"
+        }
+    };
+    boot_with(platform, firmware, vms, TIMEOUT * 3, None)
+}
+
+fn boot_with(
+    platform: Platform,
+    firmware: Firmware,
+    vms: &str,
+    timeout: std::time::Duration,
+    typed_input: Option<(String, Vec<u8>)>,
+) -> RunOutcome {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images").join(vms);
     let mut config = boot::RunConfig::new(platform, firmware, boot::HYPERVISOR_KERNEL);
-    config.timeout = TIMEOUT * 3;
-    config.ramdisk = boot::ramdisk_files_for(&vms, Path::new("/")).unwrap_or_else(|e| panic!("VM set: {e}"));
-    boot::run(&config).unwrap_or_else(|e| panic!("could not run Linux on {platform}: {e}"))
+    config.timeout = timeout;
+    config.typed_input = typed_input;
+    config.ramdisk = boot::ramdisk_files(Some(&path)).unwrap_or_else(|e| panic!("VM set {vms}: {e}"));
+    boot::run(&config).unwrap_or_else(|e| panic!("could not run {vms} on {platform}: {e}"))
 }
 
 fn run(platform: Platform, kernel: Kernel) -> &'static RunOutcome {
@@ -146,19 +160,11 @@ fn svm_small_kernel_boots_from_the_uefi_image_too() {
 
 #[test]
 fn svm_small_kernel_shell_takes_typed_input() {
-    let kernel = image("small-kernel.sh");
-    let initrd = image("initramfs.sh");
-    let vms = format!(
-        "[vm linux]\nkernel = {}\ninitrd = {}\ncmdline = console=ttyS0 panic=-1 hv.shell=1\nmemory = 256M\n",
-        kernel.display(),
-        initrd.display()
-    );
-    let mut config = boot::RunConfig::new(Platform::Tcg, Firmware::Bios, boot::HYPERVISOR_KERNEL);
+    ensure_image("small-kernel.sh");
+    ensure_image("initramfs.sh");
     // Without the typed `exit` the shell would wait forever: keep the failure short.
-    config.timeout = TIMEOUT;
-    config.ramdisk = boot::ramdisk_files_for(&vms, Path::new("/")).unwrap_or_else(|e| panic!("VM set: {e}"));
-    config.typed_input = Some(("shell on the console".into(), b"echo typed-$((6*7))\nexit\n".to_vec()));
-    let outcome = boot::run(&config).unwrap_or_else(|e| panic!("could not run Linux: {e}"));
+    let typed = Some(("shell on the console".to_string(), b"echo typed-$((6*7))\nexit\n".to_vec()));
+    let outcome = boot_with(Platform::Tcg, Firmware::Bios, "linux.vms", TIMEOUT, typed);
     Log(&outcome)
         .contains("[linux] typed-42\n")
         .contains("VM-END vm=linux reason=power-off status=0")

@@ -43,3 +43,13 @@ hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 hash_of_text() { printf '%s' "$1" | sha256sum | cut -c1-16; }
 
 mkcache() { mkdir -p "$1" 2>/dev/null || die "cannot create cache directory $1"; }
+
+# publish NAME PATH: points guest-images/linux/out/NAME at PATH (so VM sets in guest-images/
+# can name the image by a fixed relative path) and prints PATH, the script's result.
+publish() {
+    mkdir -p "$LINUX_DIR/out" 2>/dev/null || die "cannot create $LINUX_DIR/out"
+    # Parallel runs may race to replace the link; the result only has to point at PATH.
+    ln -sfn "$2" "$LINUX_DIR/out/$1" 2>/dev/null || [ "$(readlink "$LINUX_DIR/out/$1")" = "$2" ] \
+        || die "cannot link $LINUX_DIR/out/$1"
+    echo "$2"
+}

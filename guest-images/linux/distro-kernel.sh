@@ -48,7 +48,7 @@ OUT=$BASE/${PACKAGE}_$VERSION
 find_vmlinuz() { ls "$OUT"/boot/vmlinuz-* 2>/dev/null | head -n1; }
 if [ "$FORCE" = 0 ] && [ -n "$(find_vmlinuz)" ]; then
     say "up to date ($PACKAGE $VERSION)"
-    echo "$(find_vmlinuz)"
+    publish distro-vmlinuz "$(find_vmlinuz)"
     exit 0
 fi
 
@@ -73,4 +73,4 @@ rm -rf "$WORK/root/lib" "$WORK/root/usr"
 rm -rf "$OUT"
 mv "$WORK/root" "$OUT"
 say "kernel $(basename "$(find_vmlinuz)"): $(stat -c %s "$(find_vmlinuz)") bytes"
-echo "$(find_vmlinuz)"
+publish distro-vmlinuz "$(find_vmlinuz)"

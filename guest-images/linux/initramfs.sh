@@ -36,7 +36,7 @@ BASE=$HV_CACHE/initramfs
 OUT=$BASE/$KEY
 if [ "$FORCE" = 0 ] && [ -s "$OUT/initramfs.cpio.gz" ]; then
     say "up to date (init hash $KEY, busybox-static $BB_VERSION)"
-    echo "$OUT/initramfs.cpio.gz"
+    publish initramfs.cpio.gz "$OUT/initramfs.cpio.gz"
     exit 0
 fi
 
@@ -93,4 +93,4 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 mv "$ARCHIVE.gz" "$OUT/initramfs.cpio.gz"
 say "built: $(stat -c %s "$OUT/initramfs.cpio.gz") bytes, $(wc -l <<<"$listing") entries"
-echo "$OUT/initramfs.cpio.gz"
+publish initramfs.cpio.gz "$OUT/initramfs.cpio.gz"

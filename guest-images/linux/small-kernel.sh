@@ -34,7 +34,7 @@ BASE=$HV_CACHE/small-kernel
 OUT=$BASE/$SRC_VERSION-$KEY
 if [ "$FORCE" = 0 ] && [ -s "$OUT/bzImage" ]; then
     say "up to date (fragment hash $KEY, linux-source-6.1 $SRC_VERSION)"
-    echo "$OUT/bzImage"
+    publish small-bzImage "$OUT/bzImage"
     exit 0
 fi
 
@@ -102,4 +102,4 @@ cp "$LOG" "$OUT.tmp/build.log"
 rm -rf "$OUT"
 mv "$OUT.tmp" "$OUT"
 say "built in ${elapsed}s: bzImage $(stat -c %s "$OUT/bzImage") bytes"
-echo "$OUT/bzImage"
+publish small-bzImage "$OUT/bzImage"
