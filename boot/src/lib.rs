@@ -186,7 +186,7 @@ pub struct RunConfig {
     pub echo: bool,
     /// Connect our stdin to the guest's serial input (QEMU only).
     pub interactive: bool,
-    /// Type this on the serial console once the log contains the first string (QEMU only):
+    /// Paste this on the serial console once the log contains the first string (QEMU only):
     /// how tests drive an interactive guest.
     pub typed_input: Option<(String, Vec<u8>)>,
     /// QEMU `-cpu` model instead of the platform's default (for tests of unusable CPUs).
@@ -357,13 +357,9 @@ fn supervise(config: &RunConfig, mut launch: Launch, log_path: PathBuf) -> Resul
                 while !seen(&captured.lock().unwrap()) {
                     thread::sleep(Duration::from_millis(50));
                 }
-                // One byte at a time, as a person types: the guest UART has a 16-byte FIFO.
-                for byte in bytes {
-                    if stdin.write_all(&[byte]).and_then(|()| stdin.flush()).is_err() {
-                        return;
-                    }
-                    thread::sleep(Duration::from_millis(20));
-                }
+                // All at once, like a paste: the console path must hold what the guest's
+                // 16-byte FIFO cannot take yet.
+                let _ = stdin.write_all(&bytes).and_then(|()| stdin.flush());
             }))
         }
         _ => None,

@@ -107,6 +107,10 @@ pub trait Device {
     fn input(&mut self, _byte: u8, _now_ns: u64, _events: &mut Events) -> bool {
         false
     }
+    /// Whether a typed byte would be received now rather than lost (receiver not full).
+    fn input_ready(&self) -> bool {
+        false
+    }
 }
 
 /// All ones in `size` bytes.
@@ -200,6 +204,11 @@ impl Bus {
     /// The earliest deadline of any device.
     pub fn next_deadline_ns(&self) -> Option<u64> {
         self.devices.iter().filter_map(|d| d.next_deadline_ns()).min()
+    }
+
+    /// Whether some device would receive a typed byte now.
+    pub fn input_ready(&self) -> bool {
+        self.devices.iter().any(|d| d.input_ready())
     }
 
     /// Offers a typed byte to the devices in order; false if none takes input.

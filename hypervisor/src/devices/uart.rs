@@ -408,6 +408,10 @@ impl Device for Uart16550 {
     }
 
     /// In loopback the receiver is disconnected from the line, so typed bytes are dropped.
+    fn input_ready(&self) -> bool {
+        self.mcr & MCR_LOOP == 0 && self.rx.len() < self.capacity()
+    }
+
     fn input(&mut self, byte: u8, now_ns: u64, events: &mut Events) -> bool {
         self.catch_up(now_ns);
         if self.mcr & MCR_LOOP == 0 {
@@ -498,6 +502,27 @@ mod tests {
         wr(&mut u, 0, b'y', &mut ev);
         assert_eq!(ev.irq_lines, [(4, false), (4, true)], "a fresh edge per transmitted byte");
         assert_eq!(rd(&mut u, 2, &mut ev), 0x02);
+    }
+
+    #[test]
+    fn input_is_ready_only_while_the_receiver_has_room() {
+        let (mut u, mut ev) = (uart(), Events::default());
+        assert!(u.input_ready(), "one byte fits without FIFOs");
+        type_bytes(&mut u, b"a", &mut ev);
+        assert!(!u.input_ready());
+        wr(&mut u, 2, FCR_ENABLE, &mut ev);
+        for _ in 0..15 {
+            assert!(u.input_ready());
+            type_bytes(&mut u, b"x", &mut ev);
+        }
+        assert!(u.input_ready(), "FIFO mode cleared nothing but holds 16");
+        type_bytes(&mut u, b"y", &mut ev);
+        assert!(!u.input_ready(), "16 bytes waiting: full");
+        rd(&mut u, 0, &mut ev);
+        assert!(u.input_ready(), "reading one makes room");
+        wr(&mut u, MCR, MCR_LOOP, &mut ev);
+        rd(&mut u, 0, &mut ev);
+        assert!(!u.input_ready(), "loopback disconnects the receiver");
     }
 
     #[test]

@@ -121,6 +121,8 @@ pub struct Env<'a> {
 
 /// How often a halted guest looks for console input.
 const INPUT_POLL_NS: u64 = 10_000_000;
+/// Typed bytes held for the guest while its UART is full.
+const MAX_PENDING_INPUT: usize = 4096;
 /// How often a running guest's host console is checked for input.
 const INPUT_POLL_INTERVAL_US: u64 = 1_000;
 
@@ -143,6 +145,7 @@ pub struct Vm<M: GuestMemory> {
     /// A partial console line was already written (the guest is waiting for input mid-line).
     console_mid_line: bool,
     last_input_poll: u64,
+    console_input: VecDeque<u8>,
     warned_ports: Vec<u16>,
 }
 
@@ -184,6 +187,7 @@ impl<M: GuestMemory> Vm<M> {
             console_line: Vec::new(),
             console_mid_line: false,
             last_input_poll: 0,
+            console_input: VecDeque::new(),
             warned_ports: Vec::new(),
         }
     }
@@ -231,9 +235,18 @@ impl<M: GuestMemory> Vm<M> {
             env.input.as_mut().filter(|_| wall.wrapping_sub(self.last_input_poll) >= INPUT_POLL_INTERVAL_US)
         {
             self.last_input_poll = wall;
-            while let Some(byte) = input() {
-                self.bus.input(byte, now, &mut events);
+            // What the guest cannot take yet waits here (a paste, fast typing); beyond the
+            // bound it stays in the host UART, which holds back its own sender.
+            while self.console_input.len() < MAX_PENDING_INPUT {
+                match input() {
+                    Some(byte) => self.console_input.push_back(byte),
+                    None => break,
+                }
             }
+        }
+        while self.bus.input_ready() {
+            let Some(byte) = self.console_input.pop_front() else { break };
+            self.bus.input(byte, now, &mut events);
         }
         self.bus.poll(now, &mut events);
         self.router.poll(now);
