@@ -225,21 +225,20 @@ fn unknown_msrs_get_gp_and_allowed_ones_round_trip() {
     assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0, 42), "TSC reads the guest TSC");
 }
 
-#[test]
-fn console_output_is_prefixed_with_the_vm_name() {
-    let out = |byte: u8| {
-        (
+/// A vCPU whose first exits write `text` to COM1, one byte per OUT.
+fn printing(text: &[u8]) -> Mock {
+    text.iter().fold(Mock::new(vec![]), |vcpu, &byte| {
+        vcpu.then(
             Exit::Io(IoExit { port: 0x3f8, size: 1, write: true, string: false, rep: false }),
             Gprs { rax: byte as u64, ..Gprs::default() },
         )
-    };
-    let mut vcpu = Mock::new(vec![]);
-    for byte in b"hi\nthere" {
-        let (e, g) = out(*byte);
-        vcpu = vcpu.then(e, g);
-    }
+    })
+}
+
+#[test]
+fn console_output_is_prefixed_with_the_vm_name() {
     let (e, g) = exit_with(0);
-    let (end, lines) = run(&mut vm(), &mut vcpu.then(e, g));
+    let (end, lines) = run(&mut vm(), &mut printing(b"hi\nthere").then(e, g));
     assert_eq!(end, VmEnd::DebugExit(0));
     assert_eq!(lines.concat(), "[t] hi\n[t] there\n", "an unterminated line is flushed when the VM ends");
 }
@@ -261,17 +260,7 @@ fn port_reads_replace_only_the_accessed_width() {
 
 #[test]
 fn a_prompt_is_shown_while_the_guest_waits_and_the_line_continues() {
-    let out = |byte: u8| {
-        (
-            Exit::Io(IoExit { port: 0x3f8, size: 1, write: true, string: false, rep: false }),
-            Gprs { rax: byte as u64, ..Gprs::default() },
-        )
-    };
-    let mut vcpu = Mock::new(vec![]);
-    for byte in b"$ " {
-        let (e, g) = out(*byte);
-        vcpu = vcpu.then(e, g);
-    }
+    let mut vcpu = printing(b"$ ");
     // HLT with interrupts enabled and nothing pending: the prompt is written before the VM
     // is declared halted (no input source in this test).
     vcpu.rflags |= RFLAGS_IF;
