@@ -388,17 +388,21 @@ fn xsetbv_is_validated() {
     assert_eq!(&vcpu.injected_exceptions[1..], [(VECTOR_GP, Some(0)); 3]);
 }
 
-/// Guest-controlled values in every exit kind never panic the run loop: registers, ports,
-/// MSR numbers, guest-physical addresses and instruction bytes are all random here.
-#[test]
-fn random_exits_with_random_guest_state_never_panic() {
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
+/// A deterministic pseudo-random source for the fuzz-style tests (xorshift64).
+fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
         seed
-    };
+    }
+}
+
+/// Guest-controlled values in every exit kind never panic the run loop: registers, ports,
+/// MSR numbers, guest-physical addresses and instruction bytes are all random here.
+#[test]
+fn random_exits_with_random_guest_state_never_panic() {
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
     let mut vm = vm();
     vm.bus.add(Box::new(TestDevice::default())).unwrap();
     let (mut continued, mut ended) = (0, 0);
@@ -453,13 +457,7 @@ fn random_exits_with_random_guest_state_never_panic() {
 /// APIC MSRs) and random line changes never panic, whatever the guest writes.
 #[test]
 fn random_interrupt_controller_traffic_never_panics() {
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
     let mut router = InterruptRouter::new(1_000_000_000);
     let mut events = Events::default();
     let mut now = 0u64;
@@ -501,13 +499,7 @@ fn random_interrupt_controller_traffic_never_panics() {
 /// with timer polls and console input in between never panics.
 #[test]
 fn random_device_port_traffic_never_panics() {
-    let mut seed = 0x5851_f42d_4c95_7f2du64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = xorshift(0x5851_f42d_4c95_7f2du64);
     let mut vm = vm();
     let mut events = Events::default();
     let mut now = 0u64;
