@@ -7,6 +7,7 @@
 use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,7 +19,7 @@ pub use hypervisor::status::{EndLine, RunStatus};
 
 mod platforms;
 
-pub use platforms::{detect_kvm, Platform};
+pub use platforms::{detect_kvm, Platform, MACHINE_CPUS, MACHINE_MEMORY_MIB};
 
 /// The hypervisor image that users run.
 pub const HYPERVISOR_KERNEL: &str = env!("CARGO_BIN_FILE_HYPERVISOR_hypervisor");
@@ -167,6 +168,42 @@ pub fn build_image(kernel: &Path, firmware: Firmware, ramdisk: &[u8], out: &Path
     result.map_err(|e| BootError::Image(format!("{e:#}")))
 }
 
+/// CPUs the machine may have (`--cpus`).
+pub const CPUS_RANGE: RangeInclusive<u32> = 1..=64;
+/// RAM the machine may have, in MiB (`--memory`).
+pub const MEMORY_MIB_RANGE: RangeInclusive<u64> = 64..=65536;
+
+fn cpus_error(value: &str) -> BootError {
+    BootError::Usage(format!(
+        "--cpus {value:?}: expected a whole number of CPUs from {} to {}",
+        CPUS_RANGE.start(),
+        CPUS_RANGE.end()
+    ))
+}
+
+fn memory_error(value: &str) -> BootError {
+    BootError::Usage(format!(
+        "--memory {value:?}: expected a whole number of MiB from {} to {}",
+        MEMORY_MIB_RANGE.start(),
+        MEMORY_MIB_RANGE.end()
+    ))
+}
+
+/// A whole decimal number (digits only: no sign, no fraction, no suffix).
+fn whole_number<T: std::str::FromStr>(text: &str) -> Option<T> {
+    (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit())).then(|| text.parse().ok()).flatten()
+}
+
+/// Parses `--cpus N`: a whole number in [`CPUS_RANGE`].
+pub fn parse_cpus(text: &str) -> Result<u32, BootError> {
+    whole_number(text).filter(|n| CPUS_RANGE.contains(n)).ok_or_else(|| cpus_error(text))
+}
+
+/// Parses `--memory MIB`: a whole number of MiB in [`MEMORY_MIB_RANGE`].
+pub fn parse_memory_mib(text: &str) -> Result<u64, BootError> {
+    whole_number(text).filter(|n| MEMORY_MIB_RANGE.contains(n)).ok_or_else(|| memory_error(text))
+}
+
 /// One run of the hypervisor.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -191,6 +228,10 @@ pub struct RunConfig {
     pub typed_input: Option<(String, Vec<u8>)>,
     /// QEMU `-cpu` model instead of the platform's default (for tests of unusable CPUs).
     pub qemu_cpu: Option<String>,
+    /// CPUs of the machine (QEMU `-smp`, Bochs `cpu: count=`), in [`CPUS_RANGE`].
+    pub cpus: u32,
+    /// RAM of the machine in MiB (QEMU `-m`, Bochs `megs:`), in [`MEMORY_MIB_RANGE`].
+    pub memory_mib: u64,
 }
 
 impl RunConfig {
@@ -207,7 +248,21 @@ impl RunConfig {
             interactive: false,
             typed_input: None,
             qemu_cpu: None,
+            cpus: MACHINE_CPUS,
+            memory_mib: MACHINE_MEMORY_MIB,
         }
+    }
+
+    /// Checks the machine size: [`cpus`](Self::cpus) in [`CPUS_RANGE`] and
+    /// [`memory_mib`](Self::memory_mib) in [`MEMORY_MIB_RANGE`]; a usage error names the option.
+    pub fn check_machine_size(&self) -> Result<(), BootError> {
+        if !CPUS_RANGE.contains(&self.cpus) {
+            return Err(cpus_error(&self.cpus.to_string()));
+        }
+        if !MEMORY_MIB_RANGE.contains(&self.memory_mib) {
+            return Err(memory_error(&self.memory_mib.to_string()));
+        }
+        Ok(())
     }
 }
 
@@ -286,6 +341,7 @@ fn prune_old_runs(root: &Path) {
 
 /// Builds the image and runs it to its end, its crash or the timeout.
 pub fn run(config: &RunConfig) -> Result<RunOutcome, BootError> {
+    config.check_machine_size()?;
     platforms::check_available(config.platform, config.firmware)?;
     let dir = run_directory()?;
     let image = dir.join(format!("hypervisor-{}.img", config.firmware));
@@ -481,6 +537,39 @@ mod tests {
         assert!(Platform::parse("xen").unwrap_err().to_string().contains("expected auto, kvm, tcg or bochs"));
         assert_eq!(Firmware::parse("uefi").unwrap(), Firmware::Uefi);
         assert!(Firmware::parse("coreboot").unwrap_err().to_string().contains("expected bios or uefi"));
+    }
+
+    #[test]
+    fn machine_size_options() {
+        assert_eq!(parse_cpus("1").unwrap(), 1);
+        assert_eq!(parse_cpus("64").unwrap(), 64);
+        assert_eq!(parse_memory_mib("64").unwrap(), 64);
+        assert_eq!(parse_memory_mib("65536").unwrap(), 65536);
+        for bad in ["0", "65", "-1", "+2", "2.0", "two", "", " 2", "99999999999999999999"] {
+            let e = parse_cpus(bad).unwrap_err();
+            assert!(matches!(e, BootError::Usage(_)), "{bad}");
+            assert_eq!(e.to_string(), format!("--cpus {bad:?}: expected a whole number of CPUs from 1 to 64"));
+        }
+        for bad in ["63", "65537", "0", "1024.5", "1G", "1024M", "-64", "", "99999999999999999999"] {
+            let e = parse_memory_mib(bad).unwrap_err();
+            assert!(matches!(e, BootError::Usage(_)), "{bad}");
+            assert_eq!(e.to_string(), format!("--memory {bad:?}: expected a whole number of MiB from 64 to 65536"));
+        }
+
+        let mut config = RunConfig::new(Platform::Tcg, Firmware::Bios, "k");
+        assert_eq!((config.cpus, config.memory_mib), (1, 1024), "the defaults are today's machine");
+        assert!(config.check_machine_size().is_ok());
+        config.cpus = 65;
+        assert_eq!(
+            config.check_machine_size().unwrap_err().to_string(),
+            "--cpus \"65\": expected a whole number of CPUs from 1 to 64"
+        );
+        config.cpus = 64;
+        config.memory_mib = 32;
+        let e = config.check_machine_size().unwrap_err();
+        assert_eq!(e.to_string(), "--memory \"32\": expected a whole number of MiB from 64 to 65536");
+        let e = run(&config).unwrap_err();
+        assert!(e.to_string().starts_with("--memory \"32\""), "run refuses before starting anything: {e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! boot run   [--platform auto|kvm|tcg|bochs] [--firmware bios|uefi] [--vms FILE] [--timeout SECONDS]
-//!            [--log FILE] [--kernel hypervisor|fault-test] [--quiet]
+//!            [--cpus N] [--memory MIB] [--log FILE] [--kernel hypervisor|fault-test] [--quiet]
 //! boot image [--firmware bios|uefi] [--vms FILE] [--kernel ...] --out FILE
 //! boot detect
 //! ```
@@ -15,18 +15,23 @@ use boot::{BootError, Firmware, Platform, RunConfig};
 
 const USAGE: &str = "usage:
   boot run   [--platform auto|kvm|tcg|bochs] [--firmware bios|uefi] [--vms FILE] [--timeout SECONDS]
-             [--log FILE] [--kernel hypervisor|fault-test] [--quiet]
+             [--cpus N] [--memory MIB] [--log FILE] [--kernel hypervisor|fault-test] [--quiet]
+             --cpus: machine CPUs, 1 to 64 (default 1); --memory: machine RAM in MiB, 64 to 65536
+             (default 1024)
   boot image [--firmware bios|uefi] [--vms FILE] [--kernel hypervisor|fault-test] --out FILE
   boot detect";
 
 /// Exit code when the run hit its timeout (as `timeout(1)` does).
 const EXIT_TIMEOUT: u8 = 124;
 
+#[derive(Debug)]
 struct Options {
     platform: String,
     firmware: Firmware,
     vms: Option<PathBuf>,
     timeout: Duration,
+    cpus: u32,
+    memory_mib: u64,
     log: Option<PathBuf>,
     kernel: PathBuf,
     out: Option<PathBuf>,
@@ -39,6 +44,8 @@ fn parse_options(args: &[String]) -> Result<Options, BootError> {
         firmware: Firmware::Bios,
         vms: None,
         timeout: Duration::from_secs(300),
+        cpus: boot::MACHINE_CPUS,
+        memory_mib: boot::MACHINE_MEMORY_MIB,
         log: None,
         kernel: boot::HYPERVISOR_KERNEL.into(),
         out: None,
@@ -63,6 +70,8 @@ fn parse_options(args: &[String]) -> Result<Options, BootError> {
                     .ok_or_else(|| BootError::Usage(format!("--timeout {value:?}: expected a positive number")))?;
                 o.timeout = Duration::from_secs_f64(seconds);
             }
+            "--cpus" => o.cpus = boot::parse_cpus(value)?,
+            "--memory" => o.memory_mib = boot::parse_memory_mib(value)?,
             "--log" => o.log = Some(value.into()),
             "--kernel" => {
                 o.kernel = match value.as_str() {
@@ -89,10 +98,19 @@ fn run(o: Options) -> Result<ExitCode, BootError> {
     let mut config = RunConfig::new(platform, o.firmware, &o.kernel);
     config.ramdisk = boot::ramdisk_files(o.vms.as_deref())?;
     config.timeout = o.timeout;
+    config.cpus = o.cpus;
+    config.memory_mib = o.memory_mib;
     config.log_path = o.log;
     config.echo = !o.quiet;
     config.interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
-    eprintln!("boot: {} firmware on {platform}, timeout {:?}", o.firmware, o.timeout);
+    eprintln!(
+        "boot: {} firmware on {platform}, {} CPU{}, {} MiB, timeout {:?}",
+        o.firmware,
+        o.cpus,
+        if o.cpus == 1 { "" } else { "s" },
+        o.memory_mib,
+        o.timeout
+    );
     let outcome = boot::run(&config)?;
     if o.quiet || outcome.timed_out {
         println!("{}", outcome.serial);
@@ -137,4 +155,28 @@ fn main() -> ExitCode {
         eprintln!("boot: error: {e}");
         ExitCode::from(2)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options, BootError> {
+        parse_options(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn machine_size_options() {
+        let o = parse(&["--platform", "tcg"]).unwrap();
+        assert_eq!((o.cpus, o.memory_mib), (1, 1024));
+        let o = parse(&["--cpus", "2", "--memory", "1024", "--firmware", "uefi"]).unwrap();
+        assert_eq!((o.cpus, o.memory_mib, o.firmware), (2, 1024, Firmware::Uefi));
+        let e = parse(&["--cpus", "0"]).unwrap_err();
+        assert!(matches!(e, BootError::Usage(_)));
+        assert_eq!(e.to_string(), "--cpus \"0\": expected a whole number of CPUs from 1 to 64");
+        let e = parse(&["--memory", "2G"]).unwrap_err();
+        assert_eq!(e.to_string(), "--memory \"2G\": expected a whole number of MiB from 64 to 65536");
+        assert!(parse(&["--cpus"]).unwrap_err().to_string().starts_with("--cpus needs a value"));
+        assert!(USAGE.contains("[--cpus N] [--memory MIB]"));
+    }
 }

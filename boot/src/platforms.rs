@@ -1,5 +1,6 @@
 //! The three ways to run the image: QEMU with nested KVM, QEMU TCG (SVM with NPT), Bochs (VMX).
 
+use std::ffi::OsString;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -18,8 +19,10 @@ const BOCHS_SDL_PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_sd
 pub const BOCHS_CPU_MODEL: &str = "corei7_skylake_x";
 /// The QEMU TCG CPU: SVM with nested paging (TCG has no VMX).
 pub const TCG_CPU: &str = "qemu64,+svm,+npt,+xsave,+xsaveopt";
-/// Guest RAM of the machine the hypervisor runs on.
-const MACHINE_MEMORY_MIB: u32 = 1024;
+/// Default RAM of the machine the hypervisor runs on, in MiB (`--memory`).
+pub const MACHINE_MEMORY_MIB: u64 = 1024;
+/// Default number of CPUs of the machine the hypervisor runs on (`--cpus`).
+pub const MACHINE_CPUS: u32 = 1;
 
 /// Where the hypervisor runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,31 +130,40 @@ pub(crate) fn check_available(platform: Platform, firmware: Firmware) -> Result<
 pub(crate) fn launch(config: &RunConfig, image: &Path, dir: &Path) -> Result<Launch, BootError> {
     match config.platform {
         Platform::Kvm | Platform::Tcg => launch_qemu(config, image),
-        Platform::Bochs => launch_bochs(image, dir),
+        Platform::Bochs => launch_bochs(config, image, dir),
     }
+}
+
+/// QEMU's command line (without the program) for booting `image` as `config` says.
+pub(crate) fn qemu_args(config: &RunConfig, image: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    let default_cpu = match config.platform {
+        Platform::Kvm => {
+            push(&["-enable-kvm"]);
+            "host"
+        }
+        _ => {
+            push(&["-accel", "tcg"]);
+            TCG_CPU
+        }
+    };
+    push(&["-cpu", config.qemu_cpu.as_deref().unwrap_or(default_cpu)]);
+    if config.firmware == Firmware::Uefi {
+        push(&["-bios", OVMF]);
+    }
+    push(&["-m", &config.memory_mib.to_string(), "-smp", &config.cpus.to_string()]);
+    push(&["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"]);
+    push(&["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-drive"]);
+    let mut drive = OsString::from("format=raw,file=");
+    drive.push(image);
+    args.push(drive);
+    args
 }
 
 fn launch_qemu(config: &RunConfig, image: &Path) -> Result<Launch, BootError> {
     let mut qemu = Command::new(QEMU);
-    let default_cpu = match config.platform {
-        Platform::Kvm => {
-            qemu.arg("-enable-kvm");
-            "host"
-        }
-        _ => {
-            qemu.args(["-accel", "tcg"]);
-            TCG_CPU
-        }
-    };
-    qemu.args(["-cpu", config.qemu_cpu.as_deref().unwrap_or(default_cpu)]);
-    if config.firmware == Firmware::Uefi {
-        qemu.args(["-bios", OVMF]);
-    }
-    qemu.args(["-m", &MACHINE_MEMORY_MIB.to_string(), "-smp", "1", "-display", "none", "-monitor", "none"])
-        .args(["-serial", "stdio", "-no-reboot"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .arg("-drive")
-        .arg(format!("format=raw,file={}", image.display()))
+    qemu.args(qemu_args(config, image))
         .stdin(if config.typed_input.is_some() {
             Stdio::piped()
         } else if config.interactive {
@@ -177,13 +189,12 @@ fn bochs_disk(image: &Path, dir: &Path) -> Result<(PathBuf, u64), BootError> {
     Ok((disk, cylinders))
 }
 
-fn launch_bochs(image: &Path, dir: &Path) -> Result<Launch, BootError> {
-    let (disk, cylinders) = bochs_disk(image, dir)?;
-    let serial = dir.join("bochs-serial.log");
-    let bochs_log = dir.join("bochs.log");
-    let config = format!(
-        "megs: {MACHINE_MEMORY_MIB}\n\
-         cpu: model={BOCHS_CPU_MODEL}, count=1, ips=100000000, reset_on_triple_fault=0\n\
+/// The bochsrc for booting `disk` (of `cylinders` 16-head, 63-sector cylinders) as `config`
+/// says, with the serial port written to `serial` and Bochs's own log to `bochs_log`.
+pub(crate) fn bochsrc(config: &RunConfig, disk: &Path, cylinders: u64, serial: &Path, bochs_log: &Path) -> String {
+    format!(
+        "megs: {}\n\
+         cpu: model={BOCHS_CPU_MODEL}, count={}, ips=100000000, reset_on_triple_fault=0\n\
          romimage: file={BOCHS_BIOS}, options=fastboot\n\
          vgaromimage: file={BOCHS_VGA_BIOS}\n\
          ata0-master: type=disk, path=\"{}\", mode=flat, cylinders={cylinders}, heads=16, spt=63\n\
@@ -196,12 +207,21 @@ fn launch_bochs(image: &Path, dir: &Path) -> Result<Launch, BootError> {
          error: action=report\n\
          info: action=ignore\n\
          debug: action=ignore\n",
+        config.memory_mib,
+        config.cpus,
         disk.display(),
         serial.display(),
         bochs_log.display()
-    );
+    )
+}
+
+fn launch_bochs(config: &RunConfig, image: &Path, dir: &Path) -> Result<Launch, BootError> {
+    let (disk, cylinders) = bochs_disk(image, dir)?;
+    let serial = dir.join("bochs-serial.log");
+    let bochs_log = dir.join("bochs.log");
+    let bochsrc = bochsrc(config, &disk, cylinders, &serial, &bochs_log);
     let config_path = dir.join("bochsrc");
-    fs::write(&config_path, config).map_err(io_error(format!("writing {}", config_path.display())))?;
+    fs::write(&config_path, bochsrc).map_err(io_error(format!("writing {}", config_path.display())))?;
     // Debian's Bochs is a debugger build: it reads commands from this file, not from a prompt.
     let commands = dir.join("bochs-commands");
     fs::write(&commands, "c\nq\n").map_err(io_error(format!("writing {}", commands.display())))?;
@@ -234,5 +254,67 @@ pub(crate) fn describe_exit(platform: Platform, status: ExitStatus) -> String {
         (Platform::Bochs, Some(1)) => "exited with code 1 (shutdown port or fatal error)".into(),
         (_, Some(c)) => format!("exited with code {c}"),
         (_, None) => format!("ended by a signal ({status})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_of(config: &RunConfig) -> Vec<String> {
+        qemu_args(config, Path::new("/tmp/hv.img")).into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    /// The value after `flag`, which must occur exactly once.
+    fn value_of<'a>(args: &'a [String], flag: &str) -> &'a str {
+        let at: Vec<usize> = (0..args.len()).filter(|&i| args[i] == flag).collect();
+        assert_eq!(at.len(), 1, "{flag} once in {args:?}");
+        &args[at[0] + 1]
+    }
+
+    #[test]
+    fn qemu_gets_the_machine_size() {
+        let mut config = RunConfig::new(Platform::Tcg, Firmware::Bios, "k");
+        let args = args_of(&config);
+        assert_eq!((value_of(&args, "-smp"), value_of(&args, "-m")), ("1", "1024"), "defaults: {args:?}");
+        assert_eq!(value_of(&args, "-cpu"), TCG_CPU);
+        assert_eq!(value_of(&args, "-accel"), "tcg");
+        assert_eq!(args.last().unwrap(), "format=raw,file=/tmp/hv.img");
+        assert!(!args.contains(&"-bios".to_string()));
+
+        config.platform = Platform::Kvm;
+        config.firmware = Firmware::Uefi;
+        config.cpus = 2;
+        config.memory_mib = 2048;
+        let args = args_of(&config);
+        assert_eq!((value_of(&args, "-smp"), value_of(&args, "-m")), ("2", "2048"), "{args:?}");
+        assert_eq!((args[0].as_str(), value_of(&args, "-cpu")), ("-enable-kvm", "host"));
+        assert_eq!(value_of(&args, "-bios"), OVMF);
+        config.memory_mib = 1024;
+        let line = args_of(&config).join(" ");
+        assert!(line.contains("-m 1024 -smp 2"), "{line}");
+    }
+
+    #[test]
+    fn bochs_gets_the_machine_size() {
+        let mut config = RunConfig::new(Platform::Bochs, Firmware::Bios, "k");
+        let text = |config: &RunConfig| {
+            bochsrc(config, Path::new("/d/disk.img"), 7, Path::new("/d/serial.log"), Path::new("/d/bochs.log"))
+        };
+        let default = text(&config);
+        assert!(default.starts_with("megs: 1024\n"), "{default}");
+        assert!(default.contains(&format!("cpu: model={BOCHS_CPU_MODEL}, count=1, ips=")), "{default}");
+        assert!(default.contains("path=\"/d/disk.img\", mode=flat, cylinders=7, heads=16, spt=63\n"), "{default}");
+        assert!(default.contains("com1: enabled=1, mode=file, dev=\"/d/serial.log\"\n"), "{default}");
+        assert!(default.contains("log: \"/d/bochs.log\"\n"), "{default}");
+
+        config.cpus = 2;
+        config.memory_mib = 2048;
+        let sized = text(&config);
+        assert!(sized.contains("count=2,") && sized.starts_with("megs: 2048\n"), "{sized}");
+        config.memory_mib = 1024;
+        let sized = text(&config);
+        assert!(sized.contains("megs: 1024\n") && sized.contains(", count=2, "), "{sized}");
+        assert_eq!(sized.lines().filter(|l| l.starts_with("megs:") || l.starts_with("cpu:")).count(), 2);
     }
 }

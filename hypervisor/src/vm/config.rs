@@ -7,6 +7,8 @@
 //! cmdline = cases=all
 //! memory  = 64M                # K, M or G suffix
 //! vcpus   = 1
+//! cpus    = 0-1,4              # host CPUs its vCPUs may run on (default: any); CPUs 0 to 255
+//! timeout = 300                # stop the VM after this many seconds, 1 to 86400 (default: none)
 //! entry   = long64             # long64 (64-bit, identity-mapped) or real (real mode at the ELF entry)
 //! devices = test               # extra devices: test (interrupt port 0xf5, MMIO page 0xd0000000)
 //! modules = a.bin arg, b.bin   # multiboot modules: file and the module's string
@@ -55,6 +57,130 @@ pub struct VmConfig {
     pub entry: Entry,
     /// Devices beyond the standard set.
     pub devices: DeviceSet,
+    /// Stop the VM after this many seconds; `None`: no limit.
+    pub timeout_seconds: Option<u64>,
+    /// Host CPUs this VM's vCPUs may run on; `None`: any CPU.
+    pub cpus: Option<CpuSet>,
+}
+
+/// A set of host CPUs, numbered 0 to [`CpuSet::LIMIT`] - 1.
+///
+/// Written as a list of CPUs and ranges (`0-1`, `2`, `0,2,4-7`); [`fmt::Display`] prints that
+/// form back, with runs of neighbours as ranges (`0-1,4`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CpuSet {
+    bits: [u64; 4],
+}
+
+impl CpuSet {
+    /// Number of host CPUs a set can name (CPUs 0 to 255).
+    pub const LIMIT: usize = 256;
+
+    /// Every CPU from 0 to [`CpuSet::LIMIT`] - 1.
+    pub fn all() -> Self {
+        CpuSet { bits: [u64::MAX; 4] }
+    }
+
+    /// Adds `cpu`; returns false (and adds nothing) if it is [`CpuSet::LIMIT`] or more.
+    pub fn insert(&mut self, cpu: usize) -> bool {
+        if cpu >= Self::LIMIT {
+            return false;
+        }
+        self.bits[cpu / 64] |= 1 << (cpu % 64);
+        true
+    }
+
+    /// Whether `cpu` is in the set (never for CPUs of [`CpuSet::LIMIT`] or more).
+    pub fn contains(&self, cpu: usize) -> bool {
+        cpu < Self::LIMIT && self.bits[cpu / 64] & (1 << (cpu % 64)) != 0
+    }
+
+    /// Whether the set has no CPU.
+    pub fn is_empty(&self) -> bool {
+        self.bits.iter().all(|&word| word == 0)
+    }
+
+    /// The lowest CPU in the set.
+    pub fn first(&self) -> Option<usize> {
+        self.bits
+            .iter()
+            .enumerate()
+            .find(|(_, &word)| word != 0)
+            .map(|(i, word)| i * 64 + word.trailing_zeros() as usize)
+    }
+
+    /// How many CPUs the set has.
+    pub fn count(&self) -> usize {
+        self.bits.iter().map(|word| word.count_ones() as usize).sum()
+    }
+
+    /// The CPUs in the set, lowest first.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..Self::LIMIT).filter(|&cpu| self.contains(cpu))
+    }
+
+    /// Parses a list like `0-1`, `2` or `0,2,4-7` (spaces around the items are allowed; an
+    /// item may repeat or overlap another). Errors say what is wrong, without the field name.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        const EXAMPLE: &str = "a list of host CPUs like 0-1 or 0,2,4-7";
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(alloc::format!("is empty: expected {EXAMPLE}"));
+        }
+        let cpu = |number: &str| -> Result<usize, String> {
+            let number = number.trim();
+            if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(alloc::format!("{number:?} in {text:?} is not a CPU number: expected {EXAMPLE}"));
+            }
+            match number.parse::<usize>() {
+                Ok(cpu) if cpu < Self::LIMIT => Ok(cpu),
+                _ => Err(alloc::format!("CPU {number} is out of range: host CPUs are 0 to {}", Self::LIMIT - 1)),
+            }
+        };
+        let mut set = CpuSet::default();
+        for item in text.split(',').map(str::trim) {
+            if item.is_empty() {
+                return Err(alloc::format!("{text:?} has an empty item: expected {EXAMPLE}"));
+            }
+            let (low, high) = match item.split_once('-') {
+                Some((low, high)) => (cpu(low)?, cpu(high)?),
+                None => {
+                    let single = cpu(item)?;
+                    (single, single)
+                }
+            };
+            if low > high {
+                return Err(alloc::format!("range {item:?} is reversed: write {high}-{low}"));
+            }
+            for n in low..=high {
+                set.insert(n);
+            }
+        }
+        Ok(set)
+    }
+}
+
+impl fmt::Display for CpuSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut cpus = self.iter().peekable();
+        let mut first = true;
+        while let Some(low) = cpus.next() {
+            let mut high = low;
+            while cpus.peek() == Some(&(high + 1)) {
+                high = cpus.next().unwrap_or(high);
+            }
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            if low == high {
+                write!(f, "{low}")?;
+            } else {
+                write!(f, "{low}-{high}")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Smallest and largest guest RAM accepted.
@@ -65,6 +191,8 @@ pub const MAX_MEMORY: u64 = 3 << 30;
 pub const DEFAULT_MEMORY: u64 = 64 << 20;
 /// Longest command line accepted.
 pub const MAX_CMDLINE: usize = 2047;
+/// Longest VM timeout accepted, in seconds (a day).
+pub const MAX_TIMEOUT_SECONDS: u64 = 86_400;
 
 /// A configuration error, with where it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +231,8 @@ struct Draft {
     vcpus: u32,
     entry: Entry,
     devices: DeviceSet,
+    timeout_seconds: Option<u64>,
+    cpus: Option<CpuSet>,
 }
 
 /// Parses a whole file. An empty file (or only comments) is an empty VM set.
@@ -150,6 +280,8 @@ pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
                 vcpus: 1,
                 entry: Entry::Long64,
                 devices: DeviceSet::default(),
+                timeout_seconds: None,
+                cpus: None,
             });
             continue;
         }
@@ -193,6 +325,22 @@ pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
                     .filter(|n| (1..=64).contains(n))
                     .ok_or_else(|| error(field, alloc::format!("{value:?} is not a number from 1 to 64")))?;
             }
+            "timeout" => {
+                let seconds = Some(value)
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .filter(|s| (1..=MAX_TIMEOUT_SECONDS).contains(s))
+                    .ok_or_else(|| {
+                        error(
+                            field,
+                            alloc::format!(
+                                "{value:?} is not a whole number of seconds from 1 to {MAX_TIMEOUT_SECONDS}"
+                            ),
+                        )
+                    })?;
+                draft.timeout_seconds = Some(seconds);
+            }
+            "cpus" => draft.cpus = Some(CpuSet::parse(value).map_err(|message| error(field, message))?),
             "entry" => {
                 draft.entry = match value {
                     "long64" => Entry::Long64,
@@ -234,6 +382,8 @@ fn finish(draft: Draft) -> Result<VmConfig, ConfigError> {
         vcpus: draft.vcpus,
         entry: draft.entry,
         devices: draft.devices,
+        timeout_seconds: draft.timeout_seconds,
+        cpus: draft.cpus,
     })
 }
 
@@ -295,6 +445,80 @@ mod tests {
         let mb = parse("[vm m]\nkernel = mb.elf\nmodules = one.bin arg=1 , two.bin,, \n").unwrap();
         assert_eq!(mb[0].modules, ["one.bin arg=1", "two.bin"]);
         assert_eq!(referenced_files(&mb), ["mb.elf", "one.bin", "two.bin"]);
+        assert_eq!((vms[0].timeout_seconds, vms[0].cpus), (None, None), "no timeout, any CPU by default");
+    }
+
+    #[test]
+    fn timeout_and_cpus_fields() {
+        let vms = parse(
+            "[vm a]\nkernel = k\ntimeout = 30\ncpus = 0,2, 4-7 ,5\n[vm b]\nkernel = k\ncpus = 3\n\
+                         timeout = 86400\n",
+        )
+        .unwrap();
+        assert_eq!(vms[0].timeout_seconds, Some(30));
+        let cpus = vms[0].cpus.unwrap();
+        assert_eq!((cpus.count(), cpus.first()), (6, Some(0)));
+        assert!(cpus.contains(0) && cpus.contains(2) && cpus.contains(7));
+        assert!(!cpus.contains(1) && !cpus.contains(8) && !cpus.contains(1000));
+        assert_eq!(cpus.to_string(), "0,2,4-7");
+        assert_eq!(vms[1].cpus.unwrap().to_string(), "3");
+        assert_eq!(vms[1].timeout_seconds, Some(MAX_TIMEOUT_SECONDS));
+    }
+
+    #[test]
+    fn cpu_sets() {
+        let empty = CpuSet::default();
+        assert!(empty.is_empty());
+        assert_eq!((empty.count(), empty.first(), empty.to_string().as_str()), (0, None, ""));
+        let all = CpuSet::all();
+        assert!(!all.is_empty() && all.contains(0) && all.contains(255) && !all.contains(256));
+        assert_eq!((all.count(), all.first(), all.to_string().as_str()), (256, Some(0), "0-255"));
+        for (text, shown, count, first) in [
+            ("0-1", "0-1", 2, 0),
+            ("2", "2", 1, 2),
+            ("0,2,4-7", "0,2,4-7", 6, 0),
+            ("4,0-1", "0-1,4", 3, 0),
+            ("1,0,2-2", "0-2", 3, 0),
+            ("63-64,127,128,255", "63-64,127-128,255", 5, 63),
+            ("200", "200", 1, 200),
+        ] {
+            let set = CpuSet::parse(text).unwrap();
+            assert_eq!((set.to_string().as_str(), set.count(), set.first()), (shown, count, Some(first)), "{text}");
+            assert_eq!(CpuSet::parse(&set.to_string()).unwrap(), set, "{text} round-trips");
+        }
+        let mut set = CpuSet::default();
+        assert!(set.insert(64) && !set.insert(256));
+        assert_eq!(set.iter().collect::<Vec<_>>(), [64]);
+    }
+
+    #[test]
+    fn bad_timeouts_and_cpu_lists_are_named() {
+        for bad in ["0", "86401", "2.5", "-1", "+5", "soon", "30s", "", "99999999999999999999"] {
+            let e = error_of(&alloc::format!("[vm a]\nkernel = k\ntimeout = {bad}\n"));
+            assert_eq!((e.line, e.field.as_deref()), (3, Some("timeout")), "{bad}");
+            assert_eq!(e.message, alloc::format!("{bad:?} is not a whole number of seconds from 1 to 86400"));
+        }
+        let cpus = |list: &str| error_of(&alloc::format!("[vm a]\nkernel = k\ncpus = {list}\n"));
+        let e = cpus("3-1");
+        assert_eq!(e.to_string(), "line 3, vm a, field cpus: range \"3-1\" is reversed: write 1-3");
+        assert_eq!(cpus("256").message, "CPU 256 is out of range: host CPUs are 0 to 255");
+        assert_eq!(cpus("0-300").message, "CPU 300 is out of range: host CPUs are 0 to 255");
+        assert!(cpus("99999999999999999999").message.contains("out of range"));
+        assert_eq!(cpus("").message, "is empty: expected a list of host CPUs like 0-1 or 0,2,4-7");
+        assert_eq!(
+            cpus("0,,2").message,
+            "\"0,,2\" has an empty item: expected a list of host CPUs like 0-1 or 0,2,4-7"
+        );
+        assert!(cpus("1,").message.contains("has an empty item"));
+        assert_eq!(
+            cpus("0-x").message,
+            "\"x\" in \"0-x\" is not a CPU number: expected a list of host CPUs like 0-1 or 0,2,4-7"
+        );
+        for malformed in ["a", "1-2-3", "-1", "1-", "0 1", "+1", "1.5", "0;1"] {
+            let e = cpus(malformed);
+            assert_eq!(e.field.as_deref(), Some("cpus"), "{malformed}");
+            assert!(e.message.contains("is not a CPU number"), "{malformed}: {}", e.message);
+        }
     }
 
     #[test]

@@ -246,6 +246,8 @@ mod tests {
             vcpus: 1,
             entry,
             devices: config::DeviceSet::default(),
+            timeout_seconds: None,
+            cpus: None,
         }
     }
 
