@@ -9,6 +9,7 @@ fn assert_clean_bring_up(log: &Log<'_>) {
     log.contains("hypervisor 0.1.0 starting")
         .line_with_all(&["memory:", "MiB usable", "MiB free after reservations", "heap"])
         .contains("ramdisk: 124 bytes, 0 files")
+        .contains("smp: 2 host CPUs running (2 listed in the MADT)")
         .ended(RunStatus::Success, "no VMs configured");
 }
 

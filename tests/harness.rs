@@ -7,6 +7,8 @@ pub use boot::{Firmware, Platform, RunOutcome, RunStatus};
 
 /// Generous for a loaded two-core CI machine; a healthy run takes a few seconds.
 pub const TIMEOUT: Duration = Duration::from_secs(180);
+/// Every integration run has this many host CPUs, so every test also runs the hypervisor SMP.
+pub const HOST_CPUS: u32 = 2;
 
 /// Boots `kernel` on `platform` with `firmware` and an empty VM set, and returns the outcome.
 /// A run that cannot even start (missing emulator, image build failure) fails the test with
@@ -14,6 +16,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(180);
 pub fn boot(platform: Platform, firmware: Firmware, kernel: &str) -> RunOutcome {
     let mut config = boot::RunConfig::new(platform, firmware, kernel);
     config.timeout = TIMEOUT;
+    config.cpus = HOST_CPUS;
     match boot::run(&config) {
         Ok(outcome) => outcome,
         Err(e) => panic!("could not run the hypervisor on {platform} with {firmware}: {e}"),
@@ -25,6 +28,7 @@ pub fn boot_vms(platform: Platform, firmware: Firmware, vms: &str) -> RunOutcome
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images").join(vms);
     let mut config = boot::RunConfig::new(platform, firmware, boot::HYPERVISOR_KERNEL);
     config.timeout = TIMEOUT;
+    config.cpus = HOST_CPUS;
     config.ramdisk = boot::ramdisk_files(Some(&path)).unwrap_or_else(|e| panic!("VM set {vms}: {e}"));
     match boot::run(&config) {
         Ok(outcome) => outcome,
@@ -60,6 +64,16 @@ impl Log<'_> {
             self.fail(&format!("no serial line contains all of {needles:?}"));
         }
         self
+    }
+
+    /// The VM named `vm` ended with this `VM-END` reason.
+    pub fn vm_ended(&self, vm: &str, reason: &str) -> &Self {
+        self.contains(&format!("VM-END vm={vm} reason={reason} "))
+    }
+
+    /// Every line of the log that starts with `prefix`, in order.
+    pub fn lines_starting(&self, prefix: &str) -> Vec<&str> {
+        self.0.serial.lines().filter(|line| line.starts_with(prefix)).collect()
     }
 
     /// The run ended with this end-line status and a reason containing `reason`, and nothing

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use integration_tests::{Firmware, Log, Platform, RunOutcome, RunStatus, TIMEOUT};
+use integration_tests::{Firmware, Log, Platform, RunOutcome, RunStatus, HOST_CPUS, TIMEOUT};
 
 /// Runs a guest-image script: it builds the image if needed and links it into
 /// `guest-images/linux/out/`, where the committed VM sets name it.
@@ -59,6 +59,7 @@ fn boot_with(
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images").join(vms);
     let mut config = boot::RunConfig::new(platform, firmware, boot::HYPERVISOR_KERNEL);
     config.timeout = timeout;
+    config.cpus = HOST_CPUS;
     config.typed_input = typed_input;
     config.ramdisk = boot::ramdisk_files(Some(&path)).unwrap_or_else(|e| panic!("VM set {vms}: {e}"));
     boot::run(&config).unwrap_or_else(|e| panic!("could not run {vms} on {platform}: {e}"))
@@ -192,4 +193,21 @@ fn svm_distro_kernel_counts_timer_and_uart_interrupts() {
 #[test]
 fn svm_distro_kernel_clocksource_is_not_jiffies() {
     clocksource_is_not_jiffies(Platform::Tcg, Kernel::Distro);
+}
+
+/// Linux next to a VM that spins with interrupts off (ended by its timeout) and one that halts
+/// forever: Linux boots, runs its checks and powers off while the spinner still runs.
+#[test]
+fn svm_small_kernel_boots_beside_a_spinning_and_a_sleeping_vm() {
+    ensure_image("small-kernel.sh");
+    ensure_image("initramfs.sh");
+    let outcome = boot_with(Platform::Tcg, Firmware::Bios, "linux-beside-hostile.vms", TIMEOUT, None);
+    let log = Log(&outcome);
+    log.contains("[linux] HV-LINUX-MARKER: checks done\n")
+        .vm_ended("linux", "power-off")
+        .vm_ended("spinner", "timeout")
+        .vm_ended("sleeper", "halted")
+        .ended(RunStatus::Failure, "3 VMs ran, 2 failed");
+    let position = |needle: &str| outcome.serial.find(needle).expect("present");
+    assert!(position("VM-END vm=linux ") < position("VM-END vm=spinner "), "Linux waited for the spinner");
 }

@@ -9,13 +9,16 @@
 extern crate alloc;
 
 pub mod acpi;
+pub mod console;
 pub mod devices;
 pub mod exit_decode;
 pub mod guest_clock;
+pub mod host_acpi;
 pub mod loader;
 pub mod mm;
 pub mod mmio;
 pub mod ramdisk;
+pub mod sched;
 pub mod status;
 pub mod vcpu;
 pub mod virt;

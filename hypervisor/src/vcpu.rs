@@ -225,6 +225,9 @@ pub trait Vcpu {
     fn set_xcr0(&mut self, xcr0: u64);
     /// The guest's XCR0.
     fn xcr0(&self) -> u64;
+    /// Lets go of the host CPU that ran the vCPU last, so any CPU may run it next (VMX clears
+    /// its VMCS there). Call before the vCPU goes back to the scheduler.
+    fn leave_cpu(&mut self) {}
 }
 
 /// XCR0 bits: x87, SSE, AVX (Intel SDM Vol. 1, 13.3).

@@ -28,6 +28,9 @@ pub fn run(name: &str) -> CaseResult {
         "xsetbv" => xsetbv(),
         "exceptions" => exceptions(),
         "triple-fault" => triple_fault(),
+        "spin" => spin(),
+        "halt-forever" => halt_forever(),
+        "ticks" => ticks(),
         _ => Err(fail!("unknown case")),
     }
 }
@@ -428,4 +431,34 @@ fn triple_fault() -> CaseResult {
     unsafe { asm!("int3", options(nostack)) };
     traps::reload_idt();
     Err(fail!("still running after int3 with a zero-limit IDT, expected the VM to be killed"))
+}
+
+/// Never ends: interrupts off, no exits. Only the host timer can take the CPU back, and only
+/// the VM's `timeout` can end it.
+fn spin() -> CaseResult {
+    println!("case spin: spinning with interrupts off");
+    // SAFETY: clears IF and loops forever; nothing after it runs.
+    unsafe { asm!("cli", "2:", "add rax, 1", "jmp 2b", options(nomem, nostack, noreturn)) }
+}
+
+/// Halts with interrupts on and no device programmed: nothing can ever wake it.
+fn halt_forever() -> CaseResult {
+    println!("case halt-forever: halting with interrupts on");
+    loop {
+        // SAFETY: every vector has a handler; the loop keeps halting after any wake-up.
+        unsafe { asm!("sti", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// Prints numbered lines with computation between them, so the console lines of VMs that
+/// run at once interleave.
+fn ticks() -> CaseResult {
+    for tick in 0..20 {
+        println!("tick {tick}");
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = core::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+    }
+    Ok(())
 }

@@ -3,3 +3,4 @@
 
 pub mod frames;
 pub mod second_level;
+pub mod tlb_tags;

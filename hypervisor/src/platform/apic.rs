@@ -27,7 +27,10 @@ const APIC_BASE_ENABLE: u64 = 1 << 11;
 const XAPIC_VIRT: u64 = 0x7f00_0000_0000;
 
 // Register offsets (xAPIC MMIO; x2APIC MSR = 0x800 + offset / 16).
+const ID: u32 = 0x20;
 const EOI: u32 = 0xb0;
+const ICR_LOW: u32 = 0x300;
+const ICR_HIGH: u32 = 0x310;
 const SVR: u32 = 0xf0;
 const LVT_TIMER: u32 = 0x320;
 const TIMER_INITIAL: u32 = 0x380;
@@ -35,6 +38,14 @@ const TIMER_CURRENT: u32 = 0x390;
 const TIMER_DIVIDE: u32 = 0x3e0;
 const LVT_MASKED: u32 = 1 << 16;
 const DIVIDE_BY_1: u32 = 0b1011;
+// ICR (Intel SDM Vol. 3, 11.6.1): delivery modes, level, delivery status, shorthands.
+const ICR_FIXED: u32 = 0 << 8;
+const ICR_NMI: u32 = 4 << 8;
+const ICR_INIT: u32 = 5 << 8;
+const ICR_STARTUP: u32 = 6 << 8;
+const ICR_ASSERT: u32 = 1 << 14;
+const ICR_SEND_PENDING: u32 = 1 << 12;
+const ICR_ALL_EXCLUDING_SELF: u32 = 3 << 18;
 
 static X2APIC: AtomicBool = AtomicBool::new(false);
 static READY: AtomicBool = AtomicBool::new(false);
@@ -71,7 +82,8 @@ unsafe impl FrameAllocator<Size4KiB> for Frames {
     }
 }
 
-/// Masks the PIC, enables the local APIC (x2APIC when available) and calibrates its timer.
+/// On the boot CPU: masks the PIC, enables the local APIC (x2APIC when available) and
+/// calibrates its timer. The other CPUs follow with [`init_this_cpu`].
 pub fn init() -> Result<(), &'static str> {
     // SAFETY: masking every line of both 8259s only stops legacy interrupts, which nothing in
     // the hypervisor uses; their vectors would collide with exceptions.
@@ -91,9 +103,7 @@ pub fn init() -> Result<(), &'static str> {
     } else {
         map_xapic(base & 0xf_ffff_f000)?;
     }
-    write(SVR, 0x100 | SPURIOUS_VECTOR as u32);
-    write(TIMER_DIVIDE, DIVIDE_BY_1);
-    write(LVT_TIMER, LVT_MASKED | TIMER_VECTOR as u32);
+    enable_timer();
 
     // Count APIC ticks across 1 ms of TSC.
     let tsc_per_ms = super::serial::tsc_per_microsecond() * 1000;
@@ -114,6 +124,79 @@ pub fn init() -> Result<(), &'static str> {
     READY.store(true, Ordering::Relaxed);
     log::info!("apic: {} mode, timer {} kHz", if X2APIC.load(Ordering::Relaxed) { "x2APIC" } else { "xAPIC" }, elapsed);
     Ok(())
+}
+
+/// The APIC setup every CPU needs: the same mode as the boot CPU, spurious vector, a masked
+/// one-shot timer.
+fn enable_timer() {
+    write(SVR, 0x100 | SPURIOUS_VECTOR as u32);
+    write(TIMER_DIVIDE, DIVIDE_BY_1);
+    write(LVT_TIMER, LVT_MASKED | TIMER_VECTOR as u32);
+}
+
+/// On an application processor, after [`init`] ran on the boot CPU: the same APIC mode and a
+/// timer with the boot CPU's calibration (every CPU's APIC timer runs on the same bus clock).
+pub fn init_this_cpu() {
+    if X2APIC.load(Ordering::Relaxed) {
+        // SAFETY: the boot CPU found x2APIC support in CPUID, which every CPU of the machine
+        // shares; IA32_APIC_BASE exists on every CPU with a local APIC.
+        unsafe {
+            let mut base_msr = Msr::new(IA32_APIC_BASE);
+            let base = base_msr.read();
+            base_msr.write(base | APIC_BASE_ENABLE | APIC_BASE_X2APIC);
+        }
+    }
+    enable_timer();
+}
+
+/// This CPU's local APIC ID.
+pub fn local_apic_id() -> u32 {
+    if X2APIC.load(Ordering::Relaxed) {
+        read(ID)
+    } else {
+        read(ID) >> 24
+    }
+}
+
+/// Sends an interprocessor interrupt: `command` is the ICR's low word, `destination` an APIC ID.
+fn send(destination: u32, command: u32) {
+    if X2APIC.load(Ordering::Relaxed) {
+        // SAFETY: x2APIC mode is on; the ICR MSR takes the destination in its upper half.
+        unsafe { Msr::new(0x830).write(u64::from(destination) << 32 | u64::from(command)) };
+        return;
+    }
+    write(ICR_HIGH, destination << 24);
+    write(ICR_LOW, command);
+    // xAPIC: the next command must wait until this one left (bounded: a stuck APIC must not
+    // hang the host).
+    for _ in 0..1_000_000 {
+        if read(ICR_LOW) & ICR_SEND_PENDING == 0 {
+            return;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// INIT (assert) to the CPU with APIC ID `destination`: it waits for a start-up IPI.
+pub fn send_init(destination: u32) {
+    send(destination, ICR_INIT | ICR_ASSERT);
+}
+
+/// Start-up IPI: the CPU starts in real mode at `page << 12` (`page` below 0x100).
+pub fn send_startup(destination: u32, page: u8) {
+    send(destination, ICR_STARTUP | ICR_ASSERT | u32::from(page));
+}
+
+/// A fixed interrupt at `vector` to the CPU with APIC ID `destination`.
+pub fn send_fixed(destination: u32, vector: u8) {
+    send(destination, ICR_FIXED | ICR_ASSERT | u32::from(vector));
+}
+
+/// An NMI to every CPU but this one (stopping the machine after a fatal error).
+pub fn send_nmi_to_others() {
+    if READY.load(Ordering::Relaxed) {
+        send(0, ICR_NMI | ICR_ASSERT | ICR_ALL_EXCLUDING_SELF);
+    }
 }
 
 fn map_xapic(phys: u64) -> Result<(), &'static str> {
@@ -147,15 +230,21 @@ pub fn arm(ns: Option<u64>) {
     if !READY.load(Ordering::Relaxed) {
         return;
     }
-    match ns {
-        None => write(TIMER_INITIAL, 0),
+    let deadline_tsc = match ns {
+        None => {
+            write(TIMER_INITIAL, 0);
+            0
+        }
         Some(ns) => {
             let ticks =
                 (ns as u128 * TICKS_PER_MS.load(Ordering::Relaxed) as u128 / 1_000_000).clamp(1, u32::MAX as u128);
             write(LVT_TIMER, TIMER_VECTOR as u32);
             write(TIMER_INITIAL, ticks as u32);
+            let tsc_ns = (ns as u128 * super::serial::tsc_per_microsecond() as u128 / 1000).min(u64::MAX as u128);
+            rdtsc().saturating_add(tsc_ns as u64).max(1)
         }
-    }
+    };
+    super::percpu::current().timer_deadline_tsc.store(deadline_tsc, Ordering::Relaxed);
 }
 
 /// Signals end of interrupt.

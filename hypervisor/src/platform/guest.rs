@@ -12,11 +12,12 @@ use super::{apic, cmos, serial, svm, vmx, xstate};
 use crate::loader::SliceMemory;
 use crate::mm::frames::FRAME_SIZE;
 use crate::mm::second_level::{EntryFormat, Ept, Npt, PageSize, Perms, SecondLevelTables};
+use crate::mm::tlb_tags::{Tag, TagPool};
 use crate::ramdisk::{self, File};
 use crate::vcpu::Vcpu;
 use crate::vm::config::{self, VmConfig};
 use crate::vm::setup;
-use crate::vm::{Env, Vm, VmEnd};
+use crate::vm::{Env, Slice, Vm, VmEnd};
 
 const GUEST_RAM_ALIGN: u64 = 2 << 20;
 
@@ -55,9 +56,22 @@ pub enum Backend {
     Svm,
 }
 
-/// Each VM runs alone on the CPU, so one ASID / VPID serves all (flushed when a VM starts).
-const GUEST_ASID: u32 = 1;
-const GUEST_VPID: u16 = 1;
+/// ASIDs or VPIDs, one per vCPU (see `mm::tlb_tags`).
+static TAGS: spin::Once<spin::Mutex<TagPool>> = spin::Once::new();
+
+fn tags(backend: Backend) -> &'static spin::Mutex<TagPool> {
+    TAGS.call_once(|| {
+        let last = match backend {
+            // CPUID 0x8000_000A EBX: the number of ASIDs, 0 being the host's.
+            Backend::Svm => cpuid!(0x8000_000a).ebx.saturating_sub(1),
+            Backend::Vmx => MAX_VPID,
+        };
+        spin::Mutex::new(TagPool::new(last))
+    })
+}
+
+/// VPIDs are 16 bits; a few thousand vCPUs are more than any VM set here has.
+const MAX_VPID: u32 = 4095;
 
 enum SecondLevel {
     Npt(SecondLevelTables<Npt>),
@@ -75,15 +89,84 @@ fn map_ram<F: EntryFormat>(
     Ok(second_level)
 }
 
-/// Builds the VM described by `config` from the ramdisk and runs it to its end.
-pub fn run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> VmEnd {
-    match prepare_and_run(backend, config, files) {
-        Ok(end) => end,
-        Err(e) => VmEnd::Error(e),
+/// One VM with its vCPU, ready to be scheduled: everything it owns, freed by [`Task::finish`].
+pub struct Task {
+    /// Position in the VM set.
+    pub index: usize,
+    /// The VM's name.
+    pub name: String,
+    /// When the VM must end (host microseconds), from its `timeout`.
+    pub deadline_us: Option<u64>,
+    /// The configured timeout in seconds.
+    pub timeout_seconds: Option<u64>,
+    vm: Vm<SliceMemory<'static>>,
+    vcpu: Box<dyn Vcpu>,
+    second_level: SecondLevel,
+    tag: Tag,
+    backend: Backend,
+    supported_xcr0: u64,
+    started: bool,
+    _ram: GuestRam,
+}
+
+// SAFETY: a task runs on one CPU at a time: the scheduler hands it to one CPU, which calls
+// `Vcpu::leave_cpu` (VMCLEAR on VMX) before giving it back, so its VMCS/VMCB and guest memory
+// are never used by two CPUs at once; everything else in it is plain owned data.
+unsafe impl Send for Task {}
+
+impl Task {
+    /// Runs the VM until the vCPU halts, the VM ends, or `slice_end_us` (host microseconds,
+    /// `serial::uptime_micros`) passes. `console_input` says whether typed input is for it.
+    pub fn run_slice(&mut self, slice_end_us: u64, console_input: bool) -> Slice {
+        let (index, name) = (self.index, &self.name);
+        let mut console = |text: &str, ends_line: bool| serial::write_vm_text(index, name, text, ends_line);
+        let mut read_input = serial::read_byte;
+        let mut env = Env {
+            cpuid: &|leaf, subleaf| {
+                let r = cpuid!(leaf, subleaf);
+                [r.eax, r.ebx, r.ecx, r.edx]
+            },
+            now_micros: &serial::uptime_micros,
+            host_tsc: &|| {
+                // SAFETY: RDTSC has no side effects.
+                unsafe { core::arch::x86_64::_rdtsc() }
+            },
+            console: &mut console,
+            supported_xcr0: self.supported_xcr0,
+            tsc_hz: serial::tsc_per_microsecond() * 1_000_000,
+            arm_timer: &apic::arm,
+            wait: &apic::sleep,
+            input: if console_input { Some(&mut read_input) } else { None },
+        };
+        if !self.started {
+            self.vm.start(&env);
+            self.started = true;
+            self.deadline_us = self.timeout_seconds.map(|seconds| serial::uptime_micros() + seconds * 1_000_000);
+        }
+        let slice = self.vm.run_slice(self.vcpu.as_mut(), &mut env, slice_end_us);
+        self.vcpu.leave_cpu();
+        slice
+    }
+
+    /// Reports the VM's end (the `VM-END` line and the exit table, together) and frees
+    /// everything it had.
+    pub fn finish(self, end: &VmEnd) {
+        let Task { name, vm, vcpu, second_level, tag, backend, _ram: ram, .. } = self;
+        serial::write_str(&format!("{}\n{}", end.end_line(&name), vm.stats.table(&name)));
+        drop(vcpu);
+        tags(backend).lock().give_back(tag);
+        let mut tables = HostTables;
+        match second_level {
+            SecondLevel::Npt(npt) => npt.destroy(&mut tables),
+            SecondLevel::Ept(ept) => ept.destroy(&mut tables),
+        }
+        drop(vm);
+        drop(ram);
     }
 }
 
-fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> Result<VmEnd, String> {
+/// Builds the VM described by `config` (VM number `index` of the set) from the ramdisk.
+pub fn prepare(backend: Backend, index: usize, config: &VmConfig, files: &[File<'_>]) -> Result<Task, String> {
     if config.vcpus != 1 {
         return Err(format!("vcpus = {}: only one vCPU per VM runs so far", config.vcpus));
     }
@@ -117,18 +200,38 @@ fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> R
             .map_err(|e| format!("{e}"))?;
     }
     let supported_xcr0 = xstate::enable().supported_xcr0;
-    let (mut vcpu, second_level): (Box<dyn Vcpu>, SecondLevel) = match backend {
-        Backend::Svm => {
-            let npt = map_ram::<Npt>(&mut tables, PageSize::Size2M, &ram)?;
-            let vcpu = svm::SvmVcpu::new(npt.root(), GUEST_ASID, start).map_err(|e| format!("vCPU: {e}"))?;
-            (Box::new(vcpu), SecondLevel::Npt(npt))
-        }
+    let tag = tags(backend).lock().take();
+    let built: Result<(Box<dyn Vcpu>, SecondLevel), String> = match backend {
+        Backend::Svm => map_ram::<Npt>(&mut tables, PageSize::Size2M, &ram).and_then(|npt| {
+            match svm::SvmVcpu::new(npt.root(), tag, start) {
+                Ok(vcpu) => Ok((Box::new(vcpu) as Box<dyn Vcpu>, SecondLevel::Npt(npt))),
+                Err(e) => {
+                    npt.destroy(&mut tables);
+                    Err(format!("vCPU: {e}"))
+                }
+            }
+        }),
         Backend::Vmx => {
-            let ept = map_ram::<Ept>(&mut tables, vmx::ept_max_page(), &ram)?;
-            let vcpu = vmx::VmxVcpu::new(ept.root(), GUEST_VPID, start).map_err(|e| format!("vCPU: {e}"))?;
-            (Box::new(vcpu), SecondLevel::Ept(ept))
+            map_ram::<Ept>(&mut tables, vmx::ept_max_page(), &ram).and_then(|ept| {
+                match vmx::VmxVcpu::new(ept.root(), tag, start) {
+                    Ok(vcpu) => Ok((Box::new(vcpu) as Box<dyn Vcpu>, SecondLevel::Ept(ept))),
+                    Err(e) => {
+                        ept.destroy(&mut tables);
+                        Err(format!("vCPU: {e}"))
+                    }
+                }
+            })
         }
     };
+    let (mut vcpu, second_level) = match built {
+        Ok(built) => built,
+        Err(e) => {
+            tags(backend).lock().give_back(tag);
+            return Err(e);
+        }
+    };
+    // Built on this CPU; it may run on any.
+    vcpu.leave_cpu();
     log::info!(
         "vm {}: {} MiB RAM, kernel {} ({} bytes): {}",
         config.name,
@@ -137,34 +240,18 @@ fn prepare_and_run(backend: Backend, config: &VmConfig, files: &[File<'_>]) -> R
         kernel.data.len(),
         prepared.summary
     );
-    let end = {
-        let mut console = |text: &str| serial::write_str(text);
-        let mut env = Env {
-            cpuid: &|leaf, subleaf| {
-                let r = cpuid!(leaf, subleaf);
-                [r.eax, r.ebx, r.ecx, r.edx]
-            },
-            now_micros: &serial::uptime_micros,
-            host_tsc: &|| {
-                // SAFETY: RDTSC has no side effects.
-                unsafe { core::arch::x86_64::_rdtsc() }
-            },
-            console: &mut console,
-            supported_xcr0,
-            tsc_hz,
-            arm_timer: &apic::arm,
-            wait: &apic::sleep,
-            input: Some(&mut serial::read_byte),
-        };
-        vm.run(vcpu.as_mut(), &mut env)
-    };
-    serial::write_str(&vm.stats.table(&config.name));
-    drop(vcpu);
-    match second_level {
-        SecondLevel::Npt(npt) => npt.destroy(&mut tables),
-        SecondLevel::Ept(ept) => ept.destroy(&mut tables),
-    }
-    drop(vm);
-    drop(ram);
-    Ok(end)
+    Ok(Task {
+        index,
+        name: config.name.clone(),
+        deadline_us: None,
+        timeout_seconds: config.timeout_seconds,
+        vm,
+        vcpu,
+        second_level,
+        tag,
+        backend,
+        supported_xcr0,
+        started: false,
+        _ram: ram,
+    })
 }

@@ -96,6 +96,10 @@ static IDT: Lazy<Idt> = Lazy::new(|| {
     }
     for (vector, handler) in [
         (apic::TIMER_VECTOR, timer_interrupt as extern "x86-interrupt" fn(InterruptStackFrame) as usize as u64),
+        (
+            super::scheduler::WAKE_VECTOR,
+            timer_interrupt as extern "x86-interrupt" fn(InterruptStackFrame) as usize as u64,
+        ),
         (apic::SPURIOUS_VECTOR, spurious_interrupt as extern "x86-interrupt" fn(InterruptStackFrame) as usize as u64),
     ] {
         let (low, high) = interrupt_gate(handler, code_selector, 0);
@@ -105,7 +109,8 @@ static IDT: Lazy<Idt> = Lazy::new(|| {
     idt
 });
 
-/// The host's APIC timer: it only has to wake the hypervisor (out of HLT or out of the guest).
+/// The host's APIC timer and the scheduler's wake-up IPI: they only have to wake the
+/// hypervisor (out of HLT or out of the guest).
 extern "x86-interrupt" fn timer_interrupt(_frame: InterruptStackFrame) {
     apic::eoi();
 }
@@ -113,7 +118,7 @@ extern "x86-interrupt" fn timer_interrupt(_frame: InterruptStackFrame) {
 /// Spurious APIC interrupts need no EOI.
 extern "x86-interrupt" fn spurious_interrupt(_frame: InterruptStackFrame) {}
 
-/// Loads the IDT. Call on each CPU after its GDT.
+/// Loads the IDT (one table, shared by every CPU). Call on each CPU after its GDT.
 pub fn init() {
     let idt: &'static Idt = &IDT;
     // SAFETY: the table is static, so it outlives every use by the CPU, and each gate points at
@@ -187,9 +192,18 @@ impl fmt::Display for PageFaultCode {
 
 extern "C" fn exception_report(frame: &ExceptionFrame) -> ! {
     let vector = frame.vector as usize;
+    if vector == 2 && exit::ending() {
+        // Another CPU is ending the run and stops this one.
+        exit::park();
+    }
+    exit::claim();
     let name = NAMES.get(vector).copied().unwrap_or("unknown vector");
     let f = frame;
-    serial::emergency_write(format_args!("\nEXCEPTION {name} (vector {vector}) error code {:#x}\n", f.error_code));
+    let cpu = exit::this_cpu();
+    serial::emergency_write(format_args!(
+        "\nEXCEPTION {name} (vector {vector}) on CPU {cpu}, error code {:#x}\n",
+        f.error_code
+    ));
     if vector == 14 {
         serial::emergency_write(format_args!(
             "  page fault: {} at address {:#018x}\n",
@@ -230,7 +244,9 @@ extern "C" fn exception_report(frame: &ExceptionFrame) -> ! {
         Cr4::read_raw(),
     ));
     let mut reason = LineBuf::<160>::new();
-    let _ =
-        fmt::Write::write_fmt(&mut reason, format_args!("host exception {name} (vector {vector}) at RIP {:#x}", f.rip));
+    let _ = fmt::Write::write_fmt(
+        &mut reason,
+        format_args!("host exception {name} (vector {vector}) at RIP {:#x} on CPU {cpu}", f.rip),
+    );
     exit::end(RunStatus::Failure, reason.as_str())
 }

@@ -21,6 +21,19 @@ const HEAP_BYTES: u64 = 16 << 20;
 const MIN_HEAP_BYTES: u64 = 1 << 20;
 /// Real-mode IVT, BIOS data and option ROMs live below 1 MiB: never hand it out.
 const LOW_MEMORY: PhysRange = PhysRange { start: 0, end: 1 << 20 };
+/// The start-up IPI enters real mode below 0xa0000 (the legacy video area starts there); page 0
+/// holds the real-mode interrupt table.
+const TRAMPOLINE_WINDOW: PhysRange = PhysRange { start: 0x1000, end: 0xa_0000 };
+const TRAMPOLINE_PAGES: u64 = super::smp::TRAMPOLINE_PAGES;
+
+/// The lowest `pages` free, contiguous pages inside [`TRAMPOLINE_WINDOW`].
+fn low_pages(free: &[PhysRange], pages: u64) -> Option<u64> {
+    free.iter().find_map(|range| {
+        let start = range.start.max(TRAMPOLINE_WINDOW.start).next_multiple_of(FRAME_SIZE);
+        let end = range.end.min(TRAMPOLINE_WINDOW.end);
+        (start + pages * FRAME_SIZE <= end).then_some(start)
+    })
+}
 
 /// Where physical memory is mapped in the hypervisor's address space.
 #[derive(Clone, Copy)]
@@ -84,6 +97,28 @@ impl PhysMap {
 }
 
 static PHYS_OFFSET: spin::Once<u64> = spin::Once::new();
+/// End of the highest region of the memory map: the physical-memory window covers up to here.
+static PHYS_LIMIT: spin::Once<u64> = spin::Once::new();
+/// Pages below 1 MiB kept for the application processors' start-up code.
+static TRAMPOLINE: spin::Once<Option<u64>> = spin::Once::new();
+
+/// Where the AP start-up code and its page tables go (below 1 MiB), if memory::init found room.
+pub fn trampoline_area() -> Option<u64> {
+    TRAMPOLINE.get().copied().flatten()
+}
+
+/// Copies physical memory at `phys` into `buf` (firmware tables); `false` if any of it lies
+/// outside the memory map, so a bad pointer in a table cannot fault the host.
+pub fn read_phys(phys: u64, buf: &mut [u8]) -> bool {
+    let limit = PHYS_LIMIT.get().copied().unwrap_or(0);
+    if phys.checked_add(buf.len() as u64).is_none_or(|end| end > limit) {
+        return false;
+    }
+    // SAFETY: the range lies inside the window the bootloader maps (checked above), and
+    // firmware tables are plain memory that nothing in the hypervisor writes.
+    unsafe { core::ptr::copy_nonoverlapping(phys_map().virt(phys) as *const u8, buf.as_mut_ptr(), buf.len()) };
+    true
+}
 
 /// The physical-memory mapping (available once [`init`] ran).
 pub fn phys_map() -> PhysMap {
@@ -163,6 +198,7 @@ pub fn init(boot_info: &BootInfo) -> MemorySummary {
 
     let mut usable_bytes = 0;
     let regions = &boot_info.memory_regions;
+    PHYS_LIMIT.call_once(|| regions.iter().map(|r| r.end).max().unwrap_or(0));
     for region in regions.iter().filter(|r| r.kind == MemoryRegionKind::Usable) {
         usable_bytes += region.end - region.start;
         if let Err(e) = frames.add_usable(PhysRange { start: region.start, end: region.end }) {
@@ -173,14 +209,13 @@ pub fn init(boot_info: &BootInfo) -> MemorySummary {
     // The bootloader already marks these regions as not usable; reserving them again (after the
     // usable memory is in, so even an unrecorded reservation is cut out) means a wrong memory
     // map cannot make us hand out our own kernel, page tables or ramdisk.
-    let mut reserve = |range: PhysRange, what: &str| {
+    let reserve = |frames: &mut Frames, range: PhysRange, what: &str| {
         if let Err(e) = frames.reserve(range) {
             log::warn!("memory: reserving {what} at {:#x}: {e}", range.start);
         }
     };
-    reserve(LOW_MEMORY, "low memory");
-    reserve(PhysRange::new(boot_info.kernel_addr, boot_info.kernel_len), "kernel image");
-    phys.for_each_table(|table| reserve(PhysRange::new(table, FRAME_SIZE), "page table"));
+    reserve(&mut frames, PhysRange::new(boot_info.kernel_addr, boot_info.kernel_len), "kernel image");
+    phys.for_each_table(|table| reserve(&mut frames, PhysRange::new(table, FRAME_SIZE), "page table"));
     let boot_info_start = boot_info as *const BootInfo as u64;
     for (virt, len, what) in [
         (boot_info_start, size_of::<BootInfo>() as u64, "boot info"),
@@ -189,10 +224,14 @@ pub fn init(boot_info: &BootInfo) -> MemorySummary {
     ] {
         for page in (virt & !(FRAME_SIZE - 1)..virt + len).step_by(FRAME_SIZE as usize) {
             if let Some(frame) = phys.translate(page) {
-                reserve(PhysRange::new(frame & !(FRAME_SIZE - 1), FRAME_SIZE), what);
+                reserve(&mut frames, PhysRange::new(frame & !(FRAME_SIZE - 1), FRAME_SIZE), what);
             }
         }
     }
+
+    // Everything the bootloader left is reserved now: what is still free below 1 MiB is free.
+    TRAMPOLINE.call_once(|| low_pages(frames.free_ranges(), TRAMPOLINE_PAGES));
+    reserve(&mut frames, LOW_MEMORY, "low memory");
 
     let mut heap_bytes = HEAP_BYTES;
     let heap_start = loop {

@@ -8,7 +8,10 @@ pub mod gdt;
 pub mod guest;
 pub mod idt;
 pub mod memory;
+pub mod percpu;
+pub mod scheduler;
 pub mod serial;
+pub mod smp;
 pub mod svm;
 pub mod vmx;
 pub mod xstate;
@@ -45,13 +48,15 @@ pub struct Host {
     pub cpu: cpu::CpuReport,
     /// The ramdisk with guest images and VM configuration (empty if there is none).
     pub ramdisk: &'static [u8],
+    /// The firmware's ACPI RSDP (where the MADT lists the other CPUs).
+    pub rsdp: Option<u64>,
 }
 
 /// Brings the host up: serial log, GDT/TSS, IDT, frames, heap, CPU identification.
 pub fn bring_up(boot_info: &'static mut BootInfo) -> Host {
     serial::init();
     log::info!("hypervisor {} starting", env!("CARGO_PKG_VERSION"));
-    gdt::init();
+    gdt::load(gdt::boot_tables());
     idt::init();
     let memory = memory::init(boot_info);
     log::info!(
@@ -71,7 +76,31 @@ pub fn bring_up(boot_info: &'static mut BootInfo) -> Host {
     };
     let cpu = cpu::identify();
     log::info!("{cpu}");
-    Host { cpu, ramdisk }
+    if let Err(e) = apic::init() {
+        exit::end(RunStatus::Failure, &format!("host local APIC: {e}"));
+    }
+    smp::init_boot_cpu();
+    Host { cpu, ramdisk, rsdp: boot_info.rsdp_addr.into_option() }
+}
+
+/// The backend every CPU enables (chosen by the boot CPU).
+static BACKEND: spin::Once<guest::Backend> = spin::Once::new();
+
+fn enable_backend(backend: guest::Backend) -> Result<(), String> {
+    match backend {
+        guest::Backend::Svm => svm::enable().map_err(|e| format!("{e}")),
+        guest::Backend::Vmx => vmx::enable().map_err(|e| format!("{e}")),
+    }
+}
+
+/// What an application processor does once it is up: virtualization on, then wait for work.
+fn application_processor(block: &'static percpu::PerCpu) -> ! {
+    let backend = *BACKEND.get().expect("the boot CPU chose the backend before starting APs");
+    if let Err(e) = enable_backend(backend) {
+        exit::end(RunStatus::Failure, &format!("CPU {}: enabling virtualization: {e}", block.index));
+    }
+    block.online.store(true, core::sync::atomic::Ordering::Release);
+    scheduler::run_cpu()
 }
 
 /// Checks virtualization, loads the VM set from the ramdisk, runs it and ends the run.
@@ -94,33 +123,42 @@ pub fn run(host: Host) -> ! {
             }
         },
     };
+    let backend = match host.cpu.virtualization {
+        Virtualization::Svm(_) => guest::Backend::Svm,
+        Virtualization::Vmx(_) => guest::Backend::Vmx,
+        Virtualization::None => exit::end(RunStatus::Failure, "enabling virtualization: no virtualization extension"),
+    };
+    if let Err(e) = enable_backend(backend) {
+        exit::end(RunStatus::Failure, &format!("enabling virtualization: {e}"));
+    }
+    BACKEND.call_once(|| backend);
+    log::info!("smp: {}", smp::start_application_processors(host.rsdp, application_processor));
     if vms.is_empty() {
         log::info!("no VMs configured");
         exit::end(RunStatus::Success, "no VMs configured");
     }
-    let enabled = match host.cpu.virtualization {
-        Virtualization::Svm(_) => svm::enable().map(|()| guest::Backend::Svm).map_err(|e| format!("{e}")),
-        Virtualization::Vmx(_) => vmx::enable().map(|()| guest::Backend::Vmx).map_err(|e| format!("{e}")),
-        Virtualization::None => Err("no virtualization extension".into()),
-    };
-    let backend = enabled.unwrap_or_else(|e| exit::end(RunStatus::Failure, &format!("enabling virtualization: {e}")));
-    if let Err(e) = apic::init() {
-        exit::end(RunStatus::Failure, &format!("host local APIC: {e}"));
+    let needed: u64 = vms.iter().map(|vm| vm.memory).sum();
+    let free = memory::FRAMES.lock().free_bytes();
+    if needed > free {
+        exit::end(
+            RunStatus::Failure,
+            &format!(
+                "the VM set needs {} MiB of guest RAM, but the machine has {} MiB free: give it more memory or the VMs less",
+                needed >> 20,
+                free >> 20
+            ),
+        );
     }
-    log::info!("running {} VMs on {backend:?}", vms.len());
-    let mut failed: Vec<String> = Vec::new();
-    for vm in &vms {
-        log::info!("vm {}: starting", vm.name);
-        let end = guest::run(backend, vm, &files);
-        serial::write_line(&end.end_line(&vm.name));
-        if !end.is_clean() {
-            failed.push(format!("{} ({end})", vm.name));
+    log::info!("running {} VMs at once on {backend:?}, {} MiB of guest RAM", vms.len(), needed >> 20);
+    scheduler::begin(vms.len(), crate::sched::DEFAULT_SLICE_US);
+    for (index, vm) in vms.iter().enumerate() {
+        match guest::prepare(backend, index, vm, &files) {
+            Ok(task) => scheduler::add(task, vm.cpus.unwrap_or_else(config::CpuSet::all)),
+            Err(e) => scheduler::ended_before_start(index, &vm.name, &crate::vm::VmEnd::Error(e)),
         }
     }
-    if failed.is_empty() {
-        exit::end(RunStatus::Success, &format!("{} VMs ran, all ended cleanly", vms.len()))
-    }
-    exit::end(RunStatus::Failure, &format!("{} VMs ran, {} failed: {}", vms.len(), failed.len(), failed.join("; ")))
+    scheduler::start();
+    scheduler::run_cpu()
 }
 
 static PANICKING: AtomicBool = AtomicBool::new(false);
@@ -129,11 +167,10 @@ static PANICKING: AtomicBool = AtomicBool::new(false);
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     if PANICKING.swap(true, Ordering::SeqCst) {
-        // A panic while reporting a panic: the first report is the useful one.
-        loop {
-            x86_64::instructions::hlt();
-        }
+        // A panic while reporting a panic, or on a second CPU: the first report is the useful one.
+        exit::park();
     }
+    exit::claim();
     let mut reason = LineBuf::<200>::new();
     match info.location() {
         Some(l) => {

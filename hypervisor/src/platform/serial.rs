@@ -7,10 +7,30 @@ use spin::Mutex;
 use uart_16550::SerialPort;
 use x86_64::instructions::port::Port;
 
+use crate::console::ConsoleLines;
+
 const COM1: u16 = 0x3f8;
 
+/// COM1 and which VM has a line open on it: one lock, so lines never mix.
+struct Console {
+    port: SerialPort,
+    lines: ConsoleLines,
+}
+
+impl Console {
+    /// Writes a host line (log record, end line) after closing any open VM line.
+    fn host_line(&mut self, args: fmt::Arguments<'_>) {
+        let port = &mut self.port;
+        self.lines.close(&mut |s| {
+            let _ = port.write_str(s);
+        });
+        let _ = self.port.write_fmt(args);
+    }
+}
+
 // SAFETY: 0x3f8 is COM1 on every PC platform we boot on (QEMU, Bochs, real hardware).
-static SERIAL: Mutex<SerialPort> = Mutex::new(unsafe { SerialPort::new(COM1) });
+static SERIAL: Mutex<Console> =
+    Mutex::new(Console { port: unsafe { SerialPort::new(COM1) }, lines: ConsoleLines::new() });
 static LOGGER: Logger = Logger;
 static TSC_AT_BOOT: AtomicU64 = AtomicU64::new(0);
 static TSC_PER_MICROSECOND: AtomicU64 = AtomicU64::new(0);
@@ -18,7 +38,7 @@ static TSC_PER_MICROSECOND: AtomicU64 = AtomicU64::new(0);
 /// Programs COM1 (8N1: Bochs starts it at 5 data bits), calibrates the timestamp clock and
 /// installs the logger.
 pub fn init() {
-    SERIAL.lock().init();
+    SERIAL.lock().port.init();
     // The UEFI/BIOS boot stage may leave its last line unterminated.
     write_str("\n");
     TSC_AT_BOOT.store(rdtsc(), Ordering::Relaxed);
@@ -36,7 +56,7 @@ pub fn emergency_write(args: fmt::Arguments<'_>) {
     // SAFETY: only called on the way to ending the run; interleaving with a half-written line
     // is acceptable, a deadlock is not.
     unsafe { SERIAL.force_unlock() };
-    let _ = SERIAL.lock().write_fmt(args);
+    SERIAL.lock().host_line(args);
 }
 
 /// Waits (bounded) until the UART has shifted out every byte, so an emulator that exits right
@@ -56,14 +76,21 @@ pub fn drain() {
 
 /// Sends one line to COM1.
 pub fn write_line(line: &str) {
-    let mut serial = SERIAL.lock();
-    let _ = serial.write_str(line);
-    let _ = serial.write_str("\n");
+    SERIAL.lock().host_line(format_args!("{line}\n"));
 }
 
-/// Sends raw bytes to COM1.
+/// Sends host text (whole lines) to COM1.
 pub fn write_str(s: &str) {
-    let _ = SERIAL.lock().write_str(s);
+    SERIAL.lock().host_line(format_args!("{s}"));
+}
+
+/// Sends a piece of VM `vm`'s console line (see [`ConsoleLines::vm_text`]).
+pub fn write_vm_text(vm: usize, name: &str, text: &str, ends_line: bool) {
+    let mut serial = SERIAL.lock();
+    let Console { port, lines } = &mut *serial;
+    lines.vm_text(vm, name, text, ends_line, &mut |s| {
+        let _ = port.write_str(s);
+    });
 }
 
 /// Microseconds since `init`, or raw TSC ticks if calibration failed.
@@ -145,15 +172,13 @@ impl log::Log for Logger {
             return;
         }
         let micros = uptime_micros();
-        let mut serial = SERIAL.lock();
-        let _ = writeln!(
-            serial,
-            "[{:>5}.{:06}] {:<5} {}",
+        SERIAL.lock().host_line(format_args!(
+            "[{:>5}.{:06}] {:<5} {}\n",
             micros / 1_000_000,
             micros % 1_000_000,
             record.level(),
             record.args()
-        );
+        ));
     }
 
     fn flush(&self) {}

@@ -24,28 +24,28 @@ pub struct XFeatures {
 static FEATURES: spin::Once<XFeatures> = spin::Once::new();
 
 /// Turns on CR4.OSFXSR and, where present, CR4.OSXSAVE with the full supported XCR0 for the
-/// host. Call on each CPU before running guests.
+/// host. Call on each CPU before running guests (the features are probed once).
 pub fn enable() -> XFeatures {
-    *FEATURES.call_once(|| {
-        let leaf1 = cpuid!(1);
-        let xsave = leaf1.ecx & (1 << 26) != 0;
+    let features = *FEATURES.call_once(|| {
+        let xsave = cpuid!(1).ecx & (1 << 26) != 0;
         let supported_xcr0 = if xsave { cpuid!(0xd, 0).eax as u64 & (XCR0_X87 | XCR0_SSE | XCR0_AVX) } else { 0 };
-        // SAFETY: OSFXSR and OSXSAVE only enable instructions; OSXSAVE is set only when CPUID
-        // reports XSAVE, and XCR0 gets only supported bits with x87 set.
-        unsafe {
-            let mut cr4: u64;
-            asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack));
-            cr4 |= 1 << 9; // OSFXSR
-            if xsave {
-                cr4 |= 1 << 18; // OSXSAVE
-            }
-            asm!("mov cr4, {}", in(reg) cr4, options(nostack));
-            if xsave {
-                set_xcr0(supported_xcr0);
-            }
-        }
         XFeatures { xsave, supported_xcr0 }
-    })
+    });
+    // SAFETY: OSFXSR and OSXSAVE only enable instructions; OSXSAVE is set only when CPUID
+    // reports XSAVE, and XCR0 gets only supported bits with x87 set.
+    unsafe {
+        let mut cr4: u64;
+        asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack));
+        cr4 |= 1 << 9; // OSFXSR
+        if features.xsave {
+            cr4 |= 1 << 18; // OSXSAVE
+        }
+        asm!("mov cr4, {}", in(reg) cr4, options(nostack));
+        if features.xsave {
+            set_xcr0(features.supported_xcr0);
+        }
+    }
+    features
 }
 
 /// Loads XCR0.

@@ -58,6 +58,8 @@ pub enum VmEnd {
     Reset,
     /// The guest did something the hypervisor cannot emulate, or entry failed.
     Error(String),
+    /// The VM ran longer than its configured `timeout` (seconds).
+    Timeout(u64),
 }
 
 impl VmEnd {
@@ -77,6 +79,7 @@ impl VmEnd {
             VmEnd::PowerOff => ("power-off", 0),
             VmEnd::Reset => ("reset", 0),
             VmEnd::Error(_) => ("error", 0),
+            VmEnd::Timeout(_) => ("timeout", 0),
         };
         let detail: String = format!("{self}").chars().map(|c| if c == '"' { '\'' } else { c }).collect();
         format!("VM-END vm={vm} reason={reason} status={status} detail=\"{detail}\"")
@@ -92,6 +95,7 @@ impl fmt::Display for VmEnd {
             VmEnd::PowerOff => f.write_str("powered off (ACPI S5)"),
             VmEnd::Reset => f.write_str("reset by the guest"),
             VmEnd::Error(e) => write!(f, "error: {e}"),
+            VmEnd::Timeout(seconds) => write!(f, "still running after its timeout of {seconds} s"),
         }
     }
 }
@@ -104,8 +108,9 @@ pub struct Env<'a> {
     pub now_micros: &'a dyn Fn() -> u64,
     /// The host's TSC (the guest's is derived from it; see [`GuestClock`]).
     pub host_tsc: &'a dyn Fn() -> u64,
-    /// Receives console text, lines prefixed with the VM name (a line may arrive in pieces).
-    pub console: &'a mut dyn FnMut(&str),
+    /// Receives the guest's console text, sanitized, one piece of a line at a time; `true`
+    /// ends the line. The receiver prefixes lines with the VM name ([`crate::console`]).
+    pub console: &'a mut dyn FnMut(&str, bool),
     /// XCR0 bits guests may enable.
     pub supported_xcr0: u64,
     /// The guest TSC's frequency (0 if unknown).
@@ -144,6 +149,8 @@ pub struct Vm<M: GuestMemory> {
     console_line: Vec<u8>,
     /// A partial console line was already written (the guest is waiting for input mid-line).
     console_mid_line: bool,
+    /// The vCPU executed HLT and waits for an interrupt.
+    halted: bool,
     last_input_poll: u64,
     console_input: VecDeque<u8>,
     warned_ports: Vec<u16>,
@@ -151,7 +158,24 @@ pub struct Vm<M: GuestMemory> {
 
 enum Next {
     Continue,
+    /// The vCPU halted with nothing to deliver: give the CPU away.
+    Halt,
     End(VmEnd),
+}
+
+/// How a slice of a vCPU's time ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Slice {
+    /// The slice is used up: run again when the scheduler says so.
+    Preempted,
+    /// The vCPU halted: nothing to do before `wake_at_us` (host microseconds, as
+    /// `Env::now_micros` counts) unless an interrupt arrives for it first.
+    Halted {
+        /// When a device timer or the console-input poll is due.
+        wake_at_us: u64,
+    },
+    /// The VM is over.
+    Ended(VmEnd),
 }
 
 impl<M: GuestMemory> Vm<M> {
@@ -186,22 +210,70 @@ impl<M: GuestMemory> Vm<M> {
             pending_interrupts: VecDeque::new(),
             console_line: Vec::new(),
             console_mid_line: false,
+            halted: false,
             last_input_poll: 0,
             console_input: VecDeque::new(),
             warned_ports: Vec::new(),
         }
     }
 
-    /// Runs the vCPU until the VM ends.
+    /// Runs the vCPU until the VM ends, sleeping through halts with `env.wait` (a VM that
+    /// has its CPU to itself).
     pub fn run(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>) -> VmEnd {
+        self.start(env);
+        loop {
+            match self.run_slice(vcpu, env, u64::MAX) {
+                Slice::Preempted => {}
+                Slice::Halted { wake_at_us } => {
+                    let now = (env.now_micros)();
+                    if wake_at_us > now {
+                        (env.arm_timer)(Some((wake_at_us - now).saturating_mul(1000)));
+                        (env.wait)();
+                    }
+                }
+                Slice::Ended(end) => return end,
+            }
+        }
+    }
+
+    /// Starts guest time: call once, right before the first slice.
+    pub fn start(&mut self, env: &Env<'_>) {
         self.clock = GuestClock::new((env.host_tsc)(), self.clock.tsc_hz());
-        let end = loop {
+    }
+
+    /// Runs the vCPU until the VM ends, the vCPU halts, or `slice_end_us` (on the
+    /// `Env::now_micros` clock) passes. Guest time keeps running while the vCPU is away.
+    pub fn run_slice(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>, slice_end_us: u64) -> Slice {
+        let slice = self.slice(vcpu, env, slice_end_us);
+        (env.arm_timer)(None);
+        if let Slice::Ended(_) = slice {
+            self.flush_console(env);
+        }
+        // Time away from the CPU is guest time: let the clock run until the next entry.
+        self.clock.resume((env.host_tsc)());
+        slice
+    }
+
+    fn slice(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>, slice_end_us: u64) -> Slice {
+        loop {
             if let Next::End(end) = self.service_devices(env) {
-                break end;
+                return Slice::Ended(end);
+            }
+            if self.halted {
+                if !self.interrupt_ready() {
+                    return self.halted_until(env);
+                }
+                self.halted = false;
+            }
+            let wall = (env.now_micros)();
+            if wall >= slice_end_us {
+                return Slice::Preempted;
             }
             self.offer_interrupt(vcpu);
             let now = self.now(env);
-            (env.arm_timer)(self.next_deadline_ns().map(|deadline| deadline.saturating_sub(now)));
+            let until_device = self.next_deadline_ns().map(|deadline| deadline.saturating_sub(now));
+            let until_slice_end = (slice_end_us - wall).saturating_mul(1000);
+            (env.arm_timer)(Some(until_device.map_or(until_slice_end, |ns| ns.min(until_slice_end))));
             let entered = (env.now_micros)();
             // The backend resumes the guest clock right before entry and freezes it right
             // after the exit, so the world switch's own cost is hidden as well.
@@ -210,13 +282,12 @@ impl<M: GuestMemory> Vm<M> {
             self.stats.guest_micros += exited.saturating_sub(entered);
             let next = self.handle(vcpu, exit, env);
             self.stats.record(exit.kind(), (env.now_micros)().saturating_sub(exited));
-            if let Next::End(end) = next {
-                break end;
+            match next {
+                Next::Continue => {}
+                Next::Halt => self.halted = true,
+                Next::End(end) => return Slice::Ended(end),
             }
-        };
-        (env.arm_timer)(None);
-        self.flush_console(env);
-        end
+        }
     }
 
     /// Guest time in ns.
@@ -284,39 +355,30 @@ impl<M: GuestMemory> Vm<M> {
         vcpu.set_interrupt_window_exiting(self.interrupt_ready());
     }
 
-    /// HLT: sleep (on guest time) until an interrupt can be delivered.
+    /// HLT: the vCPU waits (on guest time, which keeps running) until an interrupt can be
+    /// delivered; a HLT nothing can ever end, ends the VM.
     fn halt(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>) -> Next {
         if vcpu.rflags() & RFLAGS_IF == 0 && !self.interrupt_ready() {
             return Next::End(VmEnd::Halted("HLT with interrupts disabled: the vCPU can never wake up"));
         }
         // A prompt without a newline must be visible while the guest waits for input.
         self.write_console(env, false);
-        // Halted time is real guest time: let the clock run while waiting.
-        self.clock.resume((env.host_tsc)());
-        loop {
-            if self.interrupt_ready() {
-                self.clock.freeze((env.host_tsc)());
-                return Next::Continue;
+        Next::Halt
+    }
+
+    /// While halted: when the next device deadline or input poll is due, on the host clock.
+    fn halted_until(&self, env: &Env<'_>) -> Slice {
+        let now = self.now(env);
+        let until_deadline = self.next_deadline_ns().map(|deadline| deadline.saturating_sub(now));
+        let sleep_ns = match (until_deadline, env.input.is_some()) {
+            (None, false) => {
+                return Slice::Ended(VmEnd::Halted("HLT with no interrupt pending and no device that could raise one"))
             }
-            let now = self.now(env);
-            let until_deadline = self.next_deadline_ns().map(|deadline| deadline.saturating_sub(now));
-            let sleep = match (until_deadline, env.input.is_some()) {
-                (None, false) => {
-                    return Next::End(VmEnd::Halted("HLT with no interrupt pending and no device that could raise one"))
-                }
-                (None, true) => INPUT_POLL_NS,
-                (Some(ns), true) => ns.min(INPUT_POLL_NS),
-                (Some(ns), false) => ns,
-            };
-            if sleep > 0 {
-                (env.arm_timer)(Some(sleep));
-                (env.wait)();
-            }
-            if let Next::End(end) = self.service_devices(env) {
-                self.clock.freeze((env.host_tsc)());
-                return Next::End(end);
-            }
-        }
+            (None, true) => INPUT_POLL_NS,
+            (Some(ns), true) => ns.min(INPUT_POLL_NS),
+            (Some(ns), false) => ns,
+        };
+        Slice::Halted { wake_at_us: (env.now_micros)().saturating_add(sleep_ns.div_ceil(1000)) }
     }
 
     fn handle(&mut self, vcpu: &mut dyn Vcpu, exit: Exit, env: &mut Env<'_>) -> Next {
@@ -337,6 +399,9 @@ impl<M: GuestMemory> Vm<M> {
             Exit::Io(io) => self.handle_io(vcpu, io, env),
             Exit::Hlt => {
                 vcpu.skip_instruction();
+                if self.interrupt_ready() {
+                    return Next::Continue;
+                }
                 self.halt(vcpu, env)
             }
             Exit::Xsetbv => {
@@ -592,21 +657,18 @@ impl<M: GuestMemory> Vm<M> {
         }
     }
 
-    /// Writes the buffered console text, prefixed with the VM name at the start of a line;
-    /// `end_line` ends the line, otherwise the rest of the line follows later (a prompt).
+    /// Writes the buffered console text; `end_line` ends the line, otherwise the rest of the
+    /// line follows later (a prompt).
     fn write_console(&mut self, env: &mut Env<'_>, end_line: bool) {
         if self.console_line.is_empty() && !end_line {
             return;
         }
-        let mut text = String::new();
-        if !self.console_mid_line {
-            text = format!("[{}] ", self.name);
-        }
-        text.extend(self.console_line.iter().map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' }));
-        if end_line {
-            text.push('\n');
-        }
-        (env.console)(&text);
+        let text: String = self
+            .console_line
+            .iter()
+            .map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' })
+            .collect();
+        (env.console)(&text, end_line);
         self.console_line.clear();
         self.console_mid_line = !end_line;
     }

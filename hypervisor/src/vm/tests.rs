@@ -135,7 +135,7 @@ fn host_tsc() -> u64 {
 }
 
 /// The environment the tests run in: no clock, no host timer, no console input.
-fn test_env<'a>(console: &'a mut dyn FnMut(&str), supported_xcr0: u64) -> Env<'a> {
+fn test_env<'a>(console: &'a mut dyn FnMut(&str, bool), supported_xcr0: u64) -> Env<'a> {
     Env {
         cpuid: &host_cpuid,
         now_micros: &zero,
@@ -152,7 +152,12 @@ fn test_env<'a>(console: &'a mut dyn FnMut(&str), supported_xcr0: u64) -> Env<'a
 /// Runs the mock to the VM's end; returns the end and the console lines.
 fn run(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> (VmEnd, Vec<String>) {
     let mut lines = Vec::new();
-    let mut console = |line: &str| lines.push(String::from(line));
+    let mut arbiter = crate::console::ConsoleLines::new();
+    let mut console = |text: &str, ends_line: bool| {
+        let mut piece = String::new();
+        arbiter.vm_text(0, "t", text, ends_line, &mut |s| piece.push_str(s));
+        lines.push(piece);
+    };
     let mut env = test_env(&mut console, XCR0_X87 | XCR0_SSE | XCR0_AVX);
     let end = vm.run(vcpu, &mut env);
     (end, lines)
@@ -181,13 +186,13 @@ fn debug_exit_ends_the_vm_with_its_status() {
 
 /// Runs exactly one scripted exit through the handlers.
 fn step(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> Option<VmEnd> {
-    let mut console = |_: &str| {};
+    let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, XCR0_X87 | XCR0_SSE);
     vm.offer_interrupt(vcpu);
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
     match vm.handle(vcpu, exit, &mut env) {
         Next::End(end) => Some(end),
-        Next::Continue => None,
+        Next::Continue | Next::Halt => None,
     }
 }
 
@@ -282,7 +287,7 @@ fn interrupts_wait_for_a_window_then_are_injected() {
     vm.bus.add(Box::new(TestDevice::default())).unwrap();
     let request = Exit::Io(IoExit { port: IRQ_PORT, size: 1, write: true, string: false, rep: false });
     let mut vcpu = Mock::new(vec![]).then(request, Gprs { rax: 0x40, ..Gprs::default() });
-    let mut console = |_: &str| {};
+    let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, 1);
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
     vm.handle(&mut vcpu, exit, &mut env);
@@ -296,7 +301,8 @@ fn interrupts_wait_for_a_window_then_are_injected() {
     // HLT with the interrupt already delivered and IF=1 has nothing left to wait for.
     vcpu.script.push_back((Exit::Hlt, None));
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
-    assert!(matches!(vm.handle(&mut vcpu, exit, &mut env), Next::End(VmEnd::Halted(_))));
+    assert!(matches!(vm.handle(&mut vcpu, exit, &mut env), Next::Halt));
+    assert!(matches!(vm.halted_until(&env), Slice::Ended(VmEnd::Halted(_))));
 }
 
 #[test]
@@ -309,7 +315,7 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
         Exit::NestedFault { gpa: MMIO_BASE, write: false, fetch: false },
         Gprs { rax: u64::MAX, rbx: MMIO_BASE, ..Gprs::default() },
     );
-    let mut console = |_: &str| {};
+    let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, 1);
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
     vm.handle(&mut vcpu, exit, &mut env);
@@ -354,7 +360,12 @@ fn rep_string_io_moves_guest_memory() {
         .then(outs, Gprs { rsi: 0x3000, rcx: 3, ..Gprs::default() })
         .then(ins, Gprs { rdi: 0x4000, rcx: 4, ..Gprs::default() });
     let mut lines = Vec::new();
-    let mut console = |line: &str| lines.push(String::from(line));
+    let mut arbiter = crate::console::ConsoleLines::new();
+    let mut console = |text: &str, ends_line: bool| {
+        let mut piece = String::new();
+        arbiter.vm_text(0, "t", text, ends_line, &mut |s| piece.push_str(s));
+        lines.push(piece);
+    };
     let mut env = test_env(&mut console, 1);
     for _ in 0..2 {
         let exit = vcpu.run(&mut GuestClock::new(0, 0));
@@ -371,7 +382,7 @@ fn rep_string_io_moves_guest_memory() {
 #[test]
 fn xsetbv_is_validated() {
     let mut vm = vm();
-    let mut console = |_: &str| {};
+    let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, XCR0_X87 | XCR0_SSE);
     let mut vcpu = Mock::new(vec![]).then(Exit::Xsetbv, Gprs { rax: 3, ..Gprs::default() });
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
@@ -535,4 +546,40 @@ fn random_device_port_traffic_never_panics() {
     }
     // The fuzz must have reached real device behaviour, not only the floating bus.
     assert!(line_changes > 0 && console_bytes > 0, "line changes {line_changes}, console bytes {console_bytes}");
+}
+
+#[test]
+fn a_slice_that_is_over_gives_the_cpu_back_before_entering_the_guest() {
+    let mut vm = vm();
+    let (exit, gprs) = exit_with(0);
+    let mut vcpu = Mock::new(vec![]).then(exit, gprs);
+    let mut console = |_: &str, _: bool| {};
+    let mut env = test_env(&mut console, 1);
+    vm.start(&env);
+    // The test clock stands at 0 µs: a slice ending at 0 is already used up.
+    assert_eq!(vm.run_slice(&mut vcpu, &mut env, 0), Slice::Preempted);
+    assert_eq!(vcpu.script.len(), 1, "the guest did not run");
+    assert_eq!(vm.run_slice(&mut vcpu, &mut env, u64::MAX), Slice::Ended(VmEnd::DebugExit(0)));
+    assert_eq!(vcpu.script.len(), 0, "the next slice ran it");
+}
+
+#[test]
+fn a_halted_vcpu_gives_the_cpu_away_until_its_timer_is_due_then_stays_halted() {
+    let mut vm = vm();
+    // Local APIC on, its timer armed: one-shot, divide by 1, 5000 ns.
+    vm.router.lapic_mmio_write(0xf0, 4, 0x1ff, 0);
+    vm.router.lapic_mmio_write(0x3e0, 4, 0xb, 0);
+    vm.router.lapic_mmio_write(0x320, 4, 0xef, 0);
+    vm.router.lapic_mmio_write(0x380, 4, 5000, 0);
+    let mut vcpu = Mock::new(vec![Exit::Hlt]);
+    vcpu.rflags |= RFLAGS_IF;
+    let mut console = |_: &str, _: bool| {};
+    let mut env = test_env(&mut console, 1);
+    vm.start(&env);
+    assert_eq!(vm.run_slice(&mut vcpu, &mut env, u64::MAX), Slice::Halted { wake_at_us: 5 });
+    assert_eq!(vcpu.skips, 1, "RIP moved past the HLT");
+    // Woken early (the test clock does not move): still nothing to deliver, so it halts again
+    // without entering the guest.
+    assert_eq!(vm.run_slice(&mut vcpu, &mut env, u64::MAX), Slice::Halted { wake_at_us: 5 });
+    assert!(vcpu.injected_interrupts.is_empty());
 }

@@ -16,6 +16,7 @@ use super::xstate::XState;
 use crate::exit_decode;
 use crate::guest_clock::GuestClock;
 use crate::mm::frames::FRAME_SIZE;
+use crate::mm::tlb_tags::Tag;
 use crate::vcpu::{Exit, Gprs, GuestMode, StartMode, Vcpu};
 
 const MSR_EFER: u32 = 0xc000_0080;
@@ -162,6 +163,10 @@ pub struct SvmVcpu {
     gprs: Gprs,
     xstate: XState,
     last_exit: LastExit,
+    /// The host CPU this vCPU ran on last: elsewhere, its ASID's TLB entries may be stale.
+    last_cpu: Option<usize>,
+    /// The ASID is shared with other vCPUs (the pool ran out): flush it on every entry.
+    shared_asid: bool,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -277,7 +282,7 @@ global_asm!(
 
 impl SvmVcpu {
     /// A vCPU whose guest-physical memory is described by the NPT rooted at `npt_root`.
-    pub fn new(npt_root: u64, asid: u32, start: StartMode) -> Result<Self, SvmError> {
+    pub fn new(npt_root: u64, asid: Tag, start: StartMode) -> Result<Self, SvmError> {
         if FEATURES.get().is_none() {
             return Err(SvmError::Unsupported);
         }
@@ -305,8 +310,7 @@ impl SvmVcpu {
         });
         vmcb.write(control::IOPM_BASE, iopm.phys);
         vmcb.write(control::MSRPM_BASE, msrpm.phys);
-        vmcb.write(control::GUEST_ASID, asid);
-        vmcb.write(control::TLB_CONTROL, 1u8); // flush this ASID on the first VMRUN
+        vmcb.write(control::GUEST_ASID, asid.value);
         vmcb.write(control::V_INTR, V_INTR_MASKING);
         vmcb.write(control::NP_ENABLE, 1u64);
         vmcb.write(control::N_CR3, npt_root);
@@ -365,6 +369,8 @@ impl SvmVcpu {
             gprs,
             xstate: XState::new().ok_or(SvmError::OutOfMemory)?,
             last_exit: LastExit::Other,
+            last_cpu: None,
+            shared_asid: asid.shared,
             _not_send: PhantomData,
         })
     }
@@ -372,6 +378,12 @@ impl SvmVcpu {
     /// One VMRUN and the raw decoding of its exit; `None` for exits handled here.
     fn run_once(&mut self, clock: &mut GuestClock) -> Option<Exit> {
         self.vmcb.write(save::RAX, self.gprs.rax);
+        let cpu = super::percpu::current().index;
+        if self.last_cpu != Some(cpu) || self.shared_asid {
+            // Flush this ASID's entries on this CPU (APM Vol. 2, 15.16.1, TLB_CONTROL 1).
+            self.vmcb.write(control::TLB_CONTROL, 1u8);
+            self.last_cpu = Some(cpu);
+        }
         self.xstate.enter_guest();
         let (hidden, frozen_at) = clock.entry_base(rdtsc());
         let offset_field = self.vmcb.ptr::<u64>(control::TSC_OFFSET) as u64;

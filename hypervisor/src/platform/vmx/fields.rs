@@ -223,6 +223,7 @@ pub mod w32 {
     pub const GUEST_INTERRUPTIBILITY: Field<W32> = Field::new(0x4824);
     pub const GUEST_ACTIVITY_STATE: Field<W32> = Field::new(0x4826);
     pub const GUEST_SYSENTER_CS: Field<W32> = Field::new(0x482a);
+    pub const VMX_PREEMPTION_TIMER_VALUE: Field<W32> = Field::new(0x482e);
 
     pub const HOST_SYSENTER_CS: Field<W32> = Field::new(0x4c00);
 }

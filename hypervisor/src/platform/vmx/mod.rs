@@ -9,7 +9,7 @@ pub mod instructions;
 mod switch;
 mod vcpu;
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::Ordering;
 
 use raw_cpuid::cpuid;
 use x86_64::registers::control::{Cr0, Cr4};
@@ -28,6 +28,7 @@ pub(crate) mod cap_msr {
     pub const PROCBASED_CTLS: u32 = 0x482;
     pub const EXIT_CTLS: u32 = 0x483;
     pub const ENTRY_CTLS: u32 = 0x484;
+    pub const MISC: u32 = 0x485;
     pub const CR0_FIXED0: u32 = 0x486;
     pub const CR0_FIXED1: u32 = 0x487;
     pub const CR4_FIXED0: u32 = 0x488;
@@ -59,8 +60,6 @@ const CPUID1_ECX_VMX: u32 = 1 << 5;
 const EPT_CAP_2M: u64 = 1 << 16;
 const EPT_CAP_1G: u64 = 1 << 17;
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
-
 /// Reads an MSR the caller knows exists.
 fn rdmsr(number: u32) -> u64 {
     // SAFETY: callers only name MSRs whose existence CPUID or the VMX capability MSRs
@@ -80,7 +79,7 @@ fn revision_id() -> u32 {
 /// Turns VMX operation on for this CPU: feature control, fixed CR0/CR4 bits, VMXON.
 /// Later calls return `Ok` at once. (Extended-state instructions are `platform::xstate`'s.)
 pub fn enable() -> Result<(), VmxError> {
-    if ENABLED.load(Ordering::Acquire) {
+    if enabled() {
         return Ok(());
     }
     if !has_vmx() {
@@ -116,14 +115,14 @@ pub fn enable() -> Result<(), VmxError> {
     // SAFETY: CR0/CR4 obey the fixed bits with VMXE set, feature control allows VMX outside
     // SMX, and the region is a fresh page with the revision id, never freed.
     unsafe { instructions::vmxon(region) }?;
-    ENABLED.store(true, Ordering::Release);
+    super::percpu::current().vmx_on.store(true, Ordering::Release);
     log::info!("vmx: VMXON done (VMCS revision {:#x}, region at {region:#x})", revision_id());
     Ok(())
 }
 
 /// Whether [`enable`] succeeded on this CPU.
 pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Acquire)
+    super::percpu::current().vmx_on.load(Ordering::Acquire)
 }
 
 /// The largest EPT leaf the CPU supports (IA32_VMX_EPT_VPID_CAP bits 16/17).

@@ -16,6 +16,7 @@ use super::{cap_msr, ept_vpid_cap, msr, rdmsr, revision_id};
 use crate::exit_decode;
 use crate::guest_clock::GuestClock;
 use crate::mm::frames::FRAME_SIZE;
+use crate::mm::tlb_tags::Tag;
 use crate::platform::xstate::XState;
 use crate::platform::{gdt, memory};
 use crate::vcpu::{valid_xcr0, Exit, Gprs, GuestMode, StartMode, Vcpu};
@@ -24,6 +25,7 @@ use crate::virt::msr::IA32_VMX_BASIC;
 // Pin-based controls.
 const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
 const PIN_NMI_EXITING: u32 = 1 << 3;
+const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 // Primary processor-based controls.
 const PRIMARY_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
 const PRIMARY_USE_TSC_OFFSETTING: u32 = 1 << 3;
@@ -95,11 +97,14 @@ const REASON_INVALID_GUEST_STATE: u32 = 33;
 const REASON_MSR_LOADING: u32 = 34;
 const REASON_MACHINE_CHECK: u32 = 41;
 const REASON_EPT_VIOLATION: u32 = exit_decode::vmx::EPT_VIOLATION;
+const REASON_PREEMPTION_TIMER: u32 = 52;
 const REASON_EPT_MISCONFIG: u32 = exit_decode::vmx::EPT_MISCONFIG;
 const EXIT_REASON_ENTRY_FAILURE: u32 = exit_decode::vmx::ENTRY_FAILURE;
 
 /// The VMCS that is current on this CPU (0: none), so accessors VMPTRLD only when needed.
-static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
+fn current_vmcs() -> &'static AtomicU64 {
+    &crate::platform::percpu::current().current_vmcs
+}
 
 /// Adjusts a wanted control value to a capability MSR: bits the CPU requires are set, bits it
 /// forbids are cleared; a needed control it forbids is an error that names it.
@@ -157,6 +162,12 @@ pub struct VmxVcpu {
     /// The guest's extended state and XCR0, swapped around every entry.
     xstate: XState,
     interrupt_window_allowed: bool,
+    /// The VMX-preemption timer counts TSC >> this; `None` if the CPU has no such timer.
+    preemption_timer_shift: Option<u32>,
+    /// The host CPU whose state the host-state area holds and that ran the vCPU last.
+    cpu: Option<usize>,
+    /// The VPID is shared with other vCPUs (the pool ran out): flush it on every entry.
+    shared_vpid: bool,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -164,7 +175,7 @@ impl VmxVcpu {
     /// Creates a vCPU whose guest-physical memory is described by the EPT rooted at `ept_root`
     /// (a 4-level PML4, host-physical), tagged with `vpid` (0: no VPID), starting in `start`.
     /// [`super::enable`] must have succeeded on this CPU.
-    pub fn new(ept_root: u64, vpid: u16, start: StartMode) -> Result<Self, VmxError> {
+    pub fn new(ept_root: u64, vpid: Tag, start: StartMode) -> Result<Self, VmxError> {
         if !super::enabled() {
             return Err(VmxError::Unsupported("vmx::enable has not run on this CPU"));
         }
@@ -185,9 +196,12 @@ impl VmxVcpu {
             state,
             launched: false,
             eptp: ept_root | EPTP_WB_4_LEVEL,
-            vpid,
+            vpid: u16::try_from(vpid.value).unwrap_or(0),
             xstate,
             interrupt_window_allowed: false,
+            preemption_timer_shift: None,
+            cpu: None,
+            shared_vpid: vpid.shared,
             _not_send: PhantomData,
         };
         // On error, Drop clears the VMCS and frees the frames.
@@ -202,13 +216,14 @@ impl VmxVcpu {
         unsafe { vmx::vmclear(self.frames.vmcs) }?;
         // SAFETY: as above; VMCLEAR initialised it.
         unsafe { vmx::vmptrld(self.frames.vmcs) }?;
-        CURRENT_VMCS.store(self.frames.vmcs, Ordering::Relaxed);
+        current_vmcs().store(self.frames.vmcs, Ordering::Relaxed);
 
         let unrestricted = self.setup_controls(start)?;
         self.setup_host()?;
         self.setup_guest(start, unrestricted)?;
         self.setup_bitmaps()?;
         self.flush_translations();
+        self.cpu = Some(this_cpu());
         Ok(())
     }
 
@@ -216,9 +231,16 @@ impl VmxVcpu {
         let true_controls = rdmsr(IA32_VMX_BASIC) & (1 << 55) != 0;
         let pick = |plain, true_msr| rdmsr(if true_controls { true_msr } else { plain });
 
+        let pin_cap = pick(cap_msr::PINBASED_CTLS, cap_msr::TRUE_PINBASED_CTLS);
+        // The host timer forces exits through external-interrupt exiting; where the CPU has the
+        // VMX-preemption timer it is armed for the same deadline as well, so a guest is taken
+        // off the CPU on time even where a host interrupt is late to arrive (Bochs delivers none
+        // to a guest spinning with interrupts off).
+        let preemption = (pin_cap >> 32) as u32 & PIN_PREEMPTION_TIMER;
+        self.preemption_timer_shift = (preemption != 0).then(|| rdmsr(cap_msr::MISC) as u32 & 0x1f);
         let pin = adjust(
-            pick(cap_msr::PINBASED_CTLS, cap_msr::TRUE_PINBASED_CTLS),
-            PIN_EXTERNAL_INTERRUPT_EXITING | PIN_NMI_EXITING,
+            pin_cap,
+            PIN_EXTERNAL_INTERRUPT_EXITING | PIN_NMI_EXITING | preemption,
             &[(PIN_EXTERNAL_INTERRUPT_EXITING, "external-interrupt exiting"), (PIN_NMI_EXITING, "NMI exiting")],
         )?;
         let primary_cap = pick(cap_msr::PROCBASED_CTLS, cap_msr::TRUE_PROCBASED_CTLS);
@@ -508,10 +530,10 @@ impl VmxVcpu {
 
     /// Makes this vCPU's VMCS current on this CPU if another one is.
     fn activate(&self) {
-        if CURRENT_VMCS.load(Ordering::Relaxed) != self.frames.vmcs {
+        if current_vmcs().load(Ordering::Relaxed) != self.frames.vmcs {
             // SAFETY: VMX is on and the VMCS region is ours, initialised in `setup`.
             match unsafe { vmx::vmptrld(self.frames.vmcs) } {
-                Ok(()) => CURRENT_VMCS.store(self.frames.vmcs, Ordering::Relaxed),
+                Ok(()) => current_vmcs().store(self.frames.vmcs, Ordering::Relaxed),
                 Err(e) => log::error!("vmx: {e}"),
             }
         }
@@ -723,6 +745,23 @@ impl VmxVcpu {
     /// One VM entry and exit; `None` when the backend handled the exit and the guest continues.
     fn run_once(&mut self, clock: &mut GuestClock) -> Option<Exit> {
         self.activate();
+        let cpu = this_cpu();
+        if self.cpu != Some(cpu) {
+            // A new CPU: its GDT, TSS and GS base go into the host-state area, and whatever
+            // this CPU's TLB holds for our tags predates us.
+            if let Err(e) = self.setup_host() {
+                log::error!("vmx: host state for CPU {cpu}: {e}");
+            }
+            self.flush_translations();
+            self.cpu = Some(cpu);
+        } else if self.shared_vpid {
+            self.flush_translations();
+        }
+        if let Some(shift) = self.preemption_timer_shift {
+            let deadline = crate::platform::percpu::current().timer_deadline_tsc.load(Ordering::Relaxed);
+            let ticks = if deadline == 0 { u64::from(u32::MAX) } else { deadline.saturating_sub(rdtsc()) >> shift };
+            self.set(w32::VMX_PREEMPTION_TIMER_VALUE, ticks.min(u64::from(u32::MAX)) as u32);
+        }
         let state: *mut SwitchState = &mut *self.state;
         self.xstate.enter_guest();
         clock.resume(rdtsc());
@@ -747,6 +786,10 @@ impl VmxVcpu {
             return Some(Exit::EntryFailed { code: code.into() });
         }
 
+        if crate::platform::exit::ending() {
+            // Another CPU is ending the run; its NMI made this exit.
+            crate::platform::exit::park();
+        }
         let reason = self.get(w32::EXIT_REASON);
         let qualification = self.get(natural::EXIT_QUALIFICATION);
         if reason & EXIT_REASON_ENTRY_FAILURE != 0 {
@@ -755,6 +798,10 @@ impl VmxVcpu {
         }
         self.launched = true;
         self.reinject_interrupted_event();
+        if reason & 0xffff == REASON_PREEMPTION_TIMER {
+            // The host's deadline, as its timer interrupt would have said.
+            return Some(Exit::ExternalInterrupt);
+        }
         if self.handle_internally(reason & 0xffff, qualification) {
             return None;
         }
@@ -878,6 +925,17 @@ impl Vcpu for VmxVcpu {
         self.xstate.guest_xcr0
     }
 
+    fn leave_cpu(&mut self) {
+        // SAFETY: VMX is on and the region is ours; VMCLEAR writes the VMCS back to memory and
+        // makes it inactive, so another CPU may load it.
+        if let Err(e) = unsafe { vmx::vmclear(self.frames.vmcs) } {
+            log::error!("vmx: {e}");
+        }
+        let _ = current_vmcs().compare_exchange(self.frames.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
+        // A cleared VMCS is entered with VMLAUNCH again.
+        self.launched = false;
+    }
+
     fn set_interrupt_window_exiting(&mut self, on: bool) {
         if on && !self.interrupt_window_allowed {
             log::error!("vmx: interrupt-window exiting is not available on this CPU");
@@ -896,9 +954,13 @@ impl Drop for VmxVcpu {
         if let Err(e) = unsafe { vmx::vmclear(self.frames.vmcs) } {
             log::error!("vmx: {e}");
         }
-        let _ = CURRENT_VMCS.compare_exchange(self.frames.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = current_vmcs().compare_exchange(self.frames.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
         self.frames.free();
     }
+}
+
+fn this_cpu() -> usize {
+    crate::platform::percpu::current().index
 }
 
 fn rdtsc() -> u64 {

@@ -1,0 +1,182 @@
+//! Every host CPU runs this loop: take a vCPU the run queue allows here, run it for a slice,
+//! put it back, or sleep until one is due. The policy is `crate::sched`; this is the mechanism
+//! (host timer, wake-up IPIs, VM ends, the end of the run).
+//!
+//! The host runs with interrupts disabled except while it sleeps or takes a pending interrupt
+//! after an exit, and its interrupt handlers only acknowledge; so no lock here is ever wanted
+//! by an interrupt handler, and none is held while a guest runs.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use spin::Mutex;
+
+use super::guest::Task;
+use super::{apic, exit, percpu, serial};
+use crate::sched::{Readiness, RunQueue, DEFAULT_SLICE_US};
+use crate::status::RunStatus;
+use crate::vm::config::CpuSet;
+use crate::vm::{Slice, VmEnd};
+
+/// Vector of the IPI that wakes an idle CPU to look at the run queue again.
+pub const WAKE_VECTOR: u8 = 0xf1;
+/// An idle CPU looks at the queue at least this often, whatever it was told.
+const IDLE_RECHECK_US: u64 = 100_000;
+
+static QUEUE: Mutex<RunQueue<Task>> = Mutex::new(RunQueue::new());
+/// Set once every VM of the set is queued: from then on, an empty queue means the run is over.
+static STARTED: AtomicBool = AtomicBool::new(false);
+/// CPUs sleeping in the idle loop (bit = CPU index), to be woken when work is queued.
+static IDLE_CPUS: AtomicU64 = AtomicU64::new(0);
+/// The VM that gets typed input: the first VM of the set still running.
+static INPUT_VM: AtomicUsize = AtomicUsize::new(0);
+static SLICE_US: AtomicU64 = AtomicU64::new(DEFAULT_SLICE_US);
+
+/// How the VM set went, for the end line.
+struct Outcome {
+    total: usize,
+    /// Still running, by index in the set.
+    running: Vec<bool>,
+    failed: Vec<String>,
+}
+
+static OUTCOME: Mutex<Outcome> = Mutex::new(Outcome { total: 0, running: Vec::new(), failed: Vec::new() });
+
+/// Records the VM set before any VM is queued: `count` VMs, all running until they end.
+pub fn begin(count: usize, slice_us: u64) {
+    let mut outcome = OUTCOME.lock();
+    outcome.total = count;
+    outcome.running = alloc::vec![true; count];
+    SLICE_US.store(slice_us.max(1), Ordering::Relaxed);
+}
+
+/// Queues a prepared VM; it may run on the CPUs in `affinity`.
+pub fn add(task: Task, affinity: CpuSet) {
+    QUEUE.lock().add(task, affinity);
+}
+
+/// A VM that could not even be built: it ends now, with the others going on.
+pub fn ended_before_start(index: usize, name: &str, end: &VmEnd) {
+    serial::write_line(&end.end_line(name));
+    record_end(index, name, end);
+}
+
+/// Every VM is queued: the CPUs may end the run once the queue empties. Wakes everyone.
+pub fn start() {
+    STARTED.store(true, Ordering::Release);
+    wake_idle_cpus();
+}
+
+/// The loop of every host CPU once the VM set is running.
+pub fn run_cpu() -> ! {
+    let cpu = percpu::current().index;
+    loop {
+        if exit::ending() {
+            exit::park();
+        }
+        let now = serial::uptime_micros();
+        let taken = {
+            let mut queue = QUEUE.lock();
+            if STARTED.load(Ordering::Acquire) && queue.live() == 0 {
+                drop(queue);
+                finish_run();
+            }
+            queue.take(cpu, now)
+        };
+        match taken {
+            Some((task, affinity)) => run_task(task, affinity),
+            None => idle(cpu),
+        }
+    }
+}
+
+fn run_task(mut task: Task, affinity: CpuSet) {
+    let now = serial::uptime_micros();
+    let mut slice_end = now.saturating_add(SLICE_US.load(Ordering::Relaxed));
+    if let Some(deadline) = task.deadline_us {
+        slice_end = slice_end.min(deadline);
+    }
+    let input = INPUT_VM.load(Ordering::Relaxed) == task.index;
+    let slice = task.run_slice(slice_end, input);
+    let now = serial::uptime_micros();
+    let timed_out = task.deadline_us.is_some_and(|deadline| now >= deadline);
+    let readiness = match slice {
+        Slice::Ended(end) => return end_task(task, &end),
+        _ if timed_out => {
+            let end = VmEnd::Timeout(task.timeout_seconds.unwrap_or(0));
+            return end_task(task, &end);
+        }
+        Slice::Preempted => Readiness::Runnable,
+        Slice::Halted { wake_at_us } => {
+            // A halted VM still has to be ended by its timeout.
+            let wake_at_us = task.deadline_us.map_or(wake_at_us, |deadline| wake_at_us.min(deadline));
+            Readiness::HaltedUntil { wake_at_us }
+        }
+    };
+    QUEUE.lock().put_back(task, affinity, readiness);
+    // An idle CPU may have gone to sleep before this task was queued: let it look again.
+    wake_idle_cpus();
+}
+
+fn end_task(task: Task, end: &VmEnd) {
+    let (index, name) = (task.index, task.name.clone());
+    task.finish(end);
+    record_end(index, &name, end);
+    QUEUE.lock().finished();
+}
+
+fn record_end(index: usize, name: &str, end: &VmEnd) {
+    let mut outcome = OUTCOME.lock();
+    if let Some(running) = outcome.running.get_mut(index) {
+        *running = false;
+    }
+    if !end.is_clean() {
+        outcome.failed.push(format!("{name} ({end})"));
+    }
+    let next = outcome.running.iter().position(|&running| running).unwrap_or(usize::MAX);
+    INPUT_VM.store(next, Ordering::Relaxed);
+}
+
+/// Nothing to run here: sleep until the earliest halted task this CPU could run is due, a
+/// wake-up IPI, or the periodic re-check.
+fn idle(cpu: usize) {
+    let bit = 1u64 << (cpu % 64);
+    IDLE_CPUS.fetch_or(bit, Ordering::AcqRel);
+    let now = serial::uptime_micros();
+    let next = QUEUE.lock().next_wake_us(cpu);
+    let sleep_us = next.map_or(IDLE_RECHECK_US, |at| at.saturating_sub(now).min(IDLE_RECHECK_US));
+    if sleep_us > 0 {
+        // A wake-up IPI sent after the queue was read stays pending until `sleep` enables
+        // interrupts, and then ends the HLT at once: no wake-up is lost.
+        apic::arm(Some(sleep_us * 1000));
+        apic::sleep();
+        apic::arm(None);
+    }
+    IDLE_CPUS.fetch_and(!bit, Ordering::AcqRel);
+}
+
+fn wake_idle_cpus() {
+    let me = percpu::current().index;
+    let mut idle = IDLE_CPUS.load(Ordering::Acquire);
+    while idle != 0 {
+        let cpu = idle.trailing_zeros() as usize;
+        idle &= idle - 1;
+        if cpu != me {
+            if let Some(block) = percpu::cpu(cpu) {
+                apic::send_fixed(block.apic_id, WAKE_VECTOR);
+            }
+        }
+    }
+}
+
+fn finish_run() -> ! {
+    let outcome = OUTCOME.lock();
+    let (total, failed) = (outcome.total, outcome.failed.clone());
+    drop(outcome);
+    if failed.is_empty() {
+        exit::end(RunStatus::Success, &format!("{total} VMs ran, all ended cleanly"))
+    }
+    exit::end(RunStatus::Failure, &format!("{total} VMs ran, {} failed: {}", failed.len(), failed.join("; ")))
+}

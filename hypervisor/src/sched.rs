@@ -1,0 +1,169 @@
+//! The vCPU scheduler's policy: which vCPU a host CPU runs next, and when a halted one is due.
+//!
+//! Every vCPU of every VM is one task. A host CPU takes the first task that may run there
+//! (its affinity allows the CPU, and it is runnable or its wake-up time has come), runs it for
+//! a slice, and puts it back at the end of the queue: round robin among what may run, so a VM
+//! that never halts gets its share and no more. Halted tasks wait in the queue with a wake-up
+//! time; an idle CPU sleeps until the earliest one it could run. The mechanism (running a
+//! slice, timers, IPIs) belongs to the bare-metal layer; this is plain data, tested on the host.
+
+use alloc::collections::VecDeque;
+
+use crate::vm::config::CpuSet;
+
+/// The time slice when the configuration gives none.
+pub const DEFAULT_SLICE_US: u64 = 10_000;
+
+/// Whether a queued task can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Runnable now.
+    Runnable,
+    /// Halted: runnable from `wake_at_us` on (or when woken earlier).
+    HaltedUntil {
+        /// Host time in microseconds.
+        wake_at_us: u64,
+    },
+}
+
+struct Queued<T> {
+    task: T,
+    affinity: CpuSet,
+    readiness: Readiness,
+}
+
+/// The queue of tasks not running on any CPU right now.
+pub struct RunQueue<T> {
+    queue: VecDeque<Queued<T>>,
+    /// Tasks in the queue plus those out on a CPU; 0 means every VM has ended.
+    live: usize,
+}
+
+impl<T> Default for RunQueue<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> RunQueue<T> {
+    /// An empty queue.
+    pub const fn new() -> Self {
+        RunQueue { queue: VecDeque::new(), live: 0 }
+    }
+
+    /// A new, runnable task that may run on the CPUs in `affinity`.
+    pub fn add(&mut self, task: T, affinity: CpuSet) {
+        self.live += 1;
+        self.queue.push_back(Queued { task, affinity, readiness: Readiness::Runnable });
+    }
+
+    /// Takes the first task that may run on `cpu` at `now_us`.
+    pub fn take(&mut self, cpu: usize, now_us: u64) -> Option<(T, CpuSet)> {
+        let position = self.queue.iter().position(|q| {
+            q.affinity.contains(cpu)
+                && match q.readiness {
+                    Readiness::Runnable => true,
+                    Readiness::HaltedUntil { wake_at_us } => wake_at_us <= now_us,
+                }
+        })?;
+        let queued = self.queue.remove(position)?;
+        Some((queued.task, queued.affinity))
+    }
+
+    /// Returns a task taken with [`Self::take`] to the back of the queue.
+    pub fn put_back(&mut self, task: T, affinity: CpuSet, readiness: Readiness) {
+        self.queue.push_back(Queued { task, affinity, readiness });
+    }
+
+    /// A task taken with [`Self::take`] has ended for good.
+    pub fn finished(&mut self) {
+        self.live = self.live.saturating_sub(1);
+    }
+
+    /// Tasks that have not ended, queued or running.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    /// The earliest wake-up among halted tasks that may run on `cpu`; `Some(0)` if one is
+    /// runnable already. `None`: nothing queued for this CPU.
+    pub fn next_wake_us(&self, cpu: usize) -> Option<u64> {
+        self.queue
+            .iter()
+            .filter(|q| q.affinity.contains(cpu))
+            .map(|q| match q.readiness {
+                Readiness::Runnable => 0,
+                Readiness::HaltedUntil { wake_at_us } => wake_at_us,
+            })
+            .min()
+    }
+
+    /// Makes a halted task runnable now (an interrupt arrived for it); `true` if `matches`
+    /// found one.
+    pub fn wake(&mut self, mut matches: impl FnMut(&T) -> bool) -> bool {
+        match self.queue.iter_mut().find(|q| matches(&q.task)) {
+            Some(q) => {
+                q.readiness = Readiness::Runnable;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn only(cpu: usize) -> CpuSet {
+        let mut set = CpuSet::default();
+        set.insert(cpu);
+        set
+    }
+
+    #[test]
+    fn round_robin_among_runnable_tasks() {
+        let mut q = RunQueue::new();
+        q.add('a', CpuSet::all());
+        q.add('b', CpuSet::all());
+        let (a, affinity) = q.take(0, 0).unwrap();
+        assert_eq!(a, 'a');
+        q.put_back(a, affinity, Readiness::Runnable);
+        assert_eq!(q.take(0, 0).unwrap().0, 'b');
+        assert_eq!(q.take(1, 0).unwrap().0, 'a');
+        assert!(q.take(0, 0).is_none(), "both are out on CPUs");
+        assert_eq!(q.live(), 2);
+    }
+
+    #[test]
+    fn pinned_tasks_run_only_where_they_may() {
+        let mut q = RunQueue::new();
+        q.add("pinned", only(1));
+        q.add("free", CpuSet::all());
+        assert_eq!(q.take(0, 0).unwrap().0, "free", "CPU 0 skips the task pinned to CPU 1");
+        assert!(q.take(0, 0).is_none());
+        assert_eq!(q.next_wake_us(0), None);
+        assert_eq!(q.next_wake_us(1), Some(0));
+        assert_eq!(q.take(1, 0).unwrap().0, "pinned");
+    }
+
+    #[test]
+    fn halted_tasks_wait_for_their_time_or_a_wake_up() {
+        let mut q = RunQueue::new();
+        q.add(1, CpuSet::all());
+        q.add(2, CpuSet::all());
+        let (one, all) = q.take(0, 0).unwrap();
+        let (two, _) = q.take(0, 0).unwrap();
+        q.put_back(one, all, Readiness::HaltedUntil { wake_at_us: 500 });
+        q.put_back(two, all, Readiness::HaltedUntil { wake_at_us: 300 });
+        assert!(q.take(0, 299).is_none());
+        assert_eq!(q.next_wake_us(0), Some(300));
+        assert_eq!(q.take(0, 300).unwrap().0, 2);
+        assert!(q.wake(|&t| t == 1));
+        assert!(!q.wake(|&t| t == 7));
+        assert_eq!(q.take(0, 0).unwrap().0, 1, "woken before its time");
+        q.finished();
+        q.finished();
+        assert_eq!(q.live(), 0);
+    }
+}
