@@ -52,7 +52,7 @@ fn whole_suite_ends_cleanly(platform: Platform) {
         .contains("VM-END vm=exits reason=debug-exit status=0")
         .contains("[real-mode] real-mode: ok\n")
         .contains("VM-END vm=real-mode reason=debug-exit status=0")
-        .ended(RunStatus::Success, "3 VMs ran, all ended cleanly");
+        .ended(RunStatus::Success, "5 VMs ran, all ended cleanly");
 }
 
 /// A multiboot v1 kernel gets its magic, memory map, command line and modules, as QEMU's
@@ -142,4 +142,23 @@ fn malformed_and_oversized_images_end_only_their_vm_with_the_reason() {
         .contains("[still-running] real-mode: ok\n")
         .contains("VM-END vm=still-running reason=debug-exit status=0")
         .ended(RunStatus::Failure, "3 VMs ran, 2 failed: not-a-kernel (error: kernel multiboot-modules/one.txt");
+}
+
+/// Two VMs pinned to one host CPU run at once: the second never reads the syscall MSRs,
+/// KERNEL_GS_BASE or debug registers the first wrote, and both keep their own values.
+fn registers_do_not_leak_between_vms_on_one_cpu(platform: Platform) {
+    Log(suite(platform))
+        .contains("[traces] case leave-traces: ok\n")
+        .contains("[no-traces] case find-no-traces: ok\n")
+        .vm_ended("no-traces", "debug-exit status=0");
+}
+
+#[test]
+fn svm_registers_do_not_leak_between_vms_on_one_cpu() {
+    registers_do_not_leak_between_vms_on_one_cpu(Platform::Tcg);
+}
+
+#[test]
+fn vmx_registers_do_not_leak_between_vms_on_one_cpu() {
+    registers_do_not_leak_between_vms_on_one_cpu(Platform::Bochs);
 }

@@ -31,6 +31,8 @@ pub fn run(name: &str) -> CaseResult {
         "spin" => spin(),
         "halt-forever" => halt_forever(),
         "ticks" => ticks(),
+        "leave-traces" => leave_traces(),
+        "find-no-traces" => find_no_traces(),
         _ => Err(fail!("unknown case")),
     }
 }
@@ -459,6 +461,79 @@ fn ticks() -> CaseResult {
         for i in 0..2_000_000u64 {
             x = core::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
         }
+    }
+    Ok(())
+}
+
+/// MSRs a guest reaches without exits (syscall MSRs, KERNEL_GS_BASE), with the values
+/// `leave-traces` writes: canonical where they must be.
+const TRACE_MSRS: [(u32, &str, u64); 5] = [
+    (0xc000_0081, "STAR", 0x0023_0010_dead_0000),
+    (0xc000_0082, "LSTAR", 0xffff_8000_7e57_0010),
+    (0xc000_0083, "CSTAR", 0xffff_8000_7e57_0020),
+    (0xc000_0084, "FMASK", 0x0004_7e57),
+    (0xc000_0102, "KERNEL_GS_BASE", 0xffff_8000_7e57_0030),
+];
+/// Debug address registers with the values `leave-traces` writes.
+const TRACE_DRS: [u64; 4] = [0x7e57_0000_1000, 0x7e57_0000_2000, 0x7e57_0000_3000, 0x7e57_0000_4000];
+
+fn read_drs() -> [u64; 4] {
+    let (a, b, c, d): (u64, u64, u64, u64);
+    // SAFETY: reading debug registers at CPL 0 has no side effects.
+    unsafe {
+        asm!("mov {}, dr0", "mov {}, dr1", "mov {}, dr2", "mov {}, dr3",
+             out(reg) a, out(reg) b, out(reg) c, out(reg) d, options(nomem, nostack))
+    };
+    [a, b, c, d]
+}
+
+fn write_drs(values: [u64; 4]) {
+    let [a, b, c, d] = values;
+    // SAFETY: DR7 stays 0x400 (no breakpoint enabled), so the addresses are never used.
+    unsafe {
+        asm!("mov dr0, {}", "mov dr1, {}", "mov dr2, {}", "mov dr3, {}",
+             in(reg) a, in(reg) b, in(reg) c, in(reg) d, options(nomem, nostack))
+    };
+}
+
+fn compute(rounds: u64) {
+    let mut x = 0u64;
+    for i in 0..rounds {
+        x = core::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+    }
+}
+
+/// Writes distinctive values into the registers the next case looks for, then computes for a
+/// while, so a VM sharing the CPU runs between its time slices.
+fn leave_traces() -> CaseResult {
+    for &(msr, _, value) in &TRACE_MSRS {
+        // SAFETY: the guest makes no system calls and never uses SWAPGS: these values are inert.
+        unsafe { crate::cpu::wrmsr(msr, value) };
+    }
+    write_drs(TRACE_DRS);
+    for _ in 0..20 {
+        compute(2_000_000);
+    }
+    for &(msr, name, value) in &TRACE_MSRS {
+        ensure!(crate::cpu::rdmsr(msr) == value, "{name} lost the value this VM wrote");
+    }
+    ensure!(read_drs() == TRACE_DRS, "DR0-DR3 lost the values this VM wrote: {:x?}", read_drs());
+    Ok(())
+}
+
+/// Runs beside `leave-traces` on the same CPU: never sees its values, and keeps its own.
+fn find_no_traces() -> CaseResult {
+    let own: [u64; 4] = [0x1000, 0x2000, 0x3000, 0x4000];
+    write_drs(own);
+    // SAFETY: as in `leave_traces`.
+    unsafe { crate::cpu::wrmsr(0xc000_0082, 0xffff_8000_0000_1000) };
+    for round in 0..30 {
+        for &(msr, name, value) in &TRACE_MSRS {
+            ensure!(crate::cpu::rdmsr(msr) != value, "round {round}: {name} holds the value another VM wrote");
+        }
+        ensure!(read_drs() == own, "round {round}: DR0-DR3 are {:x?}, not this VM's own", read_drs());
+        ensure!(crate::cpu::rdmsr(0xc000_0082) == 0xffff_8000_0000_1000, "round {round}: LSTAR lost this VM's value");
+        compute(1_000_000);
     }
     Ok(())
 }

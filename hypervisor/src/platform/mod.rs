@@ -3,6 +3,7 @@
 pub mod apic;
 pub mod cmos;
 pub mod cpu;
+pub mod debug_regs;
 pub mod exit;
 pub mod gdt;
 pub mod guest;

@@ -11,6 +11,7 @@ use raw_cpuid::cpuid;
 use x86_64::registers::model_specific::Msr;
 
 use self::vmcb::{control, misc1, misc2, save};
+use super::debug_regs::DebugRegs;
 use super::memory;
 use super::xstate::XState;
 use crate::exit_decode;
@@ -162,6 +163,8 @@ pub struct SvmVcpu {
     _msrpm: Page,
     gprs: Gprs,
     xstate: XState,
+    /// The guest's DR0-DR3 (DR6 and DR7 live in the VMCB), swapped around every entry.
+    debug: DebugRegs,
     last_exit: LastExit,
     /// The host CPU this vCPU ran on last: elsewhere, its ASID's TLB entries may be stale.
     last_cpu: Option<usize>,
@@ -368,6 +371,7 @@ impl SvmVcpu {
             _msrpm: msrpm,
             gprs,
             xstate: XState::new().ok_or(SvmError::OutOfMemory)?,
+            debug: DebugRegs::new(false),
             last_exit: LastExit::Other,
             last_cpu: None,
             shared_asid: asid.shared,
@@ -384,6 +388,7 @@ impl SvmVcpu {
             self.vmcb.write(control::TLB_CONTROL, 1u8);
             self.last_cpu = Some(cpu);
         }
+        self.debug.enter_guest();
         self.xstate.enter_guest();
         let (hidden, frozen_at) = clock.entry_base(rdtsc());
         let offset_field = self.vmcb.ptr::<u64>(control::TSC_OFFSET) as u64;
@@ -396,6 +401,7 @@ impl SvmVcpu {
         clock.resume(sync.entry);
         clock.freeze(sync.exit);
         self.xstate.leave_guest();
+        self.debug.leave_guest();
         self.gprs.rax = self.vmcb.read(save::RAX);
         self.vmcb.write(control::TLB_CONTROL, 0u8);
         // A successful injection is consumed by VMRUN; one cut short is redelivered below.

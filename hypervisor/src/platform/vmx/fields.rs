@@ -160,6 +160,8 @@ pub mod w64 {
     pub const IO_BITMAP_A: Field<W64> = Field::new(0x2000);
     pub const IO_BITMAP_B: Field<W64> = Field::new(0x2002);
     pub const MSR_BITMAP: Field<W64> = Field::new(0x2004);
+    pub const EXIT_MSR_STORE_ADDRESS: Field<W64> = Field::new(0x2006);
+    pub const ENTRY_MSR_LOAD_ADDRESS: Field<W64> = Field::new(0x200a);
     pub const TSC_OFFSET: Field<W64> = Field::new(0x2010);
     pub const EPT_POINTER: Field<W64> = Field::new(0x201a);
 

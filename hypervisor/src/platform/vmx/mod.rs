@@ -47,7 +47,10 @@ pub(crate) mod msr {
     pub const IA32_PAT: u32 = 0x277;
     pub const IA32_EFER: u32 = 0xc000_0080;
     pub const IA32_STAR: u32 = 0xc000_0081;
+    pub const IA32_LSTAR: u32 = 0xc000_0082;
+    pub const IA32_CSTAR: u32 = 0xc000_0083;
     pub const IA32_FMASK: u32 = 0xc000_0084;
+    pub const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
     pub const IA32_FS_BASE: u32 = 0xc000_0100;
     pub const IA32_GS_BASE: u32 = 0xc000_0101;
     pub const IA32_TSC_AUX: u32 = 0xc000_0103;

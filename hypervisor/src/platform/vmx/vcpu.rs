@@ -17,6 +17,7 @@ use crate::exit_decode;
 use crate::guest_clock::GuestClock;
 use crate::mm::frames::FRAME_SIZE;
 use crate::mm::tlb_tags::Tag;
+use crate::platform::debug_regs::DebugRegs;
 use crate::platform::xstate::XState;
 use crate::platform::{gdt, memory};
 use crate::vcpu::{valid_xcr0, Exit, Gprs, GuestMode, StartMode, Vcpu};
@@ -122,12 +123,18 @@ struct Frames {
     vmcs: u64,
     io_bitmaps: u64,
     msr_bitmap: u64,
+    /// The guest's values of the MSRs it reaches without exits and the VMCS does not hold:
+    /// stored here on every exit, loaded from here on every entry (one list for both).
+    msr_area: u64,
 }
+
+/// Frames of each part, in `Frames` order.
+const FRAME_COUNTS: [u64; 4] = [1, 2, 1, 1];
 
 impl Frames {
     fn alloc() -> Result<Self, VmxError> {
-        let mut got: [(u64, u64); 3] = [(0, 0); 3];
-        for (slot, count) in got.iter_mut().zip([1, 2, 1]) {
+        let mut got: [(u64, u64); 4] = [(0, 0); 4];
+        for (slot, count) in got.iter_mut().zip(FRAME_COUNTS) {
             match memory::alloc_zeroed(count, FRAME_SIZE) {
                 Some(phys) => *slot = (phys, count),
                 None => {
@@ -138,12 +145,13 @@ impl Frames {
                 }
             }
         }
-        Ok(Frames { vmcs: got[0].0, io_bitmaps: got[1].0, msr_bitmap: got[2].0 })
+        Ok(Frames { vmcs: got[0].0, io_bitmaps: got[1].0, msr_bitmap: got[2].0, msr_area: got[3].0 })
     }
 
     fn free(&self) {
         let mut frames = memory::FRAMES.lock();
-        for (phys, count) in [(self.vmcs, 1), (self.io_bitmaps, 2), (self.msr_bitmap, 1)] {
+        for (phys, count) in [self.vmcs, self.io_bitmaps, self.msr_bitmap, self.msr_area].into_iter().zip(FRAME_COUNTS)
+        {
             if let Err(e) = frames.free(phys, count) {
                 log::error!("vmx: freeing {count} frames at {phys:#x}: {e}");
             }
@@ -161,6 +169,8 @@ pub struct VmxVcpu {
     vpid: u16,
     /// The guest's extended state and XCR0, swapped around every entry.
     xstate: XState,
+    /// The guest's DR0-DR3 and DR6, swapped around every entry.
+    debug: DebugRegs,
     interrupt_window_allowed: bool,
     /// The VMX-preemption timer counts TSC >> this; `None` if the CPU has no such timer.
     preemption_timer_shift: Option<u32>,
@@ -198,6 +208,7 @@ impl VmxVcpu {
             eptp: ept_root | EPTP_WB_4_LEVEL,
             vpid: u16::try_from(vpid.value).unwrap_or(0),
             xstate,
+            debug: DebugRegs::new(true),
             interrupt_window_allowed: false,
             preemption_timer_shift: None,
             cpu: None,
@@ -488,6 +499,23 @@ impl VmxVcpu {
                 }
             }
         }
+        // The pass-through MSRs that the VMCS does not switch (FS/GS base, SYSENTER and PAT it
+        // does): each vCPU keeps its own values, so no VM reads what another wrote.
+        let mut switched: alloc::vec::Vec<u32> =
+            alloc::vec![msr::IA32_STAR, msr::IA32_LSTAR, msr::IA32_CSTAR, msr::IA32_FMASK, msr::IA32_KERNEL_GS_BASE,];
+        if cpuid!(0x8000_0001).edx & (1 << 27) != 0 {
+            switched.push(msr::IA32_TSC_AUX);
+        }
+        // SAFETY: the MSR area is ours (allocated in `Frames::alloc`, zeroed) and mapped; each
+        // entry is 16 bytes: index, reserved, value (SDM Vol. 3, 25.7.2), all values 0 at reset.
+        let area = unsafe { core::slice::from_raw_parts_mut(map.virt(self.frames.msr_area) as *mut u32, 1024) };
+        for (entry, &index) in area.as_chunks_mut::<4>().0.iter_mut().zip(&switched) {
+            entry[0] = index;
+        }
+        self.put(w64::EXIT_MSR_STORE_ADDRESS, self.frames.msr_area)?;
+        self.put(w64::ENTRY_MSR_LOAD_ADDRESS, self.frames.msr_area)?;
+        self.put(w32::EXIT_MSR_STORE_COUNT, switched.len() as u32)?;
+        self.put(w32::ENTRY_MSR_LOAD_COUNT, switched.len() as u32)?;
         self.put(w64::IO_BITMAP_A, self.frames.io_bitmaps)?;
         self.put(w64::IO_BITMAP_B, self.frames.io_bitmaps + FRAME_SIZE)?;
         self.put(w64::MSR_BITMAP, self.frames.msr_bitmap)
@@ -763,6 +791,7 @@ impl VmxVcpu {
             self.set(w32::VMX_PREEMPTION_TIMER_VALUE, ticks.min(u64::from(u32::MAX)) as u32);
         }
         let state: *mut SwitchState = &mut *self.state;
+        self.debug.enter_guest();
         self.xstate.enter_guest();
         clock.resume(rdtsc());
         self.set(w64::TSC_OFFSET, clock.tsc_offset());
@@ -772,6 +801,7 @@ impl VmxVcpu {
         let result = unsafe { switch::hv_vmx_run(state, u64::from(self.launched)) };
         clock.freeze(rdtsc());
         self.xstate.leave_guest();
+        self.debug.leave_guest();
         if result != switch::SWITCH_EXITED {
             let code = if result == switch::SWITCH_FAIL_VALID { vmx::vm_instruction_error() } else { 0 };
             let instruction = if self.launched { "VMRESUME" } else { "VMLAUNCH" };
