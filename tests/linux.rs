@@ -46,7 +46,7 @@ fn boot_linux_with(platform: Platform, firmware: Firmware, kernel: Kernel) -> Ru
             "linux-distro.vms"
         }
     };
-    boot_with(platform, firmware, vms, TIMEOUT * 3, None)
+    boot_with(platform, firmware, vms, TIMEOUT * 3, Vec::new())
 }
 
 fn boot_with(
@@ -54,7 +54,7 @@ fn boot_with(
     firmware: Firmware,
     vms: &str,
     timeout: std::time::Duration,
-    typed_input: Option<(String, Vec<u8>)>,
+    typed_input: Vec<(String, Vec<u8>)>,
 ) -> RunOutcome {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images").join(vms);
     let mut config = boot::RunConfig::new(platform, firmware, boot::HYPERVISOR_KERNEL);
@@ -165,10 +165,10 @@ fn svm_small_kernel_shell_takes_typed_input() {
     ensure_image("initramfs.sh");
     // Without the typed `exit` the shell would wait forever: keep the failure short.
     // Pasted in one go: far more than the guest UART's 16-byte FIFO holds.
-    let typed = Some((
+    let typed = vec![(
         "shell on the console".to_string(),
         b"echo typed-$((6*7)); echo a-line-longer-than-the-sixteen-byte-receive-fifo-0123456789\nexit\n".to_vec(),
-    ));
+    )];
     let outcome = boot_with(Platform::Tcg, Firmware::Bios, "linux.vms", TIMEOUT, typed);
     if outcome.serial.contains("input overrun") {
         Log(&outcome).contains("(no 'input overrun' from the guest's serial driver)");
@@ -201,13 +201,43 @@ fn svm_distro_kernel_clocksource_is_not_jiffies() {
 fn svm_small_kernel_boots_beside_a_spinning_and_a_sleeping_vm() {
     ensure_image("small-kernel.sh");
     ensure_image("initramfs.sh");
-    let outcome = boot_with(Platform::Tcg, Firmware::Bios, "linux-beside-hostile.vms", TIMEOUT, None);
+    let outcome = boot_with(Platform::Tcg, Firmware::Bios, "linux-beside-hostile.vms", TIMEOUT, Vec::new());
     let log = Log(&outcome);
     log.contains("[linux] HV-LINUX-MARKER: checks done\n")
         .vm_ended("linux", "power-off")
         .vm_ended("spinner", "timeout")
-        .vm_ended("sleeper", "halted")
+        .vm_ended("sleeper", "timeout")
         .ended(RunStatus::Failure, "3 VMs ran, 2 failed");
     let position = |needle: &str| outcome.serial.find(needle).expect("present");
     assert!(position("VM-END vm=linux ") < position("VM-END vm=spinner "), "Linux waited for the spinner");
+}
+
+/// Two Linux shells at once: typed input goes to the first, Ctrl-] moves it to the second, and
+/// when the second powers off the input comes back to the first by itself.
+#[test]
+fn svm_two_shells_at_once_take_input_in_turn() {
+    ensure_image("small-kernel.sh");
+    ensure_image("initramfs.sh");
+    let step = |after: &str, bytes: &[u8]| (after.to_string(), bytes.to_vec());
+    let typed = vec![
+        step("[a] shell on the console", b"echo from-a-$((6*7))\n"),
+        step("[b] shell on the console", b""),
+        step("[a] from-a-42", b"\x1decho from-b-$((7*7))\n"),
+        step("[b] from-b-49", b"exit\n"),
+        step("VM-END vm=b ", b"echo back-in-a\nexit\n"),
+    ];
+    let outcome = boot_with(Platform::Tcg, Firmware::Bios, "linux-two-shells.vms", TIMEOUT, typed);
+    let log = Log(&outcome);
+    log.contains("[a] from-a-42\n")
+        .contains("[b] from-b-49\n")
+        .contains("HV-CONSOLE: input goes to vm b\n")
+        .contains("HV-CONSOLE: input goes to vm a\n")
+        .contains("[a] back-in-a\n")
+        .vm_ended("a", "power-off")
+        .vm_ended("b", "power-off")
+        .ended(RunStatus::Success, "2 VMs ran, all ended cleanly");
+    assert!(
+        !outcome.serial.contains("[b] from-a") && !outcome.serial.contains("[a] from-b"),
+        "input reached the wrong VM"
+    );
 }

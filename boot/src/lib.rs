@@ -221,11 +221,11 @@ pub struct RunConfig {
     pub log_path: Option<PathBuf>,
     /// Echo serial output to stdout as it arrives.
     pub echo: bool,
-    /// Connect our stdin to the guest's serial input (QEMU only).
+    /// Connect our stdin (terminal or pipe) to the guest's serial input (QEMU only).
     pub interactive: bool,
-    /// Paste this on the serial console once the log contains the first string (QEMU only):
-    /// how tests drive an interactive guest.
-    pub typed_input: Option<(String, Vec<u8>)>,
+    /// Steps of a scripted console (QEMU only), how tests drive interactive guests: for each,
+    /// once the log contains the string, paste the bytes.
+    pub typed_input: Vec<(String, Vec<u8>)>,
     /// QEMU `-cpu` model instead of the platform's default (for tests of unusable CPUs).
     pub qemu_cpu: Option<String>,
     /// CPUs of the machine (QEMU `-smp`, Bochs `cpu: count=`), in [`CPUS_RANGE`].
@@ -246,7 +246,7 @@ impl RunConfig {
             log_path: None,
             echo: false,
             interactive: false,
-            typed_input: None,
+            typed_input: Vec::new(),
             qemu_cpu: None,
             cpus: MACHINE_CPUS,
             memory_mib: MACHINE_MEMORY_MIB,
@@ -406,16 +406,20 @@ fn supervise(config: &RunConfig, mut launch: Launch, log_path: PathBuf) -> Resul
     }
 
     let typist = match (config.typed_input.clone(), launch.child.stdin.take()) {
-        (Some((after, bytes)), Some(mut stdin)) => {
+        (steps, Some(mut stdin)) if !steps.is_empty() => {
             let captured = Arc::clone(&captured);
             Some(thread::spawn(move || {
-                let seen = |log: &[u8]| log.windows(after.len()).any(|w| w == after.as_bytes());
-                while !seen(&captured.lock().unwrap()) {
-                    thread::sleep(Duration::from_millis(50));
+                for (after, bytes) in steps {
+                    let seen = |log: &[u8]| log.windows(after.len()).any(|w| w == after.as_bytes());
+                    while !seen(&captured.lock().unwrap()) {
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                    // All at once, like a paste: the console path must hold what the guest's
+                    // 16-byte FIFO cannot take yet.
+                    if stdin.write_all(&bytes).and_then(|()| stdin.flush()).is_err() {
+                        return;
+                    }
                 }
-                // All at once, like a paste: the console path must hold what the guest's
-                // 16-byte FIFO cannot take yet.
-                let _ = stdin.write_all(&bytes).and_then(|()| stdin.flush());
             }))
         }
         _ => None,

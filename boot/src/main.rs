@@ -102,7 +102,9 @@ fn run(o: Options) -> Result<ExitCode, BootError> {
     config.memory_mib = o.memory_mib;
     config.log_path = o.log;
     config.echo = !o.quiet;
-    config.interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    // Whatever stdin is (a terminal, a pipe, a file), it is the guests' console input, so a
+    // scripted console (`printf ... | scripts/run.sh`) drives a guest as typing does.
+    config.interactive = true;
     eprintln!(
         "boot: {} firmware on {platform}, {} CPU{}, {} MiB, timeout {:?}",
         o.firmware,

@@ -167,7 +167,7 @@ pub(crate) fn qemu_args(config: &RunConfig, image: &Path) -> Vec<OsString> {
 fn launch_qemu(config: &RunConfig, image: &Path) -> Result<Launch, BootError> {
     let mut qemu = Command::new(QEMU);
     qemu.args(qemu_args(config, image))
-        .stdin(if config.typed_input.is_some() {
+        .stdin(if !config.typed_input.is_empty() {
             Stdio::piped()
         } else if config.interactive {
             Stdio::inherit()

@@ -339,13 +339,9 @@ fn dsdt(s5_slp_typ: u8) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::loader::SliceMemory;
-
-    const MEM: usize = 0x11_0000;
-
-    fn layout() -> AcpiLayout {
+impl AcpiLayout {
+    /// A PC layout with `cpu_count` CPUs, tables at 1 MiB (for tests that build tables).
+    pub(crate) fn for_tests(cpu_count: u8) -> Self {
         AcpiLayout {
             rsdp_gpa: 0xf_0000,
             tables_gpa: 0x10_0000,
@@ -360,8 +356,20 @@ mod tests {
             reset_value: 0x06,
             sci_irq: 9,
             s5_slp_typ: 5,
-            cpu_count: 2,
+            cpu_count,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::SliceMemory;
+
+    const MEM: usize = 0x11_0000;
+
+    fn layout() -> AcpiLayout {
+        AcpiLayout::for_tests(2)
     }
 
     fn bytes(mem: &SliceMemory, gpa: u64, len: usize) -> Vec<u8> {

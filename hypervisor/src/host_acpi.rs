@@ -131,22 +131,7 @@ mod tests {
     fn guest_tables(cpus: u8) -> (Vec<u8>, u64) {
         let mut ram = alloc::vec![0u8; 2 << 20];
         let mut mem = SliceMemory(&mut ram);
-        let layout = AcpiLayout {
-            rsdp_gpa: 0xf_0000,
-            tables_gpa: 0x10_0000,
-            lapic_base: 0xfee0_0000,
-            ioapic_base: 0xfec0_0000,
-            ioapic_id: 0,
-            pm1a_evt: 0x600,
-            pm1a_cnt: 0x604,
-            pm_tmr: 0x608,
-            pm_tmr_32bit: false,
-            reset_port: 0xcf9,
-            reset_value: 0x06,
-            sci_irq: 9,
-            s5_slp_typ: 5,
-            cpu_count: cpus,
-        };
+        let layout = AcpiLayout::for_tests(cpus);
         let info = build_tables(&mut mem, &layout).unwrap();
         (ram, info.rsdp)
     }

@@ -111,9 +111,29 @@ impl<T> RunQueue<T> {
     }
 }
 
+/// The typed byte that moves console input to the next VM (Ctrl-], as in Xen's console).
+pub const SWITCH_INPUT: u8 = 0x1d;
+
+/// The VM that gets console input after VM `current`: the next one still running, wrapping
+/// around; `current` itself if it is the only one; `None` if none runs.
+pub fn next_input_vm(running: &[bool], current: usize) -> Option<usize> {
+    let count = running.len();
+    (1..=count).map(|step| (current + step) % count).find(|&vm| running[vm])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn input_moves_to_the_next_running_vm_and_wraps() {
+        let running = [true, false, true, true];
+        assert_eq!(next_input_vm(&running, 0), Some(2), "VM 1 has ended");
+        assert_eq!(next_input_vm(&running, 3), Some(0), "wraps around");
+        assert_eq!(next_input_vm(&[false, true], 1), Some(1), "the only one left keeps it");
+        assert_eq!(next_input_vm(&[false, false], 0), None);
+        assert_eq!(next_input_vm(&[], 0), None);
+    }
 
     fn only(cpu: usize) -> CpuSet {
         let mut set = CpuSet::default();

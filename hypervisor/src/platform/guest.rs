@@ -116,11 +116,10 @@ unsafe impl Send for Task {}
 
 impl Task {
     /// Runs the VM until the vCPU halts, the VM ends, or `slice_end_us` (host microseconds,
-    /// `serial::uptime_micros`) passes. `console_input` says whether typed input is for it.
-    pub fn run_slice(&mut self, slice_end_us: u64, console_input: bool) -> Slice {
+    /// `serial::uptime_micros`) passes. `input` gives the bytes typed for it, if any.
+    pub fn run_slice(&mut self, slice_end_us: u64, input: &mut dyn FnMut() -> Option<u8>) -> Slice {
         let (index, name) = (self.index, &self.name);
         let mut console = |text: &str, ends_line: bool| serial::write_vm_text(index, name, text, ends_line);
-        let mut read_input = serial::read_byte;
         let mut env = Env {
             cpuid: &|leaf, subleaf| {
                 let r = cpuid!(leaf, subleaf);
@@ -136,7 +135,7 @@ impl Task {
             tsc_hz: serial::tsc_per_microsecond() * 1_000_000,
             arm_timer: &apic::arm,
             wait: &apic::sleep,
-            input: if console_input { Some(&mut read_input) } else { None },
+            input: Some(input),
         };
         if !self.started {
             self.vm.start(&env);

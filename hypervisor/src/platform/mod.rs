@@ -151,7 +151,7 @@ pub fn run(host: Host) -> ! {
         );
     }
     log::info!("running {} VMs at once on {backend:?}, {} MiB of guest RAM", vms.len(), needed >> 20);
-    scheduler::begin(vms.len(), crate::sched::DEFAULT_SLICE_US);
+    scheduler::begin(vms.iter().map(|vm| vm.name.clone()).collect(), crate::sched::DEFAULT_SLICE_US);
     for (index, vm) in vms.iter().enumerate() {
         match guest::prepare(backend, index, vm, &files) {
             Ok(task) => scheduler::add(task, vm.cpus.unwrap_or_else(config::CpuSet::all)),

@@ -15,7 +15,7 @@ use spin::Mutex;
 
 use super::guest::Task;
 use super::{apic, exit, percpu, serial};
-use crate::sched::{Readiness, RunQueue, DEFAULT_SLICE_US};
+use crate::sched::{next_input_vm, Readiness, RunQueue, DEFAULT_SLICE_US, SWITCH_INPUT};
 use crate::status::RunStatus;
 use crate::vm::config::CpuSet;
 use crate::vm::{Slice, VmEnd};
@@ -30,26 +30,55 @@ static QUEUE: Mutex<RunQueue<Task>> = Mutex::new(RunQueue::new());
 static STARTED: AtomicBool = AtomicBool::new(false);
 /// CPUs sleeping in the idle loop (bit = CPU index), to be woken when work is queued.
 static IDLE_CPUS: AtomicU64 = AtomicU64::new(0);
-/// The VM that gets typed input: the first VM of the set still running.
+/// The VM that gets typed input (`usize::MAX`: none runs).
 static INPUT_VM: AtomicUsize = AtomicUsize::new(0);
 static SLICE_US: AtomicU64 = AtomicU64::new(DEFAULT_SLICE_US);
 
 /// How the VM set went, for the end line.
 struct Outcome {
     total: usize,
+    names: Vec<String>,
     /// Still running, by index in the set.
     running: Vec<bool>,
     failed: Vec<String>,
 }
 
-static OUTCOME: Mutex<Outcome> = Mutex::new(Outcome { total: 0, running: Vec::new(), failed: Vec::new() });
+static OUTCOME: Mutex<Outcome> =
+    Mutex::new(Outcome { total: 0, names: Vec::new(), running: Vec::new(), failed: Vec::new() });
 
-/// Records the VM set before any VM is queued: `count` VMs, all running until they end.
-pub fn begin(count: usize, slice_us: u64) {
+/// Records the VM set before any VM is queued: these VMs, all running until they end.
+pub fn begin(names: Vec<String>, slice_us: u64) {
     let mut outcome = OUTCOME.lock();
-    outcome.total = count;
-    outcome.running = alloc::vec![true; count];
+    outcome.total = names.len();
+    outcome.running = alloc::vec![true; names.len()];
+    if names.len() > 1 {
+        serial::write_line(&format!("HV-CONSOLE: input goes to vm {}; Ctrl-] moves it to the next VM", names[0]));
+    }
+    outcome.names = names;
     SLICE_US.store(slice_us.max(1), Ordering::Relaxed);
+}
+
+/// A byte typed on the host console for VM `vm`, if it has the input; Ctrl-] moves the input
+/// on instead of reaching a guest.
+fn read_input(vm: usize) -> Option<u8> {
+    if INPUT_VM.load(Ordering::Relaxed) != vm {
+        return None;
+    }
+    let byte = serial::read_byte()?;
+    if byte != SWITCH_INPUT {
+        return Some(byte);
+    }
+    move_input(&OUTCOME.lock(), vm);
+    None
+}
+
+/// Gives the input to the VM after `from` that still runs, and says so.
+fn move_input(outcome: &Outcome, from: usize) {
+    let next = next_input_vm(&outcome.running, from);
+    INPUT_VM.store(next.unwrap_or(usize::MAX), Ordering::Relaxed);
+    if let Some(next) = next.filter(|&next| next != from) {
+        serial::write_line(&format!("HV-CONSOLE: input goes to vm {}", outcome.names[next]));
+    }
 }
 
 /// Queues a prepared VM; it may run on the CPUs in `affinity`.
@@ -98,8 +127,9 @@ fn run_task(mut task: Task, affinity: CpuSet) {
     if let Some(deadline) = task.deadline_us {
         slice_end = slice_end.min(deadline);
     }
-    let input = INPUT_VM.load(Ordering::Relaxed) == task.index;
-    let slice = task.run_slice(slice_end, input);
+    let index = task.index;
+    let mut input = || read_input(index);
+    let slice = task.run_slice(slice_end, &mut input);
     let now = serial::uptime_micros();
     let timed_out = task.deadline_us.is_some_and(|deadline| now >= deadline);
     let readiness = match slice {
@@ -135,8 +165,9 @@ fn record_end(index: usize, name: &str, end: &VmEnd) {
     if !end.is_clean() {
         outcome.failed.push(format!("{name} ({end})"));
     }
-    let next = outcome.running.iter().position(|&running| running).unwrap_or(usize::MAX);
-    INPUT_VM.store(next, Ordering::Relaxed);
+    if INPUT_VM.load(Ordering::Relaxed) == index {
+        move_input(&outcome, index);
+    }
 }
 
 /// Nothing to run here: sleep until the earliest halted task this CPU could run is due, a
