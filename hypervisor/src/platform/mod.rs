@@ -19,7 +19,6 @@ pub mod xstate;
 
 use alloc::format;
 use alloc::string::String;
-use alloc::vec::Vec;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -115,13 +114,12 @@ pub fn run(host: Host) -> ! {
         Err(e) => exit::end(RunStatus::Failure, &format!("ramdisk: {e}")),
     };
     log::info!("ramdisk: {} bytes, {} files", host.ramdisk.len(), files.len());
-    let vms = match ramdisk::find(&files, VM_CONFIG_FILE) {
-        None => Vec::new(),
+    let config::VmSet { host: host_config, vms } = match ramdisk::find(&files, VM_CONFIG_FILE) {
+        None => config::VmSet::default(),
         Some(file) => match core::str::from_utf8(file.data) {
             Err(_) => exit::end(RunStatus::Failure, &format!("{VM_CONFIG_FILE}: not UTF-8 text")),
-            Ok(text) => {
-                config::parse(text).unwrap_or_else(|e| exit::end(RunStatus::Failure, &format!("{VM_CONFIG_FILE}: {e}")))
-            }
+            Ok(text) => config::parse_set(text)
+                .unwrap_or_else(|e| exit::end(RunStatus::Failure, &format!("{VM_CONFIG_FILE}: {e}"))),
         },
     };
     let backend = match host.cpu.virtualization {
@@ -151,7 +149,7 @@ pub fn run(host: Host) -> ! {
         );
     }
     log::info!("running {} VMs at once on {backend:?}, {} MiB of guest RAM", vms.len(), needed >> 20);
-    scheduler::begin(vms.iter().map(|vm| vm.name.clone()).collect(), crate::sched::DEFAULT_SLICE_US);
+    scheduler::begin(vms.iter().map(|vm| vm.name.clone()).collect(), host_config.slice_us);
     for (index, vm) in vms.iter().enumerate() {
         match guest::prepare(backend, index, vm, &files) {
             Ok(task) => scheduler::add(task, vm.cpus.unwrap_or_else(config::CpuSet::all)),

@@ -1,7 +1,10 @@
 //! The VM configuration file (`vms.conf` in the ramdisk; `--vms FILE` on the host).
 //!
 //! ```text
-//! # one section per VM, run in order
+//! [host]                       # optional: settings of the host
+//! slice   = 10ms               # the scheduler's time slice (1 to 1000 ms)
+//!
+//! # one section per VM
 //! [vm cpuid-tests]
 //! kernel  = test-guest.elf     # file in the ramdisk
 //! cmdline = cases=all
@@ -235,9 +238,41 @@ struct Draft {
     cpus: Option<CpuSet>,
 }
 
-/// Parses a whole file. An empty file (or only comments) is an empty VM set.
+/// Settings of the host rather than of one VM (the optional `[host]` section).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostConfig {
+    /// The scheduler's time slice in microseconds (`slice = 10ms`).
+    pub slice_us: u64,
+}
+
+/// Time slices accepted, in milliseconds.
+pub const SLICE_MS: core::ops::RangeInclusive<u64> = 1..=1000;
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig { slice_us: crate::sched::DEFAULT_SLICE_US }
+    }
+}
+
+/// A whole VM set: the host settings and the VMs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmSet {
+    /// The `[host]` section (defaults when there is none).
+    pub host: HostConfig,
+    /// The VMs, in file order.
+    pub vms: Vec<VmConfig>,
+}
+
+/// Parses a whole file's VMs (see [`parse_set`] for the `[host]` section too).
 pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
+    parse_set(text).map(|set| set.vms)
+}
+
+/// Parses a whole file. An empty file (or only comments) is an empty VM set.
+pub fn parse_set(text: &str) -> Result<VmSet, ConfigError> {
     let mut vms: Vec<VmConfig> = Vec::new();
+    let mut host = HostConfig::default();
+    let mut in_host = false;
     let mut current: Option<Draft> = None;
     for (index, raw) in text.lines().enumerate() {
         let line = index + 1;
@@ -255,6 +290,13 @@ pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
         if let Some(header) = content.strip_prefix('[') {
             let header =
                 header.strip_suffix(']').ok_or_else(|| error(None, "section header must end with ']'".into()))?.trim();
+            if let Some(draft) = current.take() {
+                vms.push(finish(draft)?);
+            }
+            in_host = header == "host";
+            if in_host {
+                continue;
+            }
             let name = header
                 .strip_prefix("vm")
                 .filter(|rest| rest.starts_with(char::is_whitespace))
@@ -263,11 +305,8 @@ pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
                 return Err(error(None, alloc::format!("VM name {name:?} must be letters, digits, '-' or '_'")));
             }
-            if vms.iter().any(|vm| vm.name == name) || current.as_ref().is_some_and(|d| d.name == name) {
+            if vms.iter().any(|vm| vm.name == name) {
                 return Err(error(None, alloc::format!("VM name {name:?} is used twice")));
-            }
-            if let Some(draft) = current.take() {
-                vms.push(finish(draft)?);
             }
             current = Some(Draft {
                 line,
@@ -289,8 +328,31 @@ pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
             .split_once('=')
             .map(|(k, v)| (k.trim(), v.trim()))
             .ok_or_else(|| error(None, alloc::format!("expected 'field = value', found {content:?}")))?;
-        let draft = current.as_mut().ok_or_else(|| error(Some(key), "field outside a [vm NAME] section".into()))?;
         let field = Some(key);
+        if in_host {
+            match key {
+                "slice" => {
+                    host.slice_us = value
+                        .strip_suffix("ms")
+                        .and_then(|ms| ms.trim().parse::<u64>().ok())
+                        .filter(|ms| SLICE_MS.contains(ms))
+                        .ok_or_else(|| {
+                            error(
+                                field,
+                                alloc::format!(
+                                    "{value:?} is not a time slice like 10ms ({} to {} ms)",
+                                    SLICE_MS.start(),
+                                    SLICE_MS.end()
+                                ),
+                            )
+                        })?
+                        * 1000;
+                }
+                other => return Err(error(None, alloc::format!("unknown [host] field {other:?} (known: slice)"))),
+            }
+            continue;
+        }
+        let draft = current.as_mut().ok_or_else(|| error(Some(key), "field outside a [vm NAME] section".into()))?;
         match key {
             "kernel" => draft.kernel = Some(non_empty(value).ok_or_else(|| error(field, "is empty".into()))?),
             "initrd" => draft.initrd = Some(non_empty(value).ok_or_else(|| error(field, "is empty".into()))?),
@@ -362,7 +424,7 @@ pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
     if let Some(draft) = current.take() {
         vms.push(finish(draft)?);
     }
-    Ok(vms)
+    Ok(VmSet { host, vms })
 }
 
 fn finish(draft: Draft) -> Result<VmConfig, ConfigError> {
@@ -519,6 +581,19 @@ mod tests {
             assert_eq!(e.field.as_deref(), Some("cpus"), "{malformed}");
             assert!(e.message.contains("is not a CPU number"), "{malformed}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn the_host_section_sets_the_time_slice() {
+        let set = parse_set("[host]\nslice = 25ms\n[vm a]\nkernel = k\n").unwrap();
+        assert_eq!(set.host.slice_us, 25_000);
+        assert_eq!(set.vms.len(), 1);
+        assert_eq!(parse_set("[vm a]\nkernel = k\n").unwrap().host, HostConfig::default());
+        let e = parse_set("[vm a]\nkernel = k\n[host]\nslice = 0ms\n").unwrap_err();
+        assert_eq!((e.line, e.field.as_deref()), (4, Some("slice")));
+        assert!(e.message.contains("1 to 1000 ms"));
+        assert!(parse_set("[host]\nslice = 10\n").unwrap_err().message.contains("like 10ms"));
+        assert!(parse_set("[host]\ncolour = blue\n").unwrap_err().message.contains("unknown [host] field"));
     }
 
     #[test]
