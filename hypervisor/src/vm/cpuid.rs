@@ -19,6 +19,8 @@ const LEAF1_ECX_PDCM: u32 = 1 << 15;
 const LEAF1_ECX_X2APIC: u32 = 1 << 21;
 const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_EDX_APIC: u32 = 1 << 9;
+/// More than one logical processor per package (then leaf 1 EBX[23:16] counts them).
+const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Machine-check exception and architecture: no banks are emulated.
 const LEAF1_EDX_MCE_MCA: u32 = (1 << 7) | (1 << 14);
 const LEAF1_ECX_FMA: u32 = 1 << 12;
@@ -44,12 +46,29 @@ pub struct CpuModel {
     pub supported_xcr0: u64,
     /// The guest TSC's real frequency, which leaves 0x15/0x16 report (0 if unknown).
     pub tsc_hz: u64,
+    /// This vCPU's local APIC ID (the MADT lists vCPU `n` with ID `n`).
+    pub apic_id: u32,
+    /// vCPUs of the VM: one core each, one thread per core, one package.
+    pub vcpus: u32,
+}
+
+impl CpuModel {
+    /// Bits an APIC ID spends on the core number: the vCPU count rounded up to a power of two.
+    fn core_bits(&self) -> u32 {
+        self.vcpus.max(1).next_power_of_two().trailing_zeros()
+    }
 }
 
 /// Leaf 0x15 (TSC/crystal ratio) is the highest leaf the model needs to report.
 const TSC_LEAF: u32 = 0x15;
 const FREQUENCY_LEAF: u32 = 0x16;
 const LEAF7_EBX_TSC_ADJUST: u32 = 1 << 1;
+
+/// Whether the host CPU is AMD's (its topology leaves differ from Intel's).
+fn amd(host: &dyn Fn(u32, u32) -> Regs) -> bool {
+    let [_, ebx, ecx, edx] = host(0, 0);
+    [ebx, edx, ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163]
+}
 
 /// What the guest's CPUID instruction returns.
 ///
@@ -77,6 +96,29 @@ pub fn guest_cpuid(
             let mhz = (model.tsc_hz / 1_000_000).min(0xffff) as u32;
             [mhz, mhz, 100, 0]
         }
+        // The topology is the VM's own, so it agrees with the MADT whatever the host has:
+        // leaves 4 and 0xB/0x1F (Intel), 0x8000_0008 and 0x8000_001E (AMD).
+        4 if !amd(host) => {
+            let [eax, ebx, ecx, edx] = host(4, subleaf);
+            if eax & 0x1f == 0 {
+                return [0; 4];
+            }
+            let level = (eax >> 5) & 7;
+            let sharing = if level >= 3 { (1u32 << model.core_bits()) - 1 } else { 0 };
+            let cores = (1u32 << model.core_bits()) - 1;
+            [(eax & 0x3fff) | sharing << 14 | cores << 26, ebx, ecx, edx]
+        }
+        0xb | 0x1f if leaf == 0xb || (host_max >= 0x1f && !amd(host)) => match subleaf {
+            0 => [0, 1, 0x100, model.apic_id],
+            1 => [model.core_bits(), model.vcpus.max(1), 0x200 | 1, model.apic_id],
+            _ => [0, 0, subleaf & 0xff, model.apic_id],
+        },
+        0x8000_0008 if amd(host) => {
+            let [eax, ebx, ecx, edx] = host(leaf, subleaf);
+            let cores = model.vcpus.max(1) - 1;
+            [eax, ebx, (ecx & !0xf0ff) | (model.core_bits() << 12) | (cores & 0xff), edx]
+        }
+        0x8000_001e if amd(host) => [model.apic_id, model.apic_id & 0xff, 0, 0],
         // Leaves the host does not have but the raised maximum now covers.
         l if l < 0x4000_0000 && l > host_max && l <= FREQUENCY_LEAF => [0; 4],
         0x4000_0000 => {
@@ -101,8 +143,10 @@ pub fn guest_cpuid(
             if !avx {
                 ecx &= !(LEAF1_ECX_AVX | LEAF1_ECX_FMA | LEAF1_ECX_F16C);
             }
-            // One logical processor, APIC ID 0, whatever the host has.
-            let ebx = (ebx & 0x0000_ffff) | (1 << 16);
+            // This vCPU's APIC ID and the VM's logical processors, whatever the host has.
+            let addressable = (1u32 << model.core_bits()).min(0xff);
+            let ebx = (ebx & 0x0000_ffff) | addressable << 16 | (model.apic_id & 0xff) << 24;
+            let edx = if model.vcpus > 1 { edx | LEAF1_EDX_HTT } else { edx & !LEAF1_EDX_HTT };
             [eax, ebx, ecx, edx]
         }
         7 if subleaf == 0 => {
@@ -155,110 +199,103 @@ mod tests {
 
     const X87_SSE_AVX: u64 = XCR0_X87 | XCR0_SSE | XCR0_AVX;
 
+    /// The model of a one-vCPU VM.
+    fn model(supported_xcr0: u64, tsc_hz: u64) -> CpuModel {
+        CpuModel { supported_xcr0, tsc_hz, apic_id: 0, vcpus: 1 }
+    }
+
+    fn amd_host(leaf: u32, subleaf: u32) -> Regs {
+        match leaf {
+            0 => [0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65],
+            0x8000_0000 => [0x8000_001e, 0, 0, 0],
+            0x8000_0008 => [0x3030, 0, 0x0000_7007, 0],
+            _ => generous_host(leaf, subleaf),
+        }
+    }
+
+    #[test]
+    fn topology_agrees_with_the_vcpu_count_not_the_host() {
+        let m = CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0, apic_id: 2, vcpus: 3 };
+        let leaf1 = guest_cpuid(1, 0, &generous_host, false, &m);
+        assert_eq!(leaf1[1] >> 24, 2, "APIC ID");
+        assert_eq!(leaf1[1] >> 16 & 0xff, 4, "addressable IDs: 3 rounded up");
+        assert_ne!(leaf1[3] & LEAF1_EDX_HTT, 0);
+        let one = guest_cpuid(1, 0, &generous_host, false, &model(X87_SSE_AVX, 0));
+        assert_eq!((one[1] >> 16 & 0xff, one[3] & LEAF1_EDX_HTT), (1, 0));
+        // Intel: leaf 0xB (and 0x1F) say one thread per core, 3 cores, x2APIC ID 2.
+        let modern = |leaf: u32, subleaf: u32| if leaf == 0 { [0x1f, 0, 0, 0] } else { generous_host(leaf, subleaf) };
+        assert_ne!(
+            guest_cpuid(0x1f, 0, &generous_host, false, &m),
+            [0, 1, 0x100, 2],
+            "0x1F only where the host has it"
+        );
+        for leaf in [0xb, 0x1f] {
+            assert_eq!(guest_cpuid(leaf, 0, &modern, false, &m), [0, 1, 0x100, 2]);
+            assert_eq!(guest_cpuid(leaf, 1, &modern, false, &m), [2, 3, 0x201, 2]);
+            assert_eq!(guest_cpuid(leaf, 2, &modern, false, &m), [0, 0, 2, 2]);
+        }
+        // Leaf 4: per-core caches, 4 addressable cores; the host's L3 sharing is not passed on.
+        let cache = guest_cpuid(4, 0, &|_, _| [0xfc00_4121, 1, 2, 3], false, &m);
+        assert_eq!((cache[0] >> 26, cache[0] >> 14 & 0xfff, cache[0] & 0x3fff), (3, 0, 0x0121));
+        let l3 = guest_cpuid(4, 3, &|_, _| [0xfc0f_c163, 1, 2, 3], false, &m);
+        assert_eq!(l3[0] >> 14 & 0xfff, 3, "the L3 is shared by the whole package");
+        // AMD: 0x8000_0008 ECX gives the core count and APIC ID width, 0x8000_001E the IDs.
+        let ext8 = guest_cpuid(0x8000_0008, 0, &amd_host, false, &m);
+        assert_eq!((ext8[2] & 0xff, ext8[2] >> 12 & 0xf), (2, 2));
+        assert_eq!(guest_cpuid(0x8000_001e, 0, &amd_host, false, &m), [2, 2, 0, 0]);
+        assert_eq!(guest_cpuid(0x8000_0008, 0, &generous_host, false, &m)[2], 0x1111, "Intel: untouched");
+    }
+
     #[test]
     fn signature_and_hypervisor_bit() {
-        let regs =
-            guest_cpuid(0x4000_0000, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 });
+        let regs = guest_cpuid(0x4000_0000, 0, &generous_host, false, &model(X87_SSE_AVX, 0));
         assert_eq!(regs[0], MAX_HYPERVISOR_LEAF);
         let mut text = [0u8; 12];
         for (i, r) in regs[1..].iter().enumerate() {
             text[i * 4..i * 4 + 4].copy_from_slice(&r.to_le_bytes());
         }
         assert_eq!(&text, SIGNATURE);
-        let leaf1 = guest_cpuid(1, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 });
+        let leaf1 = guest_cpuid(1, 0, &generous_host, false, &model(X87_SSE_AVX, 0));
         assert_ne!(leaf1[2] & LEAF1_ECX_HYPERVISOR, 0);
         assert_eq!(leaf1[1] >> 16 & 0xff, 1, "one logical processor");
         assert_eq!(leaf1[2] & (LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE), LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE);
         assert_eq!(leaf1[2] & (LEAF1_ECX_MONITOR | LEAF1_ECX_PDCM), 0);
-        assert_eq!(guest_cpuid(0xa, 0, &generous_host, false, &CpuModel { supported_xcr0: 7, tsc_hz: 0 }), [0; 4]);
+        assert_eq!(guest_cpuid(0xa, 0, &generous_host, false, &model(7, 0)), [0; 4]);
         assert_ne!(leaf1[3] & LEAF1_EDX_APIC, 0);
         assert_eq!(leaf1[3] & LEAF1_EDX_MCE_MCA, 0);
-        assert_eq!(
-            guest_cpuid(6, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 }),
-            [0; 4]
-        );
-        assert_eq!(
-            guest_cpuid(0x4000_0001, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 }),
-            [0; 4]
-        );
+        assert_eq!(guest_cpuid(6, 0, &generous_host, false, &model(X87_SSE_AVX, 0)), [0; 4]);
+        assert_eq!(guest_cpuid(0x4000_0001, 0, &generous_host, false, &model(X87_SSE_AVX, 0)), [0; 4]);
     }
 
     #[test]
     fn virtualization_extensions_are_hidden() {
-        assert_eq!(
-            guest_cpuid(1, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 })[2]
-                & LEAF1_ECX_VMX,
-            0
-        );
-        assert_eq!(
-            guest_cpuid(0x8000_0001, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 })[2]
-                & EXT1_ECX_SVM,
-            0
-        );
-        assert_eq!(
-            guest_cpuid(0x8000_000a, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 }),
-            [0; 4]
-        );
+        assert_eq!(guest_cpuid(1, 0, &generous_host, false, &model(X87_SSE_AVX, 0))[2] & LEAF1_ECX_VMX, 0);
+        assert_eq!(guest_cpuid(0x8000_0001, 0, &generous_host, false, &model(X87_SSE_AVX, 0))[2] & EXT1_ECX_SVM, 0);
+        assert_eq!(guest_cpuid(0x8000_000a, 0, &generous_host, false, &model(X87_SSE_AVX, 0)), [0; 4]);
     }
 
     #[test]
     fn osxsave_follows_the_guest_cr4() {
-        assert_eq!(
-            guest_cpuid(1, 0, &generous_host, false, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 })[2]
-                & LEAF1_ECX_OSXSAVE,
-            0
-        );
-        assert_ne!(
-            guest_cpuid(1, 0, &generous_host, true, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 })[2]
-                & LEAF1_ECX_OSXSAVE,
-            0
-        );
+        assert_eq!(guest_cpuid(1, 0, &generous_host, false, &model(X87_SSE_AVX, 0))[2] & LEAF1_ECX_OSXSAVE, 0);
+        assert_ne!(guest_cpuid(1, 0, &generous_host, true, &model(X87_SSE_AVX, 0))[2] & LEAF1_ECX_OSXSAVE, 0);
     }
 
     #[test]
     fn extended_state_is_limited_to_what_is_switched() {
-        assert_eq!(
-            guest_cpuid(0xd, 0, &generous_host, true, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 }),
-            [7, 832, 832, 0]
-        );
-        assert_eq!(
-            guest_cpuid(7, 0, &generous_host, true, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 })[1]
-                & LEAF7_EBX_AVX512,
-            0
-        );
-        assert_ne!(
-            guest_cpuid(7, 0, &generous_host, true, &CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 })[1]
-                & LEAF7_EBX_AVX2,
-            0
-        );
+        assert_eq!(guest_cpuid(0xd, 0, &generous_host, true, &model(X87_SSE_AVX, 0)), [7, 832, 832, 0]);
+        assert_eq!(guest_cpuid(7, 0, &generous_host, true, &model(X87_SSE_AVX, 0))[1] & LEAF7_EBX_AVX512, 0);
+        assert_ne!(guest_cpuid(7, 0, &generous_host, true, &model(X87_SSE_AVX, 0))[1] & LEAF7_EBX_AVX2, 0);
         let sse_only = XCR0_X87 | XCR0_SSE;
-        assert_eq!(
-            guest_cpuid(0xd, 0, &generous_host, true, &CpuModel { supported_xcr0: sse_only, tsc_hz: 0 }),
-            [3, 576, 576, 0]
-        );
-        assert_eq!(
-            guest_cpuid(1, 0, &generous_host, true, &CpuModel { supported_xcr0: sse_only, tsc_hz: 0 })[2]
-                & LEAF1_ECX_AVX,
-            0
-        );
-        assert_eq!(
-            guest_cpuid(7, 0, &generous_host, true, &CpuModel { supported_xcr0: sse_only, tsc_hz: 0 })[1]
-                & LEAF7_EBX_AVX2,
-            0
-        );
-        assert_eq!(
-            guest_cpuid(0xd, 2, &generous_host, true, &CpuModel { supported_xcr0: sse_only, tsc_hz: 0 }),
-            [0; 4]
-        );
-        assert_eq!(
-            guest_cpuid(0xd, 1, &generous_host, true, &CpuModel { supported_xcr0: sse_only, tsc_hz: 0 }),
-            [1, 0, 0, 0]
-        );
+        assert_eq!(guest_cpuid(0xd, 0, &generous_host, true, &model(sse_only, 0)), [3, 576, 576, 0]);
+        assert_eq!(guest_cpuid(1, 0, &generous_host, true, &model(sse_only, 0))[2] & LEAF1_ECX_AVX, 0);
+        assert_eq!(guest_cpuid(7, 0, &generous_host, true, &model(sse_only, 0))[1] & LEAF7_EBX_AVX2, 0);
+        assert_eq!(guest_cpuid(0xd, 2, &generous_host, true, &model(sse_only, 0)), [0; 4]);
+        assert_eq!(guest_cpuid(0xd, 1, &generous_host, true, &model(sse_only, 0)), [1, 0, 0, 0]);
     }
 
     #[test]
     fn tsc_frequency_leaves_report_the_measured_rate() {
-        let model = CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 99_000_000 };
+        let model = model(X87_SSE_AVX, 99_000_000);
         assert_eq!(guest_cpuid(0, 0, &generous_host, false, &model)[0], 0x16, "max leaf raised to cover 0x16");
         assert_eq!(guest_cpuid(0x15, 0, &generous_host, false, &model), [1, 1, 99_000_000, 0]);
         assert_eq!(guest_cpuid(0x16, 0, &generous_host, false, &model)[0], 99);
@@ -268,8 +305,8 @@ mod tests {
 
     #[test]
     fn other_leaves_pass_through() {
-        let model = CpuModel { supported_xcr0: X87_SSE_AVX, tsc_hz: 0 };
-        assert_eq!(guest_cpuid(0xb, 3, &generous_host, false, &model), [0xb, 3, 0x1111, 0x2222]);
+        let model = model(X87_SSE_AVX, 0);
+        assert_eq!(guest_cpuid(2, 3, &generous_host, false, &model), [2, 3, 0x1111, 0x2222]);
         assert_eq!(guest_cpuid(0x8000_0008, 0, &generous_host, false, &model), [0x8000_0008, 0, 0x1111, 0x2222]);
         assert_eq!(guest_cpuid(0x16, 0, &generous_host, false, &model), [0; 4], "above the maximum without a TSC rate");
     }

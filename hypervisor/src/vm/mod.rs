@@ -387,7 +387,8 @@ impl<M: GuestMemory> Vm<M> {
                 let gprs = vcpu.gprs();
                 let (leaf, subleaf) = (gprs.rax as u32, gprs.rcx as u32);
                 let osxsave = vcpu.mode().cr4 & CR4_OSXSAVE != 0;
-                let model = cpuid::CpuModel { supported_xcr0: env.supported_xcr0, tsc_hz: env.tsc_hz };
+                let model =
+                    cpuid::CpuModel { supported_xcr0: env.supported_xcr0, tsc_hz: env.tsc_hz, apic_id: 0, vcpus: 1 };
                 let [a, b, c, d] = cpuid::guest_cpuid(leaf, subleaf, env.cpuid, osxsave, &model);
                 let gprs = vcpu.gprs();
                 (gprs.rax, gprs.rbx, gprs.rcx, gprs.rdx) = (a as u64, b as u64, c as u64, d as u64);
