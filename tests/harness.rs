@@ -66,6 +66,16 @@ impl Log<'_> {
         self
     }
 
+    /// No guest kernel complained: no `WARNING:`, `Call Trace`, `BUG:`, `Oops` or
+    /// `unchecked MSR access` line from any VM.
+    pub fn guest_kernels_are_quiet(&self) -> &Self {
+        const COMPLAINTS: [&str; 5] = ["WARNING:", "Call Trace", "BUG:", "Oops", "unchecked MSR access"];
+        if let Some(line) = self.0.serial.lines().find(|line| COMPLAINTS.iter().any(|c| line.contains(c))) {
+            self.fail(&format!("a guest kernel complained: {line:?}"));
+        }
+        self
+    }
+
     /// The VM named `vm` ended with this `VM-END` reason.
     pub fn vm_ended(&self, vm: &str, reason: &str) -> &Self {
         self.contains(&format!("VM-END vm={vm} reason={reason} "))

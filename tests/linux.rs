@@ -62,7 +62,10 @@ fn boot_with(
     config.cpus = HOST_CPUS;
     config.typed_input = typed_input;
     config.ramdisk = boot::ramdisk_files(Some(&path)).unwrap_or_else(|e| panic!("VM set {vms}: {e}"));
-    boot::run(&config).unwrap_or_else(|e| panic!("could not run {vms} on {platform}: {e}"))
+    let outcome = boot::run(&config).unwrap_or_else(|e| panic!("could not run {vms} on {platform}: {e}"));
+    // The rule of every Linux test: the kernel's log holds no warning, trace or refused MSR.
+    Log(&outcome).guest_kernels_are_quiet();
+    outcome
 }
 
 fn run(platform: Platform, kernel: Kernel) -> &'static RunOutcome {
