@@ -289,6 +289,8 @@ fn delay_us(us: u64) {
 /// First Rust code on an application processor: the boot CPU's control state, this CPU's
 /// GDT, TSS, IDT, per-CPU block and local APIC, then the work it was started for.
 extern "C" fn ap_main(block: &'static percpu::PerCpu) -> ! {
+    // First, so that even a fault during the rest of bring-up is reported with this CPU's index.
+    percpu::install(block);
     // SAFETY: the boot CPU runs with these values, and every CPU of the machine shares its
     // features; VMXE is left out (virtualization is enabled per CPU later).
     unsafe {
@@ -298,7 +300,6 @@ extern "C" fn ap_main(block: &'static percpu::PerCpu) -> ! {
     }
     gdt::load(block.tables);
     idt::init();
-    percpu::install(block);
     apic::init_this_cpu();
     xstate::enable();
     let work = *AP_WORK.get().expect("APs start only after their work is set");
