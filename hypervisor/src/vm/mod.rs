@@ -6,6 +6,7 @@
 pub mod config;
 pub mod cpuid;
 pub mod interrupts;
+pub mod ipi;
 pub mod lapic;
 pub mod msr;
 pub mod setup;
