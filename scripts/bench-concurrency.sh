@@ -25,6 +25,7 @@ done
 say "images (cached in ${HV_CACHE})"
 "$ROOT/guest-images/linux/small-kernel.sh" >/dev/null || die "building the small kernel failed"
 "$ROOT/guest-images/linux/initramfs.sh" >/dev/null || die "building the initramfs failed"
+command -v bc >/dev/null || ensure_packages bc
 cd "$ROOT"
 cargo build --quiet -p boot
 
