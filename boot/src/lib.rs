@@ -224,7 +224,8 @@ pub struct RunConfig {
     /// Connect our stdin (terminal or pipe) to the guest's serial input (QEMU only).
     pub interactive: bool,
     /// Steps of a scripted console (QEMU only), how tests drive interactive guests: for each,
-    /// once the log contains the string, paste the bytes.
+    /// once the log contains the string, paste the bytes. The log is matched as the emulator
+    /// printed it, where lines end in "\r\n": match text within a line, not its end.
     pub typed_input: Vec<(String, Vec<u8>)>,
     /// QEMU `-cpu` model instead of the platform's default (for tests of unusable CPUs).
     pub qemu_cpu: Option<String>,
