@@ -89,6 +89,25 @@ fn map_ram<F: EntryFormat>(
     Ok(second_level)
 }
 
+/// Maps guest RAM in second-level tables of format `F` and builds the vCPU on their root; the
+/// tables are freed again if the vCPU cannot be built.
+fn build_vcpu<F: EntryFormat>(
+    tables: &mut HostTables,
+    max_page: PageSize,
+    ram: &GuestRam,
+    wrap: fn(SecondLevelTables<F>) -> SecondLevel,
+    new_vcpu: impl FnOnce(u64) -> Result<Box<dyn Vcpu>, String>,
+) -> Result<(Box<dyn Vcpu>, SecondLevel), String> {
+    let second_level = map_ram::<F>(tables, max_page, ram)?;
+    match new_vcpu(second_level.root()) {
+        Ok(vcpu) => Ok((vcpu, wrap(second_level))),
+        Err(e) => {
+            second_level.destroy(tables);
+            Err(e)
+        }
+    }
+}
+
 /// One VM with its vCPU, ready to be scheduled: everything it owns, freed by [`Task::finish`].
 pub struct Task {
     /// Position in the VM set.
@@ -200,27 +219,14 @@ pub fn prepare(backend: Backend, index: usize, config: &VmConfig, files: &[File<
     }
     let supported_xcr0 = xstate::enable().supported_xcr0;
     let tag = tags(backend).lock().take();
-    let built: Result<(Box<dyn Vcpu>, SecondLevel), String> = match backend {
-        Backend::Svm => map_ram::<Npt>(&mut tables, PageSize::Size2M, &ram).and_then(|npt| {
-            match svm::SvmVcpu::new(npt.root(), tag, start) {
-                Ok(vcpu) => Ok((Box::new(vcpu) as Box<dyn Vcpu>, SecondLevel::Npt(npt))),
-                Err(e) => {
-                    npt.destroy(&mut tables);
-                    Err(format!("vCPU: {e}"))
-                }
-            }
+    let vcpu_error = |e: &dyn core::fmt::Display| format!("vCPU: {e}");
+    let built = match backend {
+        Backend::Svm => build_vcpu(&mut tables, PageSize::Size2M, &ram, SecondLevel::Npt, |root| {
+            svm::SvmVcpu::new(root, tag, start).map(|vcpu| Box::new(vcpu) as Box<dyn Vcpu>).map_err(|e| vcpu_error(&e))
         }),
-        Backend::Vmx => {
-            map_ram::<Ept>(&mut tables, vmx::ept_max_page(), &ram).and_then(|ept| {
-                match vmx::VmxVcpu::new(ept.root(), tag, start) {
-                    Ok(vcpu) => Ok((Box::new(vcpu) as Box<dyn Vcpu>, SecondLevel::Ept(ept))),
-                    Err(e) => {
-                        ept.destroy(&mut tables);
-                        Err(format!("vCPU: {e}"))
-                    }
-                }
-            })
-        }
+        Backend::Vmx => build_vcpu(&mut tables, vmx::ept_max_page(), &ram, SecondLevel::Ept, |root| {
+            vmx::VmxVcpu::new(root, tag, start).map(|vcpu| Box::new(vcpu) as Box<dyn Vcpu>).map_err(|e| vcpu_error(&e))
+        }),
     };
     let (mut vcpu, second_level) = match built {
         Ok(built) => built,

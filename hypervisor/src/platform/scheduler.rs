@@ -36,20 +36,17 @@ static SLICE_US: AtomicU64 = AtomicU64::new(DEFAULT_SLICE_US);
 
 /// How the VM set went, for the end line.
 struct Outcome {
-    total: usize,
     names: Vec<String>,
     /// Still running, by index in the set.
     running: Vec<bool>,
     failed: Vec<String>,
 }
 
-static OUTCOME: Mutex<Outcome> =
-    Mutex::new(Outcome { total: 0, names: Vec::new(), running: Vec::new(), failed: Vec::new() });
+static OUTCOME: Mutex<Outcome> = Mutex::new(Outcome { names: Vec::new(), running: Vec::new(), failed: Vec::new() });
 
 /// Records the VM set before any VM is queued: these VMs, all running until they end.
 pub fn begin(names: Vec<String>, slice_us: u64) {
     let mut outcome = OUTCOME.lock();
-    outcome.total = names.len();
     outcome.running = alloc::vec![true; names.len()];
     if names.len() > 1 {
         serial::write_line(&format!("HV-CONSOLE: input goes to vm {}; Ctrl-] moves it to the next VM", names[0]));
@@ -204,7 +201,7 @@ fn wake_idle_cpus() {
 
 fn finish_run() -> ! {
     let outcome = OUTCOME.lock();
-    let (total, failed) = (outcome.total, outcome.failed.clone());
+    let (total, failed) = (outcome.names.len(), outcome.failed.clone());
     drop(outcome);
     if failed.is_empty() {
         exit::end(RunStatus::Success, &format!("{total} VMs ran, all ended cleanly"))
