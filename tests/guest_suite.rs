@@ -52,7 +52,7 @@ fn whole_suite_ends_cleanly(platform: Platform) {
         .contains("VM-END vm=exits reason=debug-exit status=0")
         .contains("[real-mode] real-mode: ok\n")
         .contains("VM-END vm=real-mode reason=debug-exit status=0")
-        .ended(RunStatus::Success, "5 VMs ran, all ended cleanly");
+        .ended(RunStatus::Success, "6 VMs ran, all ended cleanly");
 }
 
 /// A multiboot v1 kernel gets its magic, memory map, command line and modules, as QEMU's
@@ -161,4 +161,23 @@ fn svm_registers_do_not_leak_between_vms_on_one_cpu() {
 #[test]
 fn vmx_registers_do_not_leak_between_vms_on_one_cpu() {
     registers_do_not_leak_between_vms_on_one_cpu(Platform::Bochs);
+}
+
+/// Four vCPUs: INIT-SIPI-SIPI starts the three APs in real mode, then fixed (physical and
+/// logical), lowest-priority, NMI, self and broadcast IPIs each land exactly where they should.
+fn application_processors_start_and_ipis_land(platform: Platform) {
+    Log(suite(platform))
+        .contains("vm smp: 16 MiB RAM, 4 vCPUs")
+        .contains("[smp] case smp: ok\n")
+        .vm_ended("smp", "debug-exit status=0");
+}
+
+#[test]
+fn svm_application_processors_start_and_ipis_land() {
+    application_processors_start_and_ipis_land(Platform::Tcg);
+}
+
+#[test]
+fn vmx_application_processors_start_and_ipis_land() {
+    application_processors_start_and_ipis_land(Platform::Bochs);
 }

@@ -88,6 +88,39 @@ fn interrupt_count(outcome: &RunOutcome, irq: &str, name: &str) -> Option<u64> {
     })
 }
 
+/// The per-CPU counts of the /proc/interrupts line `label` (`LOC:`, `RES:`, ...).
+fn per_cpu_counts(outcome: &RunOutcome, label: &str) -> Vec<u64> {
+    let line =
+        outcome.serial.lines().filter_map(|l| l.strip_prefix("[linux] ")).find(|l| l.trim_start().starts_with(label));
+    line.map(|l| l.split_whitespace().skip(1).map_while(|f| f.parse().ok()).collect()).unwrap_or_default()
+}
+
+/// Linux on four vCPUs (`linux-smp.vms`): all four come up, each counts its own local-timer
+/// interrupts and IPIs, and a task pinned to each runs there. Not in CI yet: SMP Linux runs
+/// hit an intermittent guest hang (a nested interrupt at the IRQ return) still being chased.
+#[test]
+#[ignore = "intermittent SMP guest hang under investigation; run with --ignored"]
+fn svm_distro_kernel_runs_on_four_vcpus() {
+    ensure_image("distro-kernel.sh");
+    ensure_image("initramfs.sh");
+    let outcome = &boot_with(Platform::Tcg, Firmware::Bios, "linux-smp.vms", TIMEOUT * 3, Vec::new());
+    let log = Log(outcome);
+    log.ended(RunStatus::Success, "1 VMs ran, all ended cleanly");
+    log.contains("[linux] HV-LINUX-CPUS: 4\n").line_with_all(&["[linux]", "CPU0", "CPU1", "CPU2", "CPU3"]);
+    for cpu in 0..4 {
+        log.contains(&format!("[linux] HV-LINUX-PINNED: cpu {cpu} ran on {cpu}\n"));
+    }
+    let (local, resched, calls) =
+        (per_cpu_counts(outcome, "LOC:"), per_cpu_counts(outcome, "RES:"), per_cpu_counts(outcome, "CAL:"));
+    let every_cpu_counts = local.len() == 4
+        && resched.len() == 4
+        && calls.len() == 4
+        && (0..4).all(|cpu| local[cpu] > 0 && resched[cpu] + calls[cpu] > 0);
+    if !every_cpu_counts {
+        log.contains(&format!("(per-CPU counts: LOC {local:?}, RES {resched:?}, CAL {calls:?})"));
+    }
+}
+
 fn reaches_userspace_and_powers_off(platform: Platform, kernel: Kernel) {
     let outcome = run(platform, kernel);
     Log(outcome)

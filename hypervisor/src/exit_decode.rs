@@ -69,6 +69,7 @@ pub mod svm {
     pub const INTR: u64 = 0x60;
     pub const VINTR: u64 = 0x64;
     pub const CPUID: u64 = 0x72;
+    pub const IRET: u64 = 0x74;
     pub const HLT: u64 = 0x78;
     pub const IOIO: u64 = 0x7b;
     pub const MSR: u64 = 0x7c;

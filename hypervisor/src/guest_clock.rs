@@ -12,12 +12,25 @@ pub struct GuestClock {
     hidden: u64,
     frozen_at: Option<u64>,
     tsc_hz: u64,
+    /// False for the clocks of a VM with several vCPUs: their TSCs must agree, so none may
+    /// hide its own exits (each vCPU keeps a copy, all with the same start and offset).
+    hides_exits: bool,
 }
 
 impl GuestClock {
     /// A clock starting now (`host_tsc`) at guest time 0.
     pub fn new(host_tsc: u64, tsc_hz: u64) -> Self {
-        GuestClock { start: host_tsc, hidden: 0, frozen_at: None, tsc_hz }
+        GuestClock { start: host_tsc, hidden: 0, frozen_at: None, tsc_hz, hides_exits: true }
+    }
+
+    /// A clock that never freezes: copies of it in several vCPUs read the same at any time.
+    pub fn shared(host_tsc: u64, tsc_hz: u64) -> Self {
+        GuestClock { hides_exits: false, ..Self::new(host_tsc, tsc_hz) }
+    }
+
+    /// Whether exits are hidden (the TSC offset then changes at every entry).
+    pub fn hides_exits(&self) -> bool {
+        self.hides_exits
     }
 
     /// The guest's TSC at host TSC `host_tsc`.
@@ -36,6 +49,9 @@ impl GuestClock {
 
     /// Stops guest time (an exit is being handled).
     pub fn freeze(&mut self, host_tsc: u64) {
+        if !self.hides_exits {
+            return;
+        }
         self.frozen_at.get_or_insert(host_tsc);
     }
 
@@ -83,6 +99,15 @@ mod tests {
         clock.freeze(10_000);
         clock.resume(10_000);
         assert_eq!(clock.ns(20_000), 13_000);
+    }
+
+    #[test]
+    fn shared_clocks_never_freeze() {
+        let mut clock = GuestClock::shared(1_000, 1_000_000_000);
+        clock.freeze(3_000);
+        clock.resume(9_000);
+        assert_eq!((clock.ns(10_000), clock.tsc_offset()), (9_000, 0));
+        assert!(!clock.hides_exits());
     }
 
     #[test]

@@ -218,6 +218,9 @@ pub trait Vcpu {
     fn interrupts_open(&self) -> bool;
     /// Queues an external interrupt for the next entry; call only when [`Self::interrupts_open`].
     fn inject_interrupt(&mut self, vector: u8);
+    /// Injects an NMI at the next entry; false (nothing injected) while the guest is still
+    /// handling the previous one (NMIs are blocked until its IRET).
+    fn inject_nmi(&mut self) -> bool;
     /// Requests (or stops requesting) an [`Exit::InterruptWindow`] when interrupts open.
     fn set_interrupt_window_exiting(&mut self, on: bool);
     /// Sets the guest's XCR0 (already validated by [`valid_xcr0`]); the world switch loads it

@@ -33,6 +33,7 @@ pub fn run(name: &str) -> CaseResult {
         "ticks" => ticks(),
         "leave-traces" => leave_traces(),
         "find-no-traces" => find_no_traces(),
+        "smp" => crate::smp::smp(),
         _ => Err(fail!("unknown case")),
     }
 }
@@ -72,7 +73,7 @@ macro_rules! fail {
         $crate::cases::Msg::new(format_args!($($arg)+))
     };
 }
-use fail;
+pub(crate) use fail;
 
 /// Fails the current case with the formatted message unless `cond` holds.
 macro_rules! ensure {

@@ -11,6 +11,7 @@
 mod cases;
 mod cpu;
 mod serial;
+mod smp;
 mod traps;
 
 use core::arch::global_asm;
@@ -62,10 +63,12 @@ _start:
 
     .section .rodata.gdt, "a"
     .balign 16
+    .global GDT
 GDT:
     .quad 0
     .quad 0x00af9b000000ffff    // 0x08: 64-bit code, present, DPL 0, accessed
     .quad 0x00cf93000000ffff    // 0x10: data, read/write, present, DPL 0, accessed
+    .quad 0x00cf9b000000ffff    // 0x18: 32-bit code, for application processors on their way up
 GDT_END:
     .balign 2
     .word 0

@@ -252,6 +252,9 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         frame.rip += SKIP_BYTES.load(Ordering::SeqCst);
         return;
     }
+    if crate::smp::count_interrupt(frame.vector) {
+        return;
+    }
     println!(
         "case {}: FAIL unexpected exception vector {:#04x} ({}) error code {:#x} at rip {:#x} (rsp {:#x}, rflags {:#x}, cr2 {:#x})",
         crate::current_case(),

@@ -32,6 +32,7 @@ const DELIVERY_MODE_SHIFT: u32 = 8;
 const DELIVERY_STATUS: u64 = 1 << 12;
 const ACTIVE_LOW: u64 = 1 << 13;
 const REMOTE_IRR: u64 = 1 << 14;
+const LOGICAL: u64 = 1 << 11;
 const LEVEL: u64 = 1 << 15;
 const MASKED: u64 = 1 << 16;
 const DESTINATION_SHIFT: u32 = 56;
@@ -49,6 +50,10 @@ pub struct Delivery {
     pub level: bool,
     /// Destination field (APIC ID or logical destination).
     pub destination: u8,
+    /// Logical destination mode.
+    pub logical: bool,
+    /// Lowest-priority rather than fixed delivery.
+    pub lowest_priority: bool,
 }
 
 /// The I/O APIC.
@@ -150,6 +155,8 @@ impl IoApic {
             vector: (entry & VECTOR_MASK) as u8,
             level: entry & LEVEL != 0,
             destination: (entry >> DESTINATION_SHIFT) as u8,
+            logical: entry & LOGICAL != 0,
+            lowest_priority: mode == 1,
         })
     }
 
@@ -284,7 +291,8 @@ mod tests {
         assert_eq!(io.set_irq(2, true), None, "masked at reset");
         io.set_irq(2, false);
         program(&mut io, 2, 0x30);
-        let expected = Some(Delivery { vector: 0x30, level: false, destination: 0 });
+        let expected =
+            Some(Delivery { vector: 0x30, level: false, destination: 0, logical: false, lowest_priority: false });
         assert_eq!(io.set_irq(2, true), expected);
         assert_eq!(io.set_irq(2, true), None, "no edge while held");
         assert_eq!(io.set_irq(2, false), None);
@@ -300,7 +308,7 @@ mod tests {
         let mut io = IoApic::new();
         write(&mut io, REG_REDIRECTION + 9, 0x0100_0000);
         write(&mut io, REG_REDIRECTION + 8, 0x8041);
-        let delivery = Delivery { vector: 0x41, level: true, destination: 1 };
+        let delivery = Delivery { vector: 0x41, level: true, destination: 1, logical: false, lowest_priority: false };
         assert_eq!(io.set_irq(4, true), Some(delivery));
         assert_eq!(io.entry(4) & REMOTE_IRR, REMOTE_IRR);
         assert_eq!(io.set_irq(4, true), None, "remote IRR blocks");
@@ -317,7 +325,10 @@ mod tests {
         program(&mut io, 10, 0x1_8052);
         assert_eq!(io.set_irq(10, true), None);
         program(&mut io, 10, 0x8052);
-        assert_eq!(io.take_deliveries(), [Delivery { vector: 0x52, level: true, destination: 0 }]);
+        assert_eq!(
+            io.take_deliveries(),
+            [Delivery { vector: 0x52, level: true, destination: 0, logical: false, lowest_priority: false }]
+        );
         assert!(io.take_deliveries().is_empty());
     }
 
@@ -328,7 +339,8 @@ mod tests {
         // Level, active low, vector 0x60: the high line is idle.
         program(&mut io, 16, 0xa060);
         assert!(io.take_deliveries().is_empty());
-        let delivery = Some(Delivery { vector: 0x60, level: true, destination: 0 });
+        let delivery =
+            Some(Delivery { vector: 0x60, level: true, destination: 0, logical: false, lowest_priority: false });
         assert_eq!(io.set_irq(16, false), delivery);
         io.set_irq(16, true);
         assert_eq!(io.end_of_interrupt(0x60), []);
@@ -340,6 +352,7 @@ mod tests {
         program(&mut io, 5, 0x0700);
         assert_eq!(io.set_irq(5, true), None);
         program(&mut io, 6, 0x0130);
-        assert_eq!(io.set_irq(6, true), Some(Delivery { vector: 0x30, level: false, destination: 0 }));
+        let lowest = Delivery { vector: 0x30, level: false, destination: 0, logical: false, lowest_priority: true };
+        assert_eq!(io.set_irq(6, true), Some(lowest));
     }
 }

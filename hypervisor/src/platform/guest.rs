@@ -3,7 +3,9 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use raw_cpuid::cpuid;
 
@@ -14,10 +16,10 @@ use crate::mm::frames::FRAME_SIZE;
 use crate::mm::second_level::{EntryFormat, Ept, Npt, PageSize, Perms, SecondLevelTables};
 use crate::mm::tlb_tags::{Tag, TagPool};
 use crate::ramdisk::{self, File};
-use crate::vcpu::Vcpu;
+use crate::vcpu::{StartMode, Vcpu};
 use crate::vm::config::{self, VmConfig};
-use crate::vm::setup;
-use crate::vm::{Env, Slice, Vm, VmEnd};
+use crate::vm::{self, setup};
+use crate::vm::{Env, Slice, VcpuContext, Vm, VmEnd};
 
 const GUEST_RAM_ALIGN: u64 = 2 << 20;
 
@@ -33,8 +35,9 @@ impl GuestRam {
     }
 
     fn slice(&self) -> SliceMemory<'static> {
-        // SAFETY: the frames belong to this VM from allocation to drop, and the VM (the only
-        // user of the slice) is dropped before `GuestRam`.
+        // SAFETY: the frames belong to this VM from allocation to drop; `prepare` takes the one
+        // view of them for the VM, and `Task::finish` frees them only when no vCPU of the VM
+        // can run any more, after which the view is never used.
         SliceMemory(unsafe { memory::phys_slice_mut(self.phys, self.bytes as usize) })
     }
 }
@@ -78,6 +81,23 @@ enum SecondLevel {
     Ept(SecondLevelTables<Ept>),
 }
 
+impl SecondLevel {
+    fn root(&self) -> u64 {
+        match self {
+            SecondLevel::Npt(npt) => npt.root(),
+            SecondLevel::Ept(ept) => ept.root(),
+        }
+    }
+
+    fn destroy(self) {
+        let mut tables = HostTables;
+        match self {
+            SecondLevel::Npt(npt) => npt.destroy(&mut tables),
+            SecondLevel::Ept(ept) => ept.destroy(&mut tables),
+        }
+    }
+}
+
 fn map_ram<F: EntryFormat>(
     tables: &mut HostTables,
     max_page: PageSize,
@@ -89,55 +109,103 @@ fn map_ram<F: EntryFormat>(
     Ok(second_level)
 }
 
-/// Maps guest RAM in second-level tables of format `F` and builds the vCPU on their root; the
-/// tables are freed again if the vCPU cannot be built.
-fn build_vcpu<F: EntryFormat>(
-    tables: &mut HostTables,
-    max_page: PageSize,
-    ram: &GuestRam,
-    wrap: fn(SecondLevelTables<F>) -> SecondLevel,
-    new_vcpu: impl FnOnce(u64) -> Result<Box<dyn Vcpu>, String>,
-) -> Result<(Box<dyn Vcpu>, SecondLevel), String> {
-    let second_level = map_ram::<F>(tables, max_page, ram)?;
-    match new_vcpu(second_level.root()) {
-        Ok(vcpu) => Ok((vcpu, wrap(second_level))),
-        Err(e) => {
-            second_level.destroy(tables);
-            Err(e)
-        }
-    }
-}
-
-/// One VM with its vCPU, ready to be scheduled: everything it owns, freed by [`Task::finish`].
-pub struct Task {
+/// What the vCPUs of one VM share: the machine behind its lock, the memory it runs in, and
+/// how each vCPU is reached from other host CPUs.
+pub struct SharedVm {
     /// Position in the VM set.
     pub index: usize,
     /// The VM's name.
     pub name: String,
-    /// When the VM must end (host microseconds), from its `timeout`.
-    pub deadline_us: Option<u64>,
     /// The configured timeout in seconds.
     pub timeout_seconds: Option<u64>,
-    vm: Vm<SliceMemory<'static>>,
-    vcpu: Box<dyn Vcpu>,
-    second_level: SecondLevel,
-    tag: Tag,
+    /// When the VM must end (host microseconds), set when its first vCPU first runs.
+    deadline_us: spin::Once<Option<u64>>,
+    vm: spin::Mutex<Vm<SliceMemory<'static>>>,
+    slots: Vec<VcpuSlot>,
+    /// vCPUs not finished yet: the last one to finish reports the VM's end.
+    live_vcpus: AtomicUsize,
+    /// Root of the second-level tables all vCPUs run on.
+    second_level_root: u64,
+    /// The tables and guest RAM, taken and freed by the last vCPU to finish.
+    memory: spin::Mutex<Option<(SecondLevel, GuestRam)>>,
     backend: Backend,
     supported_xcr0: u64,
-    started: bool,
-    _ram: GuestRam,
+}
+
+/// How other host CPUs find one vCPU.
+pub struct VcpuSlot {
+    /// The host CPU running it, or [`NOT_RUNNING`].
+    pub running_on: AtomicUsize,
+    /// Something arrived for it since it last looked ([`crate::vm::Env::kick`]).
+    pub kicked: AtomicBool,
+}
+
+/// [`VcpuSlot::running_on`] of a vCPU that is queued.
+pub const NOT_RUNNING: usize = usize::MAX;
+
+impl SharedVm {
+    /// The slot of vCPU `index`.
+    pub fn slot(&self, index: usize) -> Option<&VcpuSlot> {
+        self.slots.get(index)
+    }
+
+    /// How many vCPUs the VM has.
+    pub fn vcpus(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// When the VM must end, if it has a timeout and has started.
+    pub fn deadline_us(&self) -> Option<u64> {
+        self.deadline_us.get().copied().flatten()
+    }
+
+    /// How the VM ended, if it has.
+    pub fn ended(&self) -> Option<VmEnd> {
+        self.vm.lock().ended().cloned()
+    }
+
+    /// Ends the VM for all its vCPUs (they stop at their next look; kick them).
+    pub fn end(&self, end: VmEnd) {
+        self.vm.lock().end(end);
+    }
+}
+
+// SAFETY: the machine is behind its lock; guest RAM and the second-level tables are shared
+// by the VM's vCPUs exactly as the guest's own CPUs share them, and freed only by the last
+// vCPU to finish, when no other can run.
+unsafe impl Send for SharedVm {}
+// SAFETY: as above: all mutable state is behind the lock or atomic.
+unsafe impl Sync for SharedVm {}
+
+/// One vCPU, ready to be scheduled.
+pub struct Task {
+    /// The VM it belongs to.
+    pub vm: Arc<SharedVm>,
+    /// Its index in the VM (and APIC ID).
+    pub vcpu_index: usize,
+    cx: VcpuContext,
+    vcpu: Box<dyn Vcpu>,
+    tag: Tag,
 }
 
 // SAFETY: a task runs on one CPU at a time: the scheduler hands it to one CPU, which calls
-// `Vcpu::leave_cpu` (VMCLEAR on VMX) before giving it back, so its VMCS/VMCB and guest memory
-// are never used by two CPUs at once; everything else in it is plain owned data.
+// `Vcpu::leave_cpu` (VMCLEAR on VMX) before giving it back, so its VMCS/VMCB is never used by
+// two CPUs at once; everything else in it is plain owned data or `SharedVm`.
 unsafe impl Send for Task {}
 
 impl Task {
-    /// Runs the VM until the vCPU halts, the VM ends, or `slice_end_us` (host microseconds,
-    /// `serial::uptime_micros`) passes. `input` gives the bytes typed for it, if any.
-    pub fn run_slice(&mut self, slice_end_us: u64, input: &mut dyn FnMut() -> Option<u8>) -> Slice {
-        let (index, name) = (self.index, &self.name);
+    /// Runs the vCPU until it halts, the VM ends, or `slice_end_us` (host microseconds,
+    /// `serial::uptime_micros`) passes. `input` gives the bytes typed for the VM, if any;
+    /// `kick` reaches another vCPU of the VM.
+    pub fn run_slice(
+        &mut self,
+        slice_end_us: u64,
+        input: &mut dyn FnMut() -> Option<u8>,
+        kick: &dyn Fn(usize),
+    ) -> Slice {
+        let vm = self.vm.clone();
+        let shared = &*vm;
+        let (index, name) = (shared.index, &shared.name);
         let mut console = |text: &str, ends_line: bool| serial::write_vm_text(index, name, text, ends_line);
         let mut env = Env {
             cpuid: &|leaf, subleaf| {
@@ -150,43 +218,88 @@ impl Task {
                 unsafe { core::arch::x86_64::_rdtsc() }
             },
             console: &mut console,
-            supported_xcr0: self.supported_xcr0,
+            supported_xcr0: shared.supported_xcr0,
             tsc_hz: serial::tsc_per_microsecond() * 1_000_000,
             arm_timer: &apic::arm,
             wait: &apic::sleep,
             input: Some(input),
+            kick,
         };
-        if !self.started {
-            self.vm.start(&env);
-            self.started = true;
-            self.deadline_us = self.timeout_seconds.map(|seconds| serial::uptime_micros() + seconds * 1_000_000);
-        }
-        let slice = self.vm.run_slice(self.vcpu.as_mut(), &mut env, slice_end_us);
+        shared
+            .deadline_us
+            .call_once(|| shared.timeout_seconds.map(|seconds| serial::uptime_micros() + seconds * 1_000_000));
+        let slice = vm::run_slice(&shared.vm, &mut self.cx, self.vcpu.as_mut(), &mut env, slice_end_us);
         self.vcpu.leave_cpu();
+        if let Slice::Started(start) = slice {
+            // A start-up IPI: the vCPU begins afresh in real mode at the vector's page.
+            if let Err(e) = self.rebuild(start) {
+                let end = VmEnd::Error(format!("vCPU {}: could not start it: {e}", self.vcpu_index));
+                shared.end(end.clone());
+                return Slice::Ended(end);
+            }
+            return Slice::Preempted;
+        }
         slice
     }
 
-    /// Reports the VM's end (the `VM-END` line and the exit table, together) and frees
-    /// everything it had.
-    pub fn finish(self, end: &VmEnd) {
-        let Task { name, vm, vcpu, second_level, tag, backend, _ram: ram, .. } = self;
-        serial::write_str(&format!("{}\n{}", end.end_line(&name), vm.stats.table(&name)));
+    fn rebuild(&mut self, start: StartMode) -> Result<(), String> {
+        let shared = &*self.vm;
+        let mut vcpu = new_vcpu(shared.backend, shared.second_level_root, self.tag, start)?;
+        vcpu.leave_cpu();
+        self.vcpu = vcpu;
+        Ok(())
+    }
+
+    /// Logs where this vCPU stands (for a VM that ran out of time: where did it hang?).
+    pub fn report_state(&self) {
+        log::info!("{}", self.vm.vm.lock().describe_vcpu(&self.cx, self.vcpu.as_ref()));
+    }
+
+    /// This vCPU is done (its VM ended). The last vCPU of the VM to finish reports the VM's
+    /// end (the `VM-END` line and the exit table, together), frees everything it had, and
+    /// returns the end.
+    pub fn finish(self) -> Option<(usize, String, VmEnd)> {
+        let Task { vm: shared, vcpu, tag, .. } = self;
         drop(vcpu);
-        tags(backend).lock().give_back(tag);
-        let mut tables = HostTables;
-        match second_level {
-            SecondLevel::Npt(npt) => npt.destroy(&mut tables),
-            SecondLevel::Ept(ept) => ept.destroy(&mut tables),
+        tags(shared.backend).lock().give_back(tag);
+        if shared.live_vcpus.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return None;
         }
-        drop(vm);
-        drop(ram);
+        // No vCPU of this VM runs any more: its memory can go.
+        let end = {
+            let vm = shared.vm.lock();
+            let end = vm.ended().cloned().unwrap_or(VmEnd::Error("ended without a reason".into()));
+            serial::write_str(&format!("{}\n{}", end.end_line(&shared.name), vm.stats.table(&shared.name)));
+            end
+        };
+        if let Some((second_level, ram)) = shared.memory.lock().take() {
+            second_level.destroy();
+            drop(ram);
+        }
+        Some((shared.index, shared.name.clone(), end))
     }
 }
 
-/// Builds the VM described by `config` (VM number `index` of the set) from the ramdisk.
-pub fn prepare(backend: Backend, index: usize, config: &VmConfig, files: &[File<'_>]) -> Result<Task, String> {
-    if config.vcpus != 1 {
-        return Err(format!("vcpus = {}: only one vCPU per VM runs so far", config.vcpus));
+fn new_vcpu(backend: Backend, root: u64, tag: Tag, start: StartMode) -> Result<Box<dyn Vcpu>, String> {
+    let vcpu_error = |e: &dyn core::fmt::Display| format!("vCPU: {e}");
+    match backend {
+        Backend::Svm => {
+            svm::SvmVcpu::new(root, tag, start).map(|vcpu| Box::new(vcpu) as Box<dyn Vcpu>).map_err(|e| vcpu_error(&e))
+        }
+        Backend::Vmx => {
+            vmx::VmxVcpu::new(root, tag, start).map(|vcpu| Box::new(vcpu) as Box<dyn Vcpu>).map_err(|e| vcpu_error(&e))
+        }
+    }
+}
+
+/// The most vCPUs one VM may have.
+pub const MAX_VCPUS: u32 = 16;
+
+/// Builds the VM described by `config` (VM number `index` of the set) from the ramdisk: one
+/// task per vCPU.
+pub fn prepare(backend: Backend, index: usize, config: &VmConfig, files: &[File<'_>]) -> Result<Vec<Task>, String> {
+    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+        return Err(format!("vcpus = {}: a VM has 1 to {MAX_VCPUS} vCPUs", config.vcpus));
     }
     let kernel = ramdisk::find(files, &config.kernel)
         .ok_or_else(|| format!("kernel {:?} is not in the ramdisk", config.kernel))?;
@@ -205,58 +318,81 @@ pub fn prepare(backend: Backend, index: usize, config: &VmConfig, files: &[File<
     }
     let ram = GuestRam::allocate(config.memory)
         .ok_or_else(|| format!("not enough host memory for {} MiB of guest RAM", config.memory >> 20))?;
+    // The one view of guest RAM: the loader fills it, then the VM owns it.
     let mut guest_memory = ram.slice();
     let prepared = setup::prepare(config, kernel.data, initrd, &modules, &mut guest_memory)?;
-    let start = prepared.start;
 
     let mut tables = HostTables;
     let tsc_hz = serial::tsc_per_microsecond() * 1_000_000;
-    let mut vm = Vm::new(&config.name, ram.slice(), tsc_hz, cmos::wall_clock_seconds());
+    let vcpus = config.vcpus as usize;
+    let mut vm = Vm::with_vcpus(&config.name, guest_memory, tsc_hz, cmos::wall_clock_seconds(), vcpus);
     if config.devices.test {
         vm.bus
             .add(alloc::boxed::Box::new(crate::devices::test_device::TestDevice::default()))
             .map_err(|e| format!("{e}"))?;
     }
     let supported_xcr0 = xstate::enable().supported_xcr0;
-    let tag = tags(backend).lock().take();
-    let vcpu_error = |e: &dyn core::fmt::Display| format!("vCPU: {e}");
-    let built = match backend {
-        Backend::Svm => build_vcpu(&mut tables, PageSize::Size2M, &ram, SecondLevel::Npt, |root| {
-            svm::SvmVcpu::new(root, tag, start).map(|vcpu| Box::new(vcpu) as Box<dyn Vcpu>).map_err(|e| vcpu_error(&e))
-        }),
-        Backend::Vmx => build_vcpu(&mut tables, vmx::ept_max_page(), &ram, SecondLevel::Ept, |root| {
-            vmx::VmxVcpu::new(root, tag, start).map(|vcpu| Box::new(vcpu) as Box<dyn Vcpu>).map_err(|e| vcpu_error(&e))
-        }),
+    let second_level = match backend {
+        Backend::Svm => SecondLevel::Npt(map_ram::<Npt>(&mut tables, PageSize::Size2M, &ram)?),
+        Backend::Vmx => SecondLevel::Ept(map_ram::<Ept>(&mut tables, vmx::ept_max_page(), &ram)?),
     };
-    let (mut vcpu, second_level) = match built {
-        Ok(built) => built,
-        Err(e) => {
-            tags(backend).lock().give_back(tag);
-            return Err(e);
+    let root = second_level.root();
+    // Application processors wait for INIT-SIPI; their state until then does not matter.
+    let mut built: Vec<(Box<dyn Vcpu>, Tag)> = Vec::new();
+    for vcpu_index in 0..vcpus {
+        let start = if vcpu_index == 0 { prepared.start } else { StartMode::Real { cs: 0, ip: 0 } };
+        let tag = tags(backend).lock().take();
+        match new_vcpu(backend, root, tag, start) {
+            Ok(mut vcpu) => {
+                // Built on this CPU; it may run on any.
+                vcpu.leave_cpu();
+                built.push((vcpu, tag));
+            }
+            Err(e) => {
+                tags(backend).lock().give_back(tag);
+                for (vcpu, tag) in built {
+                    drop(vcpu);
+                    tags(backend).lock().give_back(tag);
+                }
+                second_level.destroy();
+                return Err(e);
+            }
         }
-    };
-    // Built on this CPU; it may run on any.
-    vcpu.leave_cpu();
+    }
     log::info!(
-        "vm {}: {} MiB RAM, kernel {} ({} bytes): {}",
+        "vm {}: {} MiB RAM, {} vCPU{}, kernel {} ({} bytes): {}",
         config.name,
         config.memory >> 20,
+        vcpus,
+        if vcpus == 1 { "" } else { "s" },
         config.kernel,
         kernel.data.len(),
         prepared.summary
     );
-    Ok(Task {
+    let shared = Arc::new(SharedVm {
         index,
         name: config.name.clone(),
-        deadline_us: None,
         timeout_seconds: config.timeout_seconds,
-        vm,
-        vcpu,
-        second_level,
-        tag,
+        deadline_us: spin::Once::new(),
+        vm: spin::Mutex::new(vm),
+        slots: (0..vcpus)
+            .map(|_| VcpuSlot { running_on: AtomicUsize::new(NOT_RUNNING), kicked: AtomicBool::new(false) })
+            .collect(),
+        live_vcpus: AtomicUsize::new(vcpus),
+        second_level_root: root,
+        memory: spin::Mutex::new(Some((second_level, ram))),
         backend,
         supported_xcr0,
-        started: false,
-        _ram: ram,
-    })
+    });
+    Ok(built
+        .into_iter()
+        .enumerate()
+        .map(|(vcpu_index, (vcpu, tag))| Task {
+            vm: shared.clone(),
+            vcpu_index,
+            cx: VcpuContext::new(vcpu_index),
+            vcpu,
+            tag,
+        })
+        .collect())
 }

@@ -152,7 +152,7 @@ pub fn run(host: Host) -> ! {
     scheduler::begin(vms.iter().map(|vm| vm.name.clone()).collect(), host_config.slice_us);
     for (index, vm) in vms.iter().enumerate() {
         match guest::prepare(backend, index, vm, &files) {
-            Ok(task) => scheduler::add(task, vm.cpus.unwrap_or_else(config::CpuSet::all)),
+            Ok(tasks) => scheduler::add(tasks, vm.cpus.unwrap_or_else(config::CpuSet::all)),
             Err(e) => scheduler::ended_before_start(index, &vm.name, &crate::vm::VmEnd::Error(e)),
         }
     }

@@ -8,12 +8,13 @@
 
 use alloc::format;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use spin::Mutex;
 
-use super::guest::Task;
+use super::guest::{SharedVm, Task, NOT_RUNNING};
 use super::{apic, exit, percpu, serial};
 use crate::sched::{next_input_vm, Readiness, RunQueue, DEFAULT_SLICE_US, SWITCH_INPUT};
 use crate::status::RunStatus;
@@ -78,9 +79,12 @@ fn move_input(outcome: &Outcome, from: usize) {
     }
 }
 
-/// Queues a prepared VM; it may run on the CPUs in `affinity`.
-pub fn add(task: Task, affinity: CpuSet) {
-    QUEUE.lock().add(task, affinity);
+/// Queues the vCPUs of a prepared VM; they may run on the CPUs in `affinity`.
+pub fn add(tasks: Vec<Task>, affinity: CpuSet) {
+    let mut queue = QUEUE.lock();
+    for task in tasks {
+        queue.add(task, affinity);
+    }
 }
 
 /// A VM that could not even be built: it ends now, with the others going on.
@@ -109,7 +113,14 @@ pub fn run_cpu() -> ! {
                 drop(queue);
                 finish_run();
             }
-            queue.take(cpu, now)
+            let taken = queue.take(cpu, now);
+            if let Some((task, _)) = &taken {
+                // Set under the queue lock, which kicks take to read it.
+                if let Some(slot) = task.vm.slot(task.vcpu_index) {
+                    slot.running_on.store(cpu, Ordering::Release);
+                }
+            }
+            taken
         };
         match taken {
             Some((task, affinity)) => run_task(task, affinity),
@@ -121,36 +132,76 @@ pub fn run_cpu() -> ! {
 fn run_task(mut task: Task, affinity: CpuSet) {
     let now = serial::uptime_micros();
     let mut slice_end = now.saturating_add(SLICE_US.load(Ordering::Relaxed));
-    if let Some(deadline) = task.deadline_us {
+    if let Some(deadline) = task.vm.deadline_us() {
         slice_end = slice_end.min(deadline);
     }
-    let index = task.index;
-    let mut input = || read_input(index);
-    let slice = task.run_slice(slice_end, &mut input);
+    let shared = task.vm.clone();
+    let Some(slot) = shared.slot(task.vcpu_index) else { return };
+    // Kicks from now on are seen by this slice or make the task runnable when it is put back.
+    slot.kicked.store(false, Ordering::Release);
+    let vm_index = shared.index;
+    let mut input = || read_input(vm_index);
+    let kick_vcpu = |vcpu: usize| kick(&shared, vcpu);
+    let slice = task.run_slice(slice_end, &mut input, &kick_vcpu);
     let now = serial::uptime_micros();
-    let timed_out = task.deadline_us.is_some_and(|deadline| now >= deadline);
+    let timed_out = shared.deadline_us().is_some_and(|deadline| now >= deadline);
     let readiness = match slice {
-        Slice::Ended(end) => return end_task(task, &end),
+        Slice::Ended(_) => return end_task(task),
         _ if timed_out => {
-            let end = VmEnd::Timeout(task.timeout_seconds.unwrap_or(0));
-            return end_task(task, &end);
+            shared.end(VmEnd::Timeout(shared.timeout_seconds.unwrap_or(0)));
+            for vcpu in (0..shared.vcpus()).filter(|&vcpu| vcpu != task.vcpu_index) {
+                kick(&shared, vcpu);
+            }
+            return end_task(task);
         }
-        Slice::Preempted => Readiness::Runnable,
+        Slice::Preempted | Slice::Started(_) => Readiness::Runnable,
         Slice::Halted { wake_at_us } => {
             // A halted VM still has to be ended by its timeout.
-            let wake_at_us = task.deadline_us.map_or(wake_at_us, |deadline| wake_at_us.min(deadline));
+            let wake_at_us = shared.deadline_us().map_or(wake_at_us, |deadline| wake_at_us.min(deadline));
             Readiness::HaltedUntil { wake_at_us }
         }
     };
-    QUEUE.lock().put_back(task, affinity, readiness);
+    let mut queue = QUEUE.lock();
+    // A kick that came after the vCPU last looked must not be lost while it sleeps.
+    let readiness = if slot.kicked.swap(false, Ordering::AcqRel) { Readiness::Runnable } else { readiness };
+    slot.running_on.store(NOT_RUNNING, Ordering::Release);
+    queue.put_back(task, affinity, readiness);
+    drop(queue);
     // An idle CPU may have gone to sleep before this task was queued: let it look again.
     wake_idle_cpus();
 }
 
-fn end_task(task: Task, end: &VmEnd) {
-    let (index, name) = (task.index, task.name.clone());
-    task.finish(end);
-    record_end(index, &name, end);
+/// Makes vCPU `vcpu` of `vm` look at its interrupts: a host IPI to the CPU running it, or
+/// a wake-up if it is queued.
+fn kick(vm: &Arc<SharedVm>, vcpu: usize) {
+    let Some(slot) = vm.slot(vcpu) else { return };
+    slot.kicked.store(true, Ordering::Release);
+    let mut queue = QUEUE.lock();
+    let cpu = slot.running_on.load(Ordering::Acquire);
+    if cpu != NOT_RUNNING {
+        drop(queue);
+        if cpu != percpu::current().index {
+            if let Some(block) = percpu::cpu(cpu) {
+                // Any host interrupt makes the guest exit; the vCPU then sees what arrived.
+                apic::send_fixed(block.apic_id, WAKE_VECTOR);
+            }
+        }
+        return;
+    }
+    let woken = queue.wake(|task| Arc::ptr_eq(&task.vm, vm) && task.vcpu_index == vcpu);
+    drop(queue);
+    if woken {
+        wake_idle_cpus();
+    }
+}
+
+fn end_task(task: Task) {
+    if let Some(VmEnd::Timeout(_)) = task.vm.ended() {
+        task.report_state();
+    }
+    if let Some((index, name, end)) = task.finish() {
+        record_end(index, &name, &end);
+    }
     QUEUE.lock().finished();
 }
 

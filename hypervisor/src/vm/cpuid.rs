@@ -23,6 +23,10 @@ const LEAF1_EDX_APIC: u32 = 1 << 9;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Machine-check exception and architecture: no banks are emulated.
 const LEAF1_EDX_MCE_MCA: u32 = (1 << 7) | (1 << 14);
+/// Thermal monitor and its clock control (ACPI, TM): their MSRs (0x19a-0x19d) are not emulated.
+const LEAF1_EDX_THERMAL: u32 = (1 << 22) | (1 << 29);
+/// Thermal monitor 2 and its MSR.
+const LEAF1_ECX_TM2: u32 = 1 << 8;
 const LEAF1_ECX_FMA: u32 = 1 << 12;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF1_ECX_AVX: u32 = 1 << 28;
@@ -135,8 +139,8 @@ pub fn guest_cpuid(
             // The emulated local APIC offers x2APIC and the TSC-deadline timer whatever the
             // host has; MONITOR/MWAIT would idle without exiting.
             ecx = (ecx | LEAF1_ECX_HYPERVISOR | LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE)
-                & !(LEAF1_ECX_VMX | LEAF1_ECX_OSXSAVE | LEAF1_ECX_MONITOR | LEAF1_ECX_PDCM);
-            let edx = (edx | LEAF1_EDX_APIC) & !LEAF1_EDX_MCE_MCA;
+                & !(LEAF1_ECX_VMX | LEAF1_ECX_OSXSAVE | LEAF1_ECX_MONITOR | LEAF1_ECX_PDCM | LEAF1_ECX_TM2);
+            let edx = (edx | LEAF1_EDX_APIC) & !(LEAF1_EDX_MCE_MCA | LEAF1_EDX_THERMAL);
             if guest_osxsave {
                 ecx |= LEAF1_ECX_OSXSAVE;
             }
@@ -263,6 +267,7 @@ mod tests {
         assert_eq!(guest_cpuid(0xa, 0, &generous_host, false, &model(7, 0)), [0; 4]);
         assert_ne!(leaf1[3] & LEAF1_EDX_APIC, 0);
         assert_eq!(leaf1[3] & LEAF1_EDX_MCE_MCA, 0);
+        assert_eq!((leaf1[3] & LEAF1_EDX_THERMAL, leaf1[2] & LEAF1_ECX_TM2), (0, 0), "no thermal MSRs");
         assert_eq!(guest_cpuid(6, 0, &generous_host, false, &model(X87_SSE_AVX, 0)), [0; 4]);
         assert_eq!(guest_cpuid(0x4000_0001, 0, &generous_host, false, &model(X87_SSE_AVX, 0)), [0; 4]);
     }

@@ -1,9 +1,12 @@
-//! The local APIC of the (single) vCPU: xAPIC MMIO, x2APIC MSRs, priorities and the timer.
+//! The local APIC of one vCPU: xAPIC MMIO, x2APIC MSRs, priorities and the timer.
 //!
 //! Register layout and behaviour follow the Intel SDM Vol. 3A, chapter 11 ("Advanced
-//! Programmable Interrupt Controller"), section numbers below are from that chapter. The APIC ID
-//! is 0. The timer runs on guest time with a bus clock of [`BUS_HZ`]; TSC-deadline values are
+//! Programmable Interrupt Controller"), section numbers below are from that chapter. APIC IDs
+//! are the vCPU indices (0 is the bootstrap processor). IPIs leave the APIC as decoded ICR
+//! writes ([`ApicEffect::ipi`]): routing them is the interrupt router's job. The timer runs on guest time with a bus clock of [`BUS_HZ`]; TSC-deadline values are
 //! converted to guest nanoseconds with the TSC frequency given to [`LocalApic::new`].
+
+use super::ipi::{ApicView, DeliveryMode, Icr};
 
 /// IA32_APIC_BASE.
 pub const MSR_APIC_BASE: u32 = 0x1b;
@@ -25,7 +28,7 @@ const BASE_BSP: u64 = 1 << 8;
 const BASE_X2APIC: u64 = 1 << 10;
 const BASE_ENABLE: u64 = 1 << 11;
 const BASE_RESERVED_LOW: u64 = 0x2ff;
-const BASE_RESET: u64 = LAPIC_BASE | BASE_ENABLE | BASE_BSP;
+const BASE_RESET: u64 = LAPIC_BASE | BASE_ENABLE;
 
 /// Version 0x14 (integrated APIC) with max LVT entry 5 in bits 23:16 (11.4.8).
 const VERSION: u32 = 0x0005_0014;
@@ -79,9 +82,6 @@ const ESR_RECEIVE_ILLEGAL_VECTOR: u32 = 1 << 6;
 // ICR fields (11.6.1).
 /// Vector, delivery mode, destination mode, level, trigger and shorthand (bit 12 is read-only).
 const ICR_WRITABLE: u64 = 0x000c_cfff;
-const ICR_LOGICAL: u64 = 1 << 11;
-const SHORTHAND_SELF: u64 = 1;
-const SHORTHAND_ALL_INCLUDING_SELF: u64 = 2;
 const DIVIDE_WRITABLE: u32 = 0xb;
 
 /// What a register write asks of the rest of the machine.
@@ -89,9 +89,8 @@ const DIVIDE_WRITABLE: u32 = 0xb;
 pub struct ApicEffect {
     /// An EOI retired this level-triggered vector: the I/O APIC must see it.
     pub eoi_level_vector: Option<u8>,
-    /// An IPI that was not delivered to this vCPU (INIT, SIPI, NMI, other destinations): the
-    /// full ICR value, for the caller to log.
-    pub ipi: Option<u64>,
+    /// An ICR write: the IPI to route.
+    pub ipi: Option<Icr>,
 }
 
 /// A 256-bit vector register (IRR, ISR, TMR).
@@ -130,6 +129,7 @@ impl Bits {
 #[derive(Clone, Debug)]
 pub struct LocalApic {
     tsc_hz: u64,
+    id: u32,
     base_msr: u64,
     tpr: u32,
     ldr: u32,
@@ -155,11 +155,18 @@ pub struct LocalApic {
 }
 
 impl LocalApic {
-    /// A local APIC in its reset state (hardware-enabled xAPIC, software-disabled).
+    /// The bootstrap processor's local APIC (ID 0) in its reset state (hardware-enabled xAPIC,
+    /// software-disabled).
     pub fn new(tsc_hz: u64) -> Self {
+        Self::with_id(tsc_hz, 0)
+    }
+
+    /// The local APIC with ID `id` in its reset state; ID 0 is the bootstrap processor's.
+    pub fn with_id(tsc_hz: u64, id: u32) -> Self {
         LocalApic {
             tsc_hz: tsc_hz.max(1),
-            base_msr: BASE_RESET,
+            id,
+            base_msr: BASE_RESET | if id == 0 { BASE_BSP } else { 0 },
             tpr: 0,
             ldr: 0,
             dfr: DFR_RESET,
@@ -182,7 +189,46 @@ impl LocalApic {
     /// Power-up register state, keeping the base MSR (11.4.7.1).
     fn reset_registers(&mut self) {
         let base_msr = self.base_msr;
-        *self = LocalApic { base_msr, ..LocalApic::new(self.tsc_hz) };
+        *self = LocalApic { base_msr, ..LocalApic::with_id(self.tsc_hz, self.id) };
+    }
+
+    /// An INIT signal: every register back to its power-up state except the ID and
+    /// IA32_APIC_BASE (11.4.7.3).
+    pub fn init(&mut self) {
+        self.reset_registers();
+    }
+
+    /// The APIC ID.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The logical destination register as the mode in force defines it: written by the guest
+    /// in xAPIC mode, derived from the ID in x2APIC mode (cluster in bits 31:16, 11.12.10.2).
+    fn logical_id(&self) -> u32 {
+        if self.x2apic() {
+            ((self.id >> 4) << 16) | (1 << (self.id & 0xf))
+        } else {
+            self.ldr
+        }
+    }
+
+    /// The highest requested and in-service vectors and the TPR, for a report on a stuck vCPU.
+    pub fn summary(&self) -> alloc::string::String {
+        let show = |v: Option<u8>| v.map_or_else(|| "-".into(), |v| alloc::format!("{v:#x}"));
+        alloc::format!(
+            "APIC {} {}, IRR {}, ISR {}, TPR {:#x}",
+            self.id,
+            if self.enabled() { "on" } else { "off" },
+            show(self.irr.highest()),
+            show(self.isr.highest()),
+            self.tpr
+        )
+    }
+
+    /// What IPI routing needs to know of this APIC.
+    pub fn view(&self) -> ApicView {
+        ApicView { apic_id: self.id, ldr: self.logical_id(), flat: self.dfr >> 28 == 0xf, ppr: self.ppr() }
     }
 
     /// IA32_APIC_BASE.
@@ -313,41 +359,16 @@ impl LocalApic {
         ApicEffect { eoi_level_vector: self.tmr.test(vector).then_some(vector), ipi: None }
     }
 
-    /// Whether an IPI destination names this APIC (ID 0) (11.6.2).
-    fn is_destination(&self, destination: u32, logical: bool) -> bool {
-        if self.x2apic() {
-            // Logical x2APIC ID of APIC 0: cluster 0, bit 0 (11.12.10.2).
-            return destination == u32::MAX || if logical { destination & 0xffff_0001 == 1 } else { destination == 0 };
-        }
-        let destination = destination as u8;
-        let ldr = (self.ldr >> 24) as u8;
-        match (logical, self.dfr >> 28) {
-            _ if destination == 0xff => true,
-            (false, _) => destination == 0,
-            // Cluster model: cluster in the high nibble, members in the low one.
-            (true, 0) => destination >> 4 == ldr >> 4 && destination & ldr & 0x0f != 0,
-            (true, _) => destination & ldr != 0,
-        }
-    }
-
-    /// Sends the IPI in the ICR; fixed IPIs to this vCPU are delivered here, the rest recorded.
+    /// Sends the IPI in the ICR: a fixed or lowest-priority IPI without a legal vector sets the
+    /// send-illegal-vector error and goes nowhere (11.5.3); everything else is for the router.
     fn send_ipi(&mut self) -> ApicEffect {
-        let icr = self.icr;
-        let vector = icr as u8;
-        let mode = (icr >> 8) & 7;
-        let destination = if self.x2apic() { (icr >> 32) as u32 } else { (icr >> 56) as u32 };
-        let to_self = match (icr >> 18) & 3 {
-            SHORTHAND_SELF | SHORTHAND_ALL_INCLUDING_SELF => true,
-            0 => self.is_destination(destination, icr & ICR_LOGICAL != 0),
-            _ => false,
+        let icr = if self.x2apic() {
+            Icr::from_x2apic(self.icr)
+        } else {
+            Icr::from_xapic(self.icr as u32, (self.icr >> 32) as u32)
         };
-        // Fixed and lowest-priority IPIs carry a vector.
-        if mode <= 1 && vector < 16 {
+        if matches!(icr.delivery, DeliveryMode::Fixed | DeliveryMode::LowestPriority) && icr.vector < 16 {
             self.error(ESR_SEND_ILLEGAL_VECTOR);
-            return ApicEffect::default();
-        }
-        if mode <= 1 && to_self {
-            self.accept(vector, false);
             return ApicEffect::default();
         }
         ApicEffect { eoi_level_vector: None, ipi: Some(icr) }
@@ -478,12 +499,12 @@ impl LocalApic {
     /// Reads a register shared by both modes (xAPIC offset); `None` if it does not exist.
     fn read_register(&self, reg: u32, now_ns: u64) -> Option<u32> {
         Some(match reg {
-            REG_ID => 0,
+            // x2APIC: the 32-bit ID; xAPIC reads go through `mmio_read`.
+            REG_ID => self.id,
             REG_VERSION => VERSION,
             REG_TPR => self.tpr,
             REG_PPR => self.ppr().into(),
-            REG_LDR if self.x2apic() => 1,
-            REG_LDR => self.ldr,
+            REG_LDR => self.logical_id(),
             REG_SVR => self.svr,
             0x100..=0x170 => self.isr.word((reg - REG_ISR) >> 4),
             0x180..=0x1f0 => self.tmr.word((reg - REG_TMR) >> 4),
@@ -523,7 +544,7 @@ impl LocalApic {
         }
         let reg = (offset & 0xff0) as u32;
         let value = match reg {
-            REG_ID => 0,
+            REG_ID => self.id << 24,
             REG_APR | REG_EOI => 0,
             REG_DFR => self.dfr,
             REG_ICR_LOW => self.icr as u32,
@@ -610,6 +631,7 @@ impl LocalApic {
 
 #[cfg(test)]
 mod tests {
+    use super::super::ipi::Shorthand;
     use super::*;
 
     const TSC_HZ: u64 = 2_000_000_000;
@@ -706,18 +728,33 @@ mod tests {
     }
 
     #[test]
-    fn self_ipi_is_delivered_and_init_is_recorded() {
+    fn icr_writes_leave_as_ipis_and_illegal_vectors_set_esr() {
         let mut apic = enabled_apic();
-        assert_eq!(write(&mut apic, REG_ICR_LOW, 0x0004_0070, 0), ApicEffect::default());
-        assert!(apic.requested(0x70));
-        write(&mut apic, REG_ICR_HIGH, 0, 0);
-        write(&mut apic, REG_ICR_LOW, 0x71, 0);
-        assert!(apic.requested(0x71), "physical destination 0 is this APIC");
-        let init = write(&mut apic, REG_ICR_LOW, 0x0000_5500, 0);
-        assert_eq!(init.ipi, Some(0x4500), "delivery status is read-only");
+        let self_ipi = write(&mut apic, REG_ICR_LOW, 0x0004_0070, 0).ipi.unwrap();
+        assert_eq!((self_ipi.vector, self_ipi.shorthand), (0x70, Shorthand::SelfOnly));
+        assert!(!apic.requested(0x70), "the router delivers, not the sender");
+        let init = write(&mut apic, REG_ICR_LOW, 0x0000_5500, 0).ipi.unwrap();
+        assert_eq!(init.delivery, DeliveryMode::Init);
+        assert_eq!(read(&apic, REG_ICR_LOW, 0), 0x4500, "delivery status is read-only");
         write(&mut apic, REG_ICR_HIGH, 0x0100_0000, 0);
-        assert_eq!(write(&mut apic, REG_ICR_LOW, 0x72, 0).ipi, Some(0x0100_0000_0000_0072));
-        assert!(!apic.requested(0x72));
+        assert_eq!(write(&mut apic, REG_ICR_LOW, 0x72, 0).ipi.unwrap().destination, 1);
+        assert_eq!(write(&mut apic, REG_ICR_LOW, 0x0f, 0).ipi, None);
+        write(&mut apic, REG_ESR, 0, 0);
+        assert_eq!(read(&apic, REG_ESR, 0), ESR_SEND_ILLEGAL_VECTOR);
+    }
+
+    #[test]
+    fn application_processor_ids_and_logical_ids() {
+        let mut ap = LocalApic::with_id(TSC_HZ, 0x13);
+        assert_eq!(ap.apic_base(), 0xfee0_0800, "not the BSP");
+        assert_eq!(read(&ap, REG_ID, 0), 0x1300_0000);
+        ap.write_apic_base(0xfee0_0c00).unwrap();
+        assert_eq!(ap.msr_read(0x802, 0), Ok(0x13));
+        assert_eq!(ap.msr_read(0x80d, 0), Ok(0x0001_0008), "cluster 1, bit 3");
+        assert_eq!(ap.view().ldr, 0x0001_0008);
+        ap.msr_write(0x808, 0x20, 0, 0).unwrap();
+        ap.init();
+        assert_eq!((ap.msr_read(0x808, 0), ap.apic_base()), (Ok(0), 0xfee0_0c00), "INIT keeps the base");
     }
 
     #[test]
@@ -815,9 +852,9 @@ mod tests {
         assert_eq!(apic.msr_read(0x831, 0), Err(()), "no ICR high in x2APIC");
         assert_eq!(apic.msr_write(0x83f, 0x55, 0, 0), Ok(ApicEffect::default()));
         assert!(apic.requested(0x55));
-        apic.msr_write(0x830, 0x56, 0, 0).unwrap();
-        assert_eq!(apic.msr_read(0x830, 0), Ok(0x56));
-        assert!(apic.requested(0x56), "physical destination 0");
+        let ipi = apic.msr_write(0x830, 0x3_0000_0056, 0, 0).unwrap().ipi.unwrap();
+        assert_eq!(apic.msr_read(0x830, 0), Ok(0x3_0000_0056));
+        assert_eq!((ipi.destination, ipi.x2apic), (3, true));
         apic.accept(0x57, true);
         assert!(apic.acknowledge(0x57));
         assert_eq!(apic.msr_write(0x80b, 0, 0, 0).map(|e| e.eoi_level_vector), Ok(Some(0x57)));

@@ -24,9 +24,10 @@ use crate::guest_clock::GuestClock;
 use crate::loader::guest_walk::{self, WalkError};
 use crate::loader::GuestMemory;
 use crate::mmio::{self, MmioKind};
-use crate::vcpu::{valid_xcr0, Exit, GuestMode, IoExit, Vcpu};
+use crate::vcpu::{valid_xcr0, Exit, GuestMode, IoExit, StartMode, Vcpu};
 use interrupts::InterruptRouter;
 use msr::MsrModel;
+use spin::Mutex;
 use stats::ExitStats;
 
 const VECTOR_UD: u8 = 6;
@@ -123,6 +124,9 @@ pub struct Env<'a> {
     /// Bytes typed on the host console, if the host has one: a halted guest then waits for
     /// input instead of being declared dead.
     pub input: Option<&'a mut dyn FnMut() -> Option<u8>>,
+    /// Makes vCPU `n` of this VM look at its interrupts soon: interrupt the host CPU running
+    /// it, or wake it if it is halted. Called without the VM lock held.
+    pub kick: &'a dyn Fn(usize),
 }
 
 /// How often a halted guest looks for console input.
@@ -132,7 +136,33 @@ const MAX_PENDING_INPUT: usize = 4096;
 /// How often a running guest's host console is checked for input.
 const INPUT_POLL_INTERVAL_US: u64 = 1_000;
 
-/// One VM: memory, devices, and the state its exit handlers keep.
+/// What belongs to one vCPU and only the host CPU running it touches: its clock and MSRs.
+pub struct VcpuContext {
+    /// The vCPU's index in its VM (and its APIC ID).
+    pub index: usize,
+    clock: GuestClock,
+    msrs: MsrModel,
+    /// The vCPU executed HLT and waits for an interrupt.
+    halted: bool,
+    /// Its clock was taken from the VM's.
+    started: bool,
+}
+
+impl VcpuContext {
+    /// vCPU `index`; its clock starts with the VM's ([`Vm::start`]).
+    pub fn new(index: usize) -> Self {
+        VcpuContext { index, clock: GuestClock::new(0, 0), msrs: MsrModel::default(), halted: false, started: false }
+    }
+
+    /// Back to the power-up state (INIT): fresh MSRs, not halted; the clock keeps running.
+    fn reset(&mut self) {
+        self.msrs = MsrModel::default();
+        self.halted = false;
+    }
+}
+
+/// One VM: memory, devices, and the state its exit handlers keep. Its vCPUs share it behind
+/// one lock, taken while an exit is handled and never while a guest runs.
 pub struct Vm<M: GuestMemory> {
     /// Name used in every log line.
     pub name: String,
@@ -144,14 +174,19 @@ pub struct Vm<M: GuestMemory> {
     pub router: InterruptRouter,
     /// Exit statistics.
     pub stats: ExitStats,
+    /// Guest time of vCPU 0 (and of all vCPUs: [`Vm::clock_for`]).
     clock: GuestClock,
-    msrs: MsrModel,
+    /// How the VM ended, once one vCPU saw it end: the others stop at their next look.
+    ended: Option<VmEnd>,
+    /// vCPUs halted with nothing but another vCPU to wake them (bit = vCPU index).
+    idle_forever: u64,
+    /// Guest time has started ([`Vm::start`]).
+    started: bool,
+    /// Vectors from the test device, for vCPU 0.
     pending_interrupts: VecDeque<u8>,
     console_line: Vec<u8>,
     /// A partial console line was already written (the guest is waiting for input mid-line).
     console_mid_line: bool,
-    /// The vCPU executed HLT and waits for an interrupt.
-    halted: bool,
     last_input_poll: u64,
     console_input: VecDeque<u8>,
     warned_ports: Vec<u16>,
@@ -175,6 +210,8 @@ pub enum Slice {
         /// When a device timer or the console-input poll is due.
         wake_at_us: u64,
     },
+    /// A start-up IPI arrived: the vCPU starts afresh in this state (the caller rebuilds it).
+    Started(StartMode),
     /// The VM is over.
     Ended(VmEnd),
 }
@@ -184,6 +221,11 @@ impl<M: GuestMemory> Vm<M> {
     /// CMOS RTC, i8042, ACPI PM block, PCI host bridge, POST-code and debug-exit ports.
     /// `tsc_hz` is the guest TSC frequency; `epoch_seconds` the wall-clock time at start.
     pub fn new(name: &str, memory: M, tsc_hz: u64, epoch_seconds: u64) -> Self {
+        Self::with_vcpus(name, memory, tsc_hz, epoch_seconds, 1)
+    }
+
+    /// The same machine with `vcpus` vCPUs (local APICs 0 to `vcpus - 1`).
+    pub fn with_vcpus(name: &str, memory: M, tsc_hz: u64, epoch_seconds: u64, vcpus: usize) -> Self {
         let mut bus = Bus::new();
         let mut rtc = devices::rtc::Rtc::new(epoch_seconds);
         rtc.set_memory_size(memory.size());
@@ -204,107 +246,85 @@ impl<M: GuestMemory> Vm<M> {
             name: name.into(),
             memory,
             bus,
-            router: InterruptRouter::new(tsc_hz),
+            router: InterruptRouter::with_vcpus(tsc_hz, vcpus),
             stats: ExitStats::default(),
             clock: GuestClock::new(0, tsc_hz),
-            msrs: MsrModel::default(),
+            ended: None,
+            idle_forever: 0,
+            started: false,
             pending_interrupts: VecDeque::new(),
             console_line: Vec::new(),
             console_mid_line: false,
-            halted: false,
             last_input_poll: 0,
             console_input: VecDeque::new(),
             warned_ports: Vec::new(),
         }
     }
 
-    /// Runs the vCPU until the VM ends, sleeping through halts with `env.wait` (a VM that
-    /// has its CPU to itself).
-    pub fn run(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>) -> VmEnd {
-        self.start(env);
-        loop {
-            match self.run_slice(vcpu, env, u64::MAX) {
-                Slice::Preempted => {}
-                Slice::Halted { wake_at_us } => {
-                    let now = (env.now_micros)();
-                    if wake_at_us > now {
-                        (env.arm_timer)(Some((wake_at_us - now).saturating_mul(1000)));
-                        (env.wait)();
-                    }
-                }
-                Slice::Ended(end) => return end,
-            }
-        }
+    /// Starts guest time (right before the first vCPU's first slice).
+    fn start(&mut self, env: &Env<'_>) {
+        self.started = true;
+        let (host_tsc, hz) = ((env.host_tsc)(), self.clock.tsc_hz());
+        // One vCPU may hide exit handling from its clocks; several must agree on one TSC.
+        self.clock = if self.vcpus() == 1 { GuestClock::new(host_tsc, hz) } else { GuestClock::shared(host_tsc, hz) };
     }
 
-    /// Starts guest time: call once, right before the first slice.
-    pub fn start(&mut self, env: &Env<'_>) {
-        self.clock = GuestClock::new((env.host_tsc)(), self.clock.tsc_hz());
+    /// The VM's vCPU count.
+    pub fn vcpus(&self) -> usize {
+        self.router.vcpus()
     }
 
-    /// Runs the vCPU until the VM ends, the vCPU halts, or `slice_end_us` (on the
-    /// `Env::now_micros` clock) passes. Guest time keeps running while the vCPU is away.
-    pub fn run_slice(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>, slice_end_us: u64) -> Slice {
-        let slice = self.slice(vcpu, env, slice_end_us);
-        (env.arm_timer)(None);
-        if let Slice::Ended(_) = slice {
-            self.flush_console(env);
-        }
-        // Time away from the CPU is guest time: let the clock run until the next entry.
-        self.clock.resume((env.host_tsc)());
-        slice
+    /// The clock a vCPU starts with.
+    fn clock_for(&self) -> GuestClock {
+        self.clock
     }
 
-    fn slice(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>, slice_end_us: u64) -> Slice {
-        loop {
-            if let Next::End(end) = self.service_devices(env) {
-                return Slice::Ended(end);
-            }
-            if self.halted {
-                if !self.interrupt_ready() {
-                    return self.halted_until(env);
-                }
-                self.halted = false;
-            }
-            let wall = (env.now_micros)();
-            if wall >= slice_end_us {
-                return Slice::Preempted;
-            }
-            self.offer_interrupt(vcpu);
-            let now = self.now(env);
-            let until_device = self.next_deadline_ns().map(|deadline| deadline.saturating_sub(now));
-            let until_slice_end = (slice_end_us - wall).saturating_mul(1000);
-            (env.arm_timer)(Some(until_device.map_or(until_slice_end, |ns| ns.min(until_slice_end))));
-            let entered = (env.now_micros)();
-            // The backend resumes the guest clock right before entry and freezes it right
-            // after the exit, so the world switch's own cost is hidden as well.
-            let exit = vcpu.run(&mut self.clock);
-            let exited = (env.now_micros)();
-            self.stats.guest_micros += exited.saturating_sub(entered);
-            let next = self.handle(vcpu, exit, env);
-            self.stats.record(exit.kind(), (env.now_micros)().saturating_sub(exited));
-            match next {
-                Next::Continue => {}
-                Next::Halt => self.halted = true,
-                Next::End(end) => return Slice::Ended(end),
-            }
-        }
+    /// Ends the VM for every vCPU (a timeout, or one vCPU saw it end); the first end stays.
+    pub fn end(&mut self, end: VmEnd) {
+        self.ended.get_or_insert(end);
+    }
+
+    /// One line on where vCPU `cx` stands: for the report of a VM that ran out of time.
+    pub fn describe_vcpu(&self, cx: &VcpuContext, vcpu: &dyn Vcpu) -> String {
+        let state = if self.router.waiting_for_sipi(cx.index) {
+            "waiting for SIPI"
+        } else if cx.halted {
+            "halted"
+        } else {
+            "running"
+        };
+        format!(
+            "vm {}: vCPU {} {state} at RIP {:#x}, RFLAGS {:#x}; {}",
+            self.name,
+            cx.index,
+            vcpu.rip(),
+            vcpu.rflags(),
+            self.router.lapic(cx.index).summary()
+        )
+    }
+
+    /// How the VM ended, if it has.
+    pub fn ended(&self) -> Option<&VmEnd> {
+        self.ended.as_ref()
     }
 
     /// Guest time in ns.
-    fn now(&self, env: &Env<'_>) -> u64 {
-        self.clock.ns((env.host_tsc)())
+    fn now_of(&self, cx: &VcpuContext, env: &Env<'_>) -> u64 {
+        cx.clock.ns((env.host_tsc)())
     }
 
     /// Brings device timers up to date, feeds console input, and acts on what they raised.
-    fn service_devices(&mut self, env: &mut Env<'_>) -> Next {
-        let now = self.now(env);
+    fn service_devices(&mut self, cx: &VcpuContext, env: &mut Env<'_>) -> Next {
+        let now = self.now_of(cx, env);
         let mut events = Events::default();
         // Reading the host UART is itself an exit when the hypervisor is nested: look at most
         // once per INPUT_POLL_INTERVAL_US, which is still far faster than anyone types.
         let wall = (env.now_micros)();
-        if let Some(input) =
-            env.input.as_mut().filter(|_| wall.wrapping_sub(self.last_input_poll) >= INPUT_POLL_INTERVAL_US)
+        // vCPU 0 reads it: the others need not wake up for input.
+        if let Some(input) = env
+            .input
+            .as_mut()
+            .filter(|_| cx.index == 0 && wall.wrapping_sub(self.last_input_poll) >= INPUT_POLL_INTERVAL_US)
         {
             self.last_input_poll = wall;
             // What the guest cannot take yet waits here (a paste, fast typing); beyond the
@@ -325,20 +345,32 @@ impl<M: GuestMemory> Vm<M> {
         self.apply(events, env)
     }
 
-    fn next_deadline_ns(&self) -> Option<u64> {
-        match (self.bus.next_deadline_ns(), self.router.next_deadline_ns()) {
+    /// When vCPU `cpu` has a timer to look at: its local APIC's; vCPU 0 also serves the
+    /// devices' timers (their interrupts reach the others through the router and a kick).
+    fn next_deadline_ns(&self, cpu: usize) -> Option<u64> {
+        let device = if cpu == 0 { self.bus.next_deadline_ns() } else { None };
+        match (device, self.router.next_deadline_ns(cpu)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
-    fn interrupt_ready(&self) -> bool {
-        !self.pending_interrupts.is_empty() || self.router.next_vector().is_some()
+    fn interrupt_ready(&self, cpu: usize) -> bool {
+        (cpu == 0 && !self.pending_interrupts.is_empty()) || self.router.next_vector(cpu).is_some()
     }
 
-    /// Injects the next interrupt if the guest can take it, else asks for a window.
-    fn offer_interrupt(&mut self, vcpu: &mut dyn Vcpu) {
-        if !self.interrupt_ready() {
+    /// Whether a halted vCPU resumes: an NMI, or an interrupt it can take (IF set).
+    fn wakes_from_halt(&self, cpu: usize, vcpu: &dyn Vcpu) -> bool {
+        self.router.nmi_pending(cpu) || (vcpu.rflags() & RFLAGS_IF != 0 && self.interrupt_ready(cpu))
+    }
+
+    /// Injects an NMI or the next interrupt if the guest can take it, else asks for a window.
+    fn offer_interrupt(&mut self, cpu: usize, vcpu: &mut dyn Vcpu) {
+        if self.router.nmi_pending(cpu) && vcpu.inject_nmi() {
+            self.router.take_nmi(cpu);
+            return;
+        }
+        if !self.interrupt_ready(cpu) {
             return;
         }
         if !vcpu.interrupts_open() {
@@ -346,20 +378,22 @@ impl<M: GuestMemory> Vm<M> {
             return;
         }
         // Vectors from the test device bypass the controllers.
-        let vector = match self.pending_interrupts.pop_front() {
+        let test_vector = if cpu == 0 { self.pending_interrupts.pop_front() } else { None };
+        let vector = match test_vector {
             Some(vector) => Some(vector),
-            None => self.router.acknowledge(),
+            None => self.router.acknowledge(cpu),
         };
         if let Some(vector) = vector {
             vcpu.inject_interrupt(vector);
         }
-        vcpu.set_interrupt_window_exiting(self.interrupt_ready());
+        vcpu.set_interrupt_window_exiting(self.interrupt_ready(cpu));
     }
 
     /// HLT: the vCPU waits (on guest time, which keeps running) until an interrupt can be
-    /// delivered; a HLT nothing can ever end, ends the VM.
+    /// delivered. A HLT nothing can ever end ends a one-vCPU VM; in a larger VM another vCPU
+    /// may still send an NMI or INIT (Linux parks CPUs this way).
     fn halt(&mut self, vcpu: &mut dyn Vcpu, env: &mut Env<'_>) -> Next {
-        if vcpu.rflags() & RFLAGS_IF == 0 && !self.interrupt_ready() {
+        if vcpu.rflags() & RFLAGS_IF == 0 && self.vcpus() == 1 {
             return Next::End(VmEnd::Halted("HLT with interrupts disabled: the vCPU can never wake up"));
         }
         // A prompt without a newline must be visible while the guest waits for input.
@@ -368,13 +402,14 @@ impl<M: GuestMemory> Vm<M> {
     }
 
     /// While halted: when the next device deadline or input poll is due, on the host clock.
-    fn halted_until(&self, env: &Env<'_>) -> Slice {
-        let now = self.now(env);
-        let until_deadline = self.next_deadline_ns().map(|deadline| deadline.saturating_sub(now));
-        let sleep_ns = match (until_deadline, env.input.is_some()) {
-            (None, false) => {
+    fn halted_until(&mut self, cx: &VcpuContext, env: &Env<'_>) -> Slice {
+        let now = self.now_of(cx, env);
+        let until_deadline = self.next_deadline_ns(cx.index).map(|deadline| deadline.saturating_sub(now));
+        let sleep_ns = match (until_deadline, env.input.is_some() && cx.index == 0) {
+            (None, false) if self.vcpus() == 1 => {
                 return Slice::Ended(VmEnd::Halted("HLT with no interrupt pending and no device that could raise one"))
             }
+            (None, false) => return self.idle_until_kicked(cx.index),
             (None, true) => INPUT_POLL_NS,
             (Some(ns), true) => ns.min(INPUT_POLL_NS),
             (Some(ns), false) => ns,
@@ -382,26 +417,41 @@ impl<M: GuestMemory> Vm<M> {
         Slice::Halted { wake_at_us: (env.now_micros)().saturating_add(sleep_ns.div_ceil(1000)) }
     }
 
-    fn handle(&mut self, vcpu: &mut dyn Vcpu, exit: Exit, env: &mut Env<'_>) -> Next {
+    /// vCPU `cpu` can only be woken by another vCPU; if every vCPU is in that state, nothing
+    /// ever will, and the VM ends.
+    fn idle_until_kicked(&mut self, cpu: usize) -> Slice {
+        self.idle_forever |= 1 << cpu;
+        let all_idle = (0..self.vcpus()).all(|i| self.idle_forever & (1 << i) != 0 || self.router.waiting_for_sipi(i));
+        if all_idle && !self.router.waiting_for_sipi(0) {
+            return Slice::Ended(VmEnd::Halted("every vCPU halted with nothing left to wake it"));
+        }
+        Slice::Halted { wake_at_us: u64::MAX }
+    }
+
+    fn handle(&mut self, cx: &mut VcpuContext, vcpu: &mut dyn Vcpu, exit: Exit, env: &mut Env<'_>) -> Next {
         match exit {
             Exit::Cpuid => {
                 let gprs = vcpu.gprs();
                 let (leaf, subleaf) = (gprs.rax as u32, gprs.rcx as u32);
                 let osxsave = vcpu.mode().cr4 & CR4_OSXSAVE != 0;
-                let model =
-                    cpuid::CpuModel { supported_xcr0: env.supported_xcr0, tsc_hz: env.tsc_hz, apic_id: 0, vcpus: 1 };
+                let model = cpuid::CpuModel {
+                    supported_xcr0: env.supported_xcr0,
+                    tsc_hz: env.tsc_hz,
+                    apic_id: cx.index as u32,
+                    vcpus: self.vcpus() as u32,
+                };
                 let [a, b, c, d] = cpuid::guest_cpuid(leaf, subleaf, env.cpuid, osxsave, &model);
                 let gprs = vcpu.gprs();
                 (gprs.rax, gprs.rbx, gprs.rcx, gprs.rdx) = (a as u64, b as u64, c as u64, d as u64);
                 vcpu.skip_instruction();
                 Next::Continue
             }
-            Exit::Rdmsr | Exit::Wrmsr => self.handle_msr(vcpu, exit == Exit::Wrmsr, env),
-            Exit::Io(io) if io.string => self.handle_string_io(vcpu, io, env),
-            Exit::Io(io) => self.handle_io(vcpu, io, env),
+            Exit::Rdmsr | Exit::Wrmsr => self.handle_msr(cx, vcpu, exit == Exit::Wrmsr, env),
+            Exit::Io(io) if io.string => self.handle_string_io(cx, vcpu, io, env),
+            Exit::Io(io) => self.handle_io(cx, vcpu, io, env),
             Exit::Hlt => {
                 vcpu.skip_instruction();
-                if self.interrupt_ready() {
+                if self.wakes_from_halt(cx.index, vcpu) {
                     return Next::Continue;
                 }
                 self.halt(vcpu, env)
@@ -419,7 +469,7 @@ impl<M: GuestMemory> Vm<M> {
                 }
                 Next::Continue
             }
-            Exit::NestedFault { gpa, write, fetch } => self.handle_nested_fault(vcpu, gpa, write, fetch, env),
+            Exit::NestedFault { gpa, write, fetch } => self.handle_nested_fault(cx, vcpu, gpa, write, fetch, env),
             Exit::InterruptWindow | Exit::ExternalInterrupt => Next::Continue,
             Exit::TripleFault => Next::End(VmEnd::TripleFault { rip: vcpu.rip() }),
             Exit::EntryFailed { code } => Next::End(VmEnd::Error(format!("VM entry failed (code {code:#x})"))),
@@ -430,16 +480,17 @@ impl<M: GuestMemory> Vm<M> {
         }
     }
 
-    fn handle_msr(&mut self, vcpu: &mut dyn Vcpu, write: bool, env: &mut Env<'_>) -> Next {
+    fn handle_msr(&mut self, cx: &mut VcpuContext, vcpu: &mut dyn Vcpu, write: bool, env: &mut Env<'_>) -> Next {
         let gprs = *vcpu.gprs();
         let msr = gprs.rcx as u32;
+        let cpu = cx.index;
         if InterruptRouter::is_lapic_msr(msr) {
-            let now = self.now(env);
-            let tsc = self.clock.tsc((env.host_tsc)());
+            let now = self.now_of(cx, env);
+            let tsc = cx.clock.tsc((env.host_tsc)());
             let result = if write {
-                self.router.lapic_msr_write(msr, (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff), now, tsc)
+                self.router.lapic_msr_write(cpu, msr, (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff), now, tsc)
             } else {
-                self.router.lapic_msr_read(msr, now).map(|value| {
+                self.router.lapic_msr_read(cpu, msr, now).map(|value| {
                     let gprs = vcpu.gprs();
                     gprs.rax = value & 0xffff_ffff;
                     gprs.rdx = value >> 32;
@@ -452,9 +503,9 @@ impl<M: GuestMemory> Vm<M> {
             return Next::Continue;
         }
         let result = if write {
-            self.msrs.write(msr, (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff))
+            cx.msrs.write(msr, (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff))
         } else {
-            self.msrs.read(msr, self.clock.tsc((env.host_tsc)())).map(|value| {
+            cx.msrs.read(msr, cx.clock.tsc((env.host_tsc)())).map(|value| {
                 let gprs = vcpu.gprs();
                 gprs.rax = value & 0xffff_ffff;
                 gprs.rdx = value >> 32;
@@ -476,9 +527,9 @@ impl<M: GuestMemory> Vm<M> {
         Next::Continue
     }
 
-    fn handle_io(&mut self, vcpu: &mut dyn Vcpu, io: IoExit, env: &mut Env<'_>) -> Next {
+    fn handle_io(&mut self, cx: &VcpuContext, vcpu: &mut dyn Vcpu, io: IoExit, env: &mut Env<'_>) -> Next {
         let mut events = Events::default();
-        let now = self.now(env);
+        let now = self.now_of(cx, env);
         if io.write {
             let value = vcpu.gprs().rax as u32;
             if !self.port_write(io.port, io.size, value, now, &mut events) {
@@ -502,7 +553,7 @@ impl<M: GuestMemory> Vm<M> {
     }
 
     /// INS/OUTS with or without REP, in 64-bit mode with flat segments.
-    fn handle_string_io(&mut self, vcpu: &mut dyn Vcpu, io: IoExit, env: &mut Env<'_>) -> Next {
+    fn handle_string_io(&mut self, cx: &VcpuContext, vcpu: &mut dyn Vcpu, io: IoExit, env: &mut Env<'_>) -> Next {
         let mode = vcpu.mode();
         if !mode.long_code {
             return Next::End(VmEnd::Error(format!(
@@ -515,7 +566,7 @@ impl<M: GuestMemory> Vm<M> {
         let count = if io.rep { vcpu.gprs().rcx } else { 1 };
         let batch = count.min(MAX_STRING_ITERATIONS);
         let mut events = Events::default();
-        let now = self.now(env);
+        let now = self.now_of(cx, env);
         for _ in 0..batch {
             let mut buf = [0u8; 4];
             let bytes = &mut buf[..io.size as usize];
@@ -556,6 +607,7 @@ impl<M: GuestMemory> Vm<M> {
 
     fn handle_nested_fault(
         &mut self,
+        cx: &VcpuContext,
         vcpu: &mut dyn Vcpu,
         gpa: u64,
         write: bool,
@@ -587,11 +639,12 @@ impl<M: GuestMemory> Vm<M> {
             }
         };
         let mut events = Events::default();
-        let now = self.now(env);
+        let now = self.now_of(cx, env);
+        let cpu = cx.index;
         match op.kind {
             MmioKind::Load { reg, extend } => {
                 let value = if self.router.claims_mmio(gpa) {
-                    self.router.mmio_read(gpa, op.size, now, &mut events)
+                    self.router.mmio_read(cpu, gpa, op.size, now, &mut events)
                 } else {
                     self.bus.mmio_read(gpa, op.size, now, &mut events).unwrap_or(devices::ones(op.size))
                 };
@@ -600,7 +653,7 @@ impl<M: GuestMemory> Vm<M> {
             MmioKind::Store { src } => {
                 let value = mmio::read_operand(vcpu.gprs(), src, op.size);
                 if self.router.claims_mmio(gpa) {
-                    self.router.mmio_write(gpa, op.size, value, now, &mut events);
+                    self.router.mmio_write(cpu, gpa, op.size, value, now, &mut events);
                 } else {
                     self.bus.mmio_write(gpa, op.size, value, now, &mut events);
                 }
@@ -686,6 +739,129 @@ impl<M: GuestMemory> Vm<M> {
         if !self.warned_ports.contains(&port) && self.warned_ports.len() < 64 {
             self.warned_ports.push(port);
             log::info!("vm {}: port {port:#x} has no device (reads float high); reported once", self.name);
+        }
+    }
+}
+
+/// Runs vCPU `cx` of `vm` until the VM ends, the vCPU halts, or `slice_end_us` (on the
+/// `Env::now_micros` clock) passes. Guest time keeps running while the vCPU is away. The VM's
+/// lock is held while an exit is handled, never while the guest runs.
+pub fn run_slice<M: GuestMemory>(
+    vm: &Mutex<Vm<M>>,
+    cx: &mut VcpuContext,
+    vcpu: &mut dyn Vcpu,
+    env: &mut Env<'_>,
+    slice_end_us: u64,
+) -> Slice {
+    let slice = slice(vm, cx, vcpu, env, slice_end_us);
+    (env.arm_timer)(None);
+    let mut guard = vm.lock();
+    let mut kicks = guard.router.take_kicks();
+    if let Slice::Ended(end) = &slice {
+        guard.end(end.clone());
+        guard.flush_console(env);
+        // Every other vCPU must see the end.
+        kicks |= u64::MAX;
+    }
+    let vcpus = guard.vcpus();
+    drop(guard);
+    kick(env, cx.index, vcpus, kicks);
+    // Time away from the CPU is guest time: let the clock run until the next entry.
+    cx.clock.resume((env.host_tsc)());
+    slice
+}
+
+/// Runs a one-vCPU VM to its end, sleeping through halts with `env.wait` (a VM that has its
+/// CPU to itself).
+pub fn run<M: GuestMemory>(vm: &Mutex<Vm<M>>, vcpu: &mut dyn Vcpu, env: &mut Env<'_>) -> VmEnd {
+    let mut cx = VcpuContext::new(0);
+    loop {
+        match run_slice(vm, &mut cx, vcpu, env, u64::MAX) {
+            Slice::Preempted | Slice::Started(_) => {}
+            Slice::Halted { wake_at_us } => {
+                let now = (env.now_micros)();
+                if wake_at_us > now {
+                    (env.arm_timer)(Some((wake_at_us - now).saturating_mul(1000)));
+                    (env.wait)();
+                }
+            }
+            Slice::Ended(end) => return end,
+        }
+    }
+}
+
+/// Kicks the vCPUs in `kicks` (bit = index) other than `me`.
+fn kick(env: &Env<'_>, me: usize, vcpus: usize, kicks: u64) {
+    for other in (0..vcpus).filter(|&i| i != me && kicks & (1 << i) != 0) {
+        (env.kick)(other);
+    }
+}
+
+fn slice<M: GuestMemory>(
+    vm: &Mutex<Vm<M>>,
+    cx: &mut VcpuContext,
+    vcpu: &mut dyn Vcpu,
+    env: &mut Env<'_>,
+    slice_end_us: u64,
+) -> Slice {
+    let cpu = cx.index;
+    loop {
+        let mut guard = vm.lock();
+        if !guard.started {
+            guard.start(env);
+        }
+        if !cx.started {
+            cx.clock = guard.clock_for();
+            cx.started = true;
+        }
+        if let Some(end) = guard.ended.clone() {
+            return Slice::Ended(end);
+        }
+        if let Next::End(end) = guard.service_devices(cx, env) {
+            return Slice::Ended(end);
+        }
+        if let Some(vector) = guard.router.take_sipi(cpu) {
+            cx.reset();
+            return Slice::Started(StartMode::Real { cs: u16::from(vector) << 8, ip: 0 });
+        }
+        if guard.router.waiting_for_sipi(cpu) {
+            return Slice::Halted { wake_at_us: u64::MAX };
+        }
+        if cx.halted {
+            if !guard.wakes_from_halt(cpu, vcpu) {
+                return guard.halted_until(cx, env);
+            }
+            cx.halted = false;
+        }
+        guard.idle_forever &= !(1 << cpu);
+        let wall = (env.now_micros)();
+        if wall >= slice_end_us {
+            return Slice::Preempted;
+        }
+        guard.offer_interrupt(cpu, vcpu);
+        let now = guard.now_of(cx, env);
+        let until_device = guard.next_deadline_ns(cpu).map(|deadline| deadline.saturating_sub(now));
+        let until_slice_end = (slice_end_us - wall).saturating_mul(1000);
+        (env.arm_timer)(Some(until_device.map_or(until_slice_end, |ns| ns.min(until_slice_end))));
+        let (kicks, vcpus) = (guard.router.take_kicks(), guard.vcpus());
+        drop(guard);
+        kick(env, cpu, vcpus, kicks);
+        let entered = (env.now_micros)();
+        // The backend resumes the guest clock right before entry and freezes it right
+        // after the exit, so the world switch's own cost is hidden as well.
+        let exit = vcpu.run(&mut cx.clock);
+        let exited = (env.now_micros)();
+        let mut guard = vm.lock();
+        guard.stats.guest_micros += exited.saturating_sub(entered);
+        let next = guard.handle(cx, vcpu, exit, env);
+        guard.stats.record(exit.kind(), (env.now_micros)().saturating_sub(exited));
+        let kicks = guard.router.take_kicks();
+        drop(guard);
+        kick(env, cpu, vcpus, kicks);
+        match next {
+            Next::Continue => {}
+            Next::Halt => cx.halted = true,
+            Next::End(end) => return Slice::Ended(end),
         }
     }
 }

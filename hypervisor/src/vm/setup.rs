@@ -120,7 +120,7 @@ pub fn prepare(
             reset_value: acpi_pm::RESET_VALUE,
             sci_irq: acpi_pm::SCI_GSI,
             s5_slp_typ: acpi_pm::S5_SLP_TYP,
-            cpu_count: 1,
+            cpu_count: u8::try_from(config.vcpus).unwrap_or(u8::MAX),
         },
     )
     .map_err(|e| format!("ACPI tables: {e}"))?;

@@ -16,6 +16,7 @@ struct Mock {
     mode: GuestMode,
     injected_exceptions: Vec<(u8, Option<u32>)>,
     injected_interrupts: Vec<u8>,
+    injected_nmis: u32,
     window: bool,
     xcr0: u64,
     skips: u32,
@@ -33,6 +34,7 @@ impl Mock {
             mode: long_mode(),
             injected_exceptions: Vec::new(),
             injected_interrupts: Vec::new(),
+            injected_nmis: 0,
             window: false,
             xcr0: XCR0_X87,
             skips: 0,
@@ -97,6 +99,10 @@ impl Vcpu for Mock {
     fn inject_interrupt(&mut self, vector: u8) {
         self.injected_interrupts.push(vector);
     }
+    fn inject_nmi(&mut self) -> bool {
+        self.injected_nmis += 1;
+        true
+    }
     fn set_interrupt_window_exiting(&mut self, on: bool) {
         self.window = on;
     }
@@ -146,6 +152,7 @@ fn test_env<'a>(console: &'a mut dyn FnMut(&str, bool), supported_xcr0: u64) -> 
         arm_timer: &|_| {},
         wait: &|| {},
         input: None,
+        kick: &|_| {},
     }
 }
 
@@ -159,7 +166,9 @@ fn run(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> (VmEnd, Vec<String
         lines.push(piece);
     };
     let mut env = test_env(&mut console, XCR0_X87 | XCR0_SSE | XCR0_AVX);
-    let end = vm.run(vcpu, &mut env);
+    let shared = Mutex::new(core::mem::replace(vm, self::vm()));
+    let end = super::run(&shared, vcpu, &mut env);
+    *vm = shared.into_inner();
     (end, lines)
 }
 
@@ -174,6 +183,14 @@ fn vm() -> Vm<SliceMemory<'static>> {
     Vm::new("t", memory(), 1_000_000_000, 0)
 }
 
+/// vCPU 0's context, on the VM's clock, for tests that drive the handlers one exit at a time.
+fn cx(vm: &Vm<SliceMemory<'static>>) -> VcpuContext {
+    let mut cx = VcpuContext::new(0);
+    cx.clock = vm.clock;
+    cx.started = true;
+    cx
+}
+
 #[test]
 fn debug_exit_ends_the_vm_with_its_status() {
     let (exit, gprs) = exit_with(3);
@@ -185,12 +202,12 @@ fn debug_exit_ends_the_vm_with_its_status() {
 }
 
 /// Runs exactly one scripted exit through the handlers.
-fn step(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> Option<VmEnd> {
+fn step(vm: &mut Vm<SliceMemory<'static>>, cx: &mut VcpuContext, vcpu: &mut Mock) -> Option<VmEnd> {
     let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, XCR0_X87 | XCR0_SSE);
-    vm.offer_interrupt(vcpu);
+    vm.offer_interrupt(0, vcpu);
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
-    match vm.handle(vcpu, exit, &mut env) {
+    match vm.handle(cx, vcpu, exit, &mut env) {
         Next::End(end) => Some(end),
         Next::Continue | Next::Halt => None,
     }
@@ -199,15 +216,16 @@ fn step(vm: &mut Vm<SliceMemory<'static>>, vcpu: &mut Mock) -> Option<VmEnd> {
 #[test]
 fn cpuid_returns_the_guest_model_and_skips() {
     let mut vm = vm();
+    let mut cx = cx(&vm);
     let mut vcpu = Mock::new(vec![]).then(Exit::Cpuid, Gprs { rax: 0x4000_0000, rbx: 0xdead, ..Gprs::default() });
-    assert_eq!(step(&mut vm, &mut vcpu), None);
+    assert_eq!(step(&mut vm, &mut cx, &mut vcpu), None);
     let g = vcpu.gprs;
     let signature: Vec<u8> = [g.rbx, g.rcx, g.rdx].iter().flat_map(|r| (*r as u32).to_le_bytes()).collect();
     assert_eq!(&signature, cpuid::SIGNATURE);
     assert_eq!(g.rax, cpuid::MAX_HYPERVISOR_LEAF as u64);
     assert_eq!(vcpu.skips, 1);
     vcpu = vcpu.then(Exit::Cpuid, Gprs { rax: 1, ..Gprs::default() });
-    step(&mut vm, &mut vcpu);
+    step(&mut vm, &mut cx, &mut vcpu);
     assert_ne!(vcpu.gprs.rcx & (1 << 31), 0, "hypervisor bit");
     assert_eq!(vcpu.gprs.rcx & (1 << 5), 0, "VMX hidden");
 }
@@ -215,18 +233,19 @@ fn cpuid_returns_the_guest_model_and_skips() {
 #[test]
 fn unknown_msrs_get_gp_and_allowed_ones_round_trip() {
     let mut vm = vm();
+    let mut cx = cx(&vm);
     let mut vcpu = Mock::new(vec![])
         .then(Exit::Rdmsr, Gprs { rcx: 0x4000_00ff, ..Gprs::default() })
         .then(Exit::Wrmsr, Gprs { rcx: 0xc000_0082, rax: 0x1000, rdx: 0xffff_8000, ..Gprs::default() })
         .then(Exit::Rdmsr, Gprs { rcx: 0xc000_0082, ..Gprs::default() })
         .then(Exit::Rdmsr, Gprs { rcx: 0x10, ..Gprs::default() });
     for _ in 0..3 {
-        assert_eq!(step(&mut vm, &mut vcpu), None);
+        assert_eq!(step(&mut vm, &mut cx, &mut vcpu), None);
     }
     assert_eq!(vcpu.injected_exceptions, [(VECTOR_GP, Some(0))]);
     assert_eq!(vcpu.skips, 2, "a refused RDMSR is not skipped");
     assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0xffff_8000, 0x1000));
-    step(&mut vm, &mut vcpu);
+    step(&mut vm, &mut cx, &mut vcpu);
     assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0, 42), "TSC reads the guest TSC");
 }
 
@@ -251,15 +270,16 @@ fn console_output_is_prefixed_with_the_vm_name() {
 #[test]
 fn port_reads_replace_only_the_accessed_width() {
     let mut vm = vm();
+    let mut cx = cx(&vm);
     let mut vcpu = Mock::new(vec![]).then(
         Exit::Io(IoExit { port: 0x3fd, size: 1, write: false, string: false, rep: false }),
         Gprs { rax: 0xaaaa_bbbb_cccc_dddd, ..Gprs::default() },
     );
-    step(&mut vm, &mut vcpu);
+    step(&mut vm, &mut cx, &mut vcpu);
     assert_eq!(vcpu.gprs.rax, 0xaaaa_bbbb_cccc_dd60);
     let gprs = vcpu.gprs;
     vcpu = vcpu.then(Exit::Io(IoExit { port: 0x999, size: 4, write: false, string: false, rep: false }), gprs);
-    step(&mut vm, &mut vcpu);
+    step(&mut vm, &mut cx, &mut vcpu);
     assert_eq!(vcpu.gprs.rax, 0xffff_ffff, "unclaimed port floats high; 32-bit write clears the top");
 }
 
@@ -284,30 +304,32 @@ fn hlt_with_interrupts_disabled_ends_the_vm() {
 #[test]
 fn interrupts_wait_for_a_window_then_are_injected() {
     let mut vm = vm();
+    let mut cx = cx(&vm);
     vm.bus.add(Box::new(TestDevice::default())).unwrap();
     let request = Exit::Io(IoExit { port: IRQ_PORT, size: 1, write: true, string: false, rep: false });
     let mut vcpu = Mock::new(vec![]).then(request, Gprs { rax: 0x40, ..Gprs::default() });
     let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, 1);
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
-    vm.handle(&mut vcpu, exit, &mut env);
-    vm.offer_interrupt(&mut vcpu);
+    vm.handle(&mut cx, &mut vcpu, exit, &mut env);
+    vm.offer_interrupt(0, &mut vcpu);
     assert!(vcpu.window, "IF=0: ask for an interrupt window");
     assert!(vcpu.injected_interrupts.is_empty());
     vcpu.rflags |= RFLAGS_IF;
-    vm.offer_interrupt(&mut vcpu);
+    vm.offer_interrupt(0, &mut vcpu);
     assert_eq!(vcpu.injected_interrupts, [0x40]);
     assert!(!vcpu.window);
     // HLT with the interrupt already delivered and IF=1 has nothing left to wait for.
     vcpu.script.push_back((Exit::Hlt, None));
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
-    assert!(matches!(vm.handle(&mut vcpu, exit, &mut env), Next::Halt));
-    assert!(matches!(vm.halted_until(&env), Slice::Ended(VmEnd::Halted(_))));
+    assert!(matches!(vm.handle(&mut cx, &mut vcpu, exit, &mut env), Next::Halt));
+    assert!(matches!(vm.halted_until(&cx, &env), Slice::Ended(VmEnd::Halted(_))));
 }
 
 #[test]
 fn mmio_loads_and_stores_are_decoded_and_emulated() {
     let mut vm = vm();
+    let mut cx = cx(&vm);
     vm.bus.add(Box::new(TestDevice::default())).unwrap();
     // mov eax, [rbx]; mov [rbx], rcx (REX.W 89 0b)
     vm.memory.write(START_RIP, &[0x8b, 0x03, 0x48, 0x89, 0x0b]).unwrap();
@@ -318,7 +340,7 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
     let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, 1);
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
-    vm.handle(&mut vcpu, exit, &mut env);
+    vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     assert_eq!(vcpu.gprs.rax, 0x1234_5678);
     assert_eq!(vcpu.rip, START_RIP + 2);
     vcpu = vcpu.then(
@@ -326,7 +348,7 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
         Gprs { rbx: MMIO_BASE + 8, rcx: 0x1122_3344_5566_7788, ..Gprs::default() },
     );
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
-    vm.handle(&mut vcpu, exit, &mut env);
+    vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     assert_eq!(vcpu.rip, START_RIP + 5);
     assert_eq!(vm.bus.mmio_read(MMIO_BASE + 8, 8, 0, &mut Events::default()), Some(0x1122_3344_5566_7788));
 }
@@ -352,6 +374,7 @@ fn triple_fault_and_entry_failure_end_the_vm() {
 #[test]
 fn rep_string_io_moves_guest_memory() {
     let mut vm = vm();
+    let mut cx = cx(&vm);
     vm.memory.write(0x3000, b"ok\n").unwrap();
     vm.memory.write(0x4000, &[0xaa; 4]).unwrap();
     let outs = Exit::Io(IoExit { port: 0x3f8, size: 1, write: true, string: true, rep: true });
@@ -369,7 +392,7 @@ fn rep_string_io_moves_guest_memory() {
     let mut env = test_env(&mut console, 1);
     for _ in 0..2 {
         let exit = vcpu.run(&mut GuestClock::new(0, 0));
-        vm.handle(&mut vcpu, exit, &mut env);
+        vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     }
     let mut buf = [0u8; 5];
     vm.memory.read(0x4000, &mut buf).unwrap();
@@ -382,17 +405,18 @@ fn rep_string_io_moves_guest_memory() {
 #[test]
 fn xsetbv_is_validated() {
     let mut vm = vm();
+    let mut cx = cx(&vm);
     let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, XCR0_X87 | XCR0_SSE);
     let mut vcpu = Mock::new(vec![]).then(Exit::Xsetbv, Gprs { rax: 3, ..Gprs::default() });
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
-    vm.handle(&mut vcpu, exit, &mut env);
+    vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     assert_eq!(vcpu.injected_exceptions, [(VECTOR_UD, None)], "CR4.OSXSAVE clear");
     vcpu.mode.cr4 |= CR4_OSXSAVE;
     for (rax, rcx) in [(3, 0), (2, 0), (7, 0), (3, 1)] {
         vcpu = vcpu.then(Exit::Xsetbv, Gprs { rax, rcx, ..Gprs::default() });
         let exit = vcpu.run(&mut GuestClock::new(0, 0));
-        vm.handle(&mut vcpu, exit, &mut env);
+        vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     }
     assert_eq!(vcpu.xcr0, 3);
     assert_eq!(vcpu.skips, 1);
@@ -415,6 +439,7 @@ fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
 fn random_exits_with_random_guest_state_never_panic() {
     let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
     let mut vm = vm();
+    let mut cx = cx(&vm);
     vm.bus.add(Box::new(TestDevice::default())).unwrap();
     let (mut continued, mut ended) = (0, 0);
     for round in 0..4000 {
@@ -455,7 +480,7 @@ fn random_exits_with_random_guest_state_never_panic() {
         let mut vcpu = Mock::new(vec![]).then(exit, gprs);
         vcpu.mode.cr4 |= if round % 2 == 0 { CR4_OSXSAVE } else { 0 };
         vcpu.rflags = if next() & 1 == 0 { 0x202 } else { 0x2 } | if next() & 7 == 0 { RFLAGS_DF } else { 0 };
-        match step(&mut vm, &mut vcpu) {
+        match step(&mut vm, &mut cx, &mut vcpu) {
             None => continued += 1,
             Some(_) => ended += 1,
         }
@@ -469,12 +494,13 @@ fn random_exits_with_random_guest_state_never_panic() {
 #[test]
 fn random_interrupt_controller_traffic_never_panics() {
     let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
-    let mut router = InterruptRouter::new(1_000_000_000);
+    let mut router = InterruptRouter::with_vcpus(1_000_000_000, 4);
     let mut events = Events::default();
     let mut now = 0u64;
     let mut delivered = 0;
     for _ in 0..20_000 {
         now += next() % 100_000;
+        let cpu = (next() % 5) as usize;
         let size = [1, 2, 4, 8][(next() % 4) as usize];
         match next() % 7 {
             0 => {
@@ -483,25 +509,30 @@ fn random_interrupt_controller_traffic_never_panics() {
             }
             1 => {
                 let gpa = 0xfec0_0000 + next() % 0x1000;
-                router.mmio_write(gpa, size, next(), now, &mut events);
-                router.mmio_read(gpa, size, now, &mut events);
+                router.mmio_write(cpu, gpa, size, next(), now, &mut events);
+                router.mmio_read(cpu, gpa, size, now, &mut events);
             }
             2 => {
                 let gpa = 0xfee0_0000 + next() % 0x1000;
-                router.mmio_write(gpa, size, next(), now, &mut events);
-                router.mmio_read(gpa, size, now, &mut events);
+                router.mmio_write(cpu, gpa, size, next(), now, &mut events);
+                router.mmio_read(cpu, gpa, size, now, &mut events);
             }
             3 => {
                 let msr = [0x1b, 0x6e0, 0x800 + (next() % 0x100) as u32][(next() % 3) as usize];
-                let _ = router.lapic_msr_write(msr, next(), now, next());
-                let _ = router.lapic_msr_read(msr, now);
+                let _ = router.lapic_msr_write(cpu, msr, next(), now, next());
+                let _ = router.lapic_msr_read(cpu, msr, now);
             }
             4 => router.set_line((next() % 30) as u8, next() & 1 == 0),
             5 => router.poll(now),
-            _ => delivered += usize::from(router.acknowledge().is_some()),
+            _ => {
+                delivered += usize::from(router.acknowledge(cpu).is_some());
+                router.take_nmi(cpu);
+                router.take_sipi(cpu);
+            }
         }
-        let _ = router.next_deadline_ns();
-        let _ = router.next_vector();
+        let _ = router.next_deadline_ns(cpu);
+        let _ = router.next_vector(cpu);
+        let _ = router.take_kicks();
     }
     assert!(delivered > 0, "random programming never delivered an interrupt: the fuzz is not reaching delivery");
 }
@@ -550,16 +581,16 @@ fn random_device_port_traffic_never_panics() {
 
 #[test]
 fn a_slice_that_is_over_gives_the_cpu_back_before_entering_the_guest() {
-    let mut vm = vm();
+    let vm = Mutex::new(vm());
+    let mut cx = VcpuContext::new(0);
     let (exit, gprs) = exit_with(0);
     let mut vcpu = Mock::new(vec![]).then(exit, gprs);
     let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, 1);
-    vm.start(&env);
     // The test clock stands at 0 µs: a slice ending at 0 is already used up.
-    assert_eq!(vm.run_slice(&mut vcpu, &mut env, 0), Slice::Preempted);
+    assert_eq!(run_slice(&vm, &mut cx, &mut vcpu, &mut env, 0), Slice::Preempted);
     assert_eq!(vcpu.script.len(), 1, "the guest did not run");
-    assert_eq!(vm.run_slice(&mut vcpu, &mut env, u64::MAX), Slice::Ended(VmEnd::DebugExit(0)));
+    assert_eq!(run_slice(&vm, &mut cx, &mut vcpu, &mut env, u64::MAX), Slice::Ended(VmEnd::DebugExit(0)));
     assert_eq!(vcpu.script.len(), 0, "the next slice ran it");
 }
 
@@ -567,19 +598,20 @@ fn a_slice_that_is_over_gives_the_cpu_back_before_entering_the_guest() {
 fn a_halted_vcpu_gives_the_cpu_away_until_its_timer_is_due_then_stays_halted() {
     let mut vm = vm();
     // Local APIC on, its timer armed: one-shot, divide by 1, 5000 ns.
-    vm.router.lapic_mmio_write(0xf0, 4, 0x1ff, 0);
-    vm.router.lapic_mmio_write(0x3e0, 4, 0xb, 0);
-    vm.router.lapic_mmio_write(0x320, 4, 0xef, 0);
-    vm.router.lapic_mmio_write(0x380, 4, 5000, 0);
+    vm.router.lapic_mmio_write(0, 0xf0, 4, 0x1ff, 0);
+    vm.router.lapic_mmio_write(0, 0x3e0, 4, 0xb, 0);
+    vm.router.lapic_mmio_write(0, 0x320, 4, 0xef, 0);
+    vm.router.lapic_mmio_write(0, 0x380, 4, 5000, 0);
     let mut vcpu = Mock::new(vec![Exit::Hlt]);
     vcpu.rflags |= RFLAGS_IF;
     let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, 1);
-    vm.start(&env);
-    assert_eq!(vm.run_slice(&mut vcpu, &mut env, u64::MAX), Slice::Halted { wake_at_us: 5 });
+    let vm = Mutex::new(vm);
+    let mut cx = VcpuContext::new(0);
+    assert_eq!(run_slice(&vm, &mut cx, &mut vcpu, &mut env, u64::MAX), Slice::Halted { wake_at_us: 5 });
     assert_eq!(vcpu.skips, 1, "RIP moved past the HLT");
     // Woken early (the test clock does not move): still nothing to deliver, so it halts again
     // without entering the guest.
-    assert_eq!(vm.run_slice(&mut vcpu, &mut env, u64::MAX), Slice::Halted { wake_at_us: 5 });
+    assert_eq!(run_slice(&vm, &mut cx, &mut vcpu, &mut env, u64::MAX), Slice::Halted { wake_at_us: 5 });
     assert!(vcpu.injected_interrupts.is_empty());
 }

@@ -170,6 +170,9 @@ pub struct SvmVcpu {
     last_cpu: Option<usize>,
     /// The ASID is shared with other vCPUs (the pool ran out): flush it on every entry.
     shared_asid: bool,
+    /// An injected NMI's handler has not returned yet (SVM does not tell: IRET is
+    /// intercepted meanwhile).
+    nmi_blocked: bool,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -375,6 +378,7 @@ impl SvmVcpu {
             last_exit: LastExit::Other,
             last_cpu: None,
             shared_asid: asid.shared,
+            nmi_blocked: false,
             _not_send: PhantomData,
         })
     }
@@ -433,6 +437,14 @@ impl SvmVcpu {
             Exit::InterruptWindow => {
                 self.set_interrupt_window_exiting(false);
                 Some(exit)
+            }
+            // The NMI handler returns: NMIs are open again once this IRET runs (the exit
+            // comes before it does), and the next one may be injected on top of it.
+            Exit::Unhandled { reason: exit_decode::svm::IRET, .. } => {
+                self.nmi_blocked = false;
+                let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
+                self.vmcb.write(control::INTERCEPT_MISC1, intercepts & !misc1::IRET);
+                Some(Exit::InterruptWindow)
             }
             // SVM is hidden from the guest: its instructions are undefined there.
             Exit::Unhandled { reason, .. } if exit_decode::svm::SVM_INSTRUCTIONS.contains(&reason) => {
@@ -518,6 +530,8 @@ impl SvmVcpu {
 const EVENT_VALID: u64 = 1 << 31;
 const EVENT_ERROR_VALID: u64 = 1 << 11;
 const EVENT_TYPE_INTR: u64 = 0 << 8;
+const EVENT_TYPE_NMI: u64 = 2 << 8;
+const NMI_VECTOR: u64 = 2;
 const EVENT_TYPE_EXCEPTION: u64 = 3 << 8;
 const V_IRQ: u64 = 1 << 8;
 const V_IGN_TPR: u64 = 1 << 20;
@@ -614,6 +628,18 @@ impl Vcpu for SvmVcpu {
 
     fn inject_interrupt(&mut self, vector: u8) {
         self.vmcb.write(control::EVENT_INJ, EVENT_VALID | EVENT_TYPE_INTR | vector as u64);
+    }
+
+    fn inject_nmi(&mut self) -> bool {
+        let queued: u64 = self.vmcb.read(control::EVENT_INJ);
+        if self.nmi_blocked || queued & EVENT_VALID != 0 {
+            return false;
+        }
+        self.vmcb.write(control::EVENT_INJ, EVENT_VALID | EVENT_TYPE_NMI | NMI_VECTOR);
+        self.nmi_blocked = true;
+        let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
+        self.vmcb.write(control::INTERCEPT_MISC1, intercepts | misc1::IRET);
+        true
     }
 
     fn set_interrupt_window_exiting(&mut self, on: bool) {

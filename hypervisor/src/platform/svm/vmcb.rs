@@ -54,6 +54,7 @@ pub mod misc1 {
     pub const NMI: u32 = 1 << 1;
     pub const VINTR: u32 = 1 << 4;
     pub const CPUID: u32 = 1 << 18;
+    pub const IRET: u32 = 1 << 20;
     pub const HLT: u32 = 1 << 24;
     pub const INVLPGA: u32 = 1 << 26;
     pub const IOIO_PROT: u32 = 1 << 27;

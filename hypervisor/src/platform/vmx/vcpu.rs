@@ -83,6 +83,10 @@ const INTR_TYPE_EXTERNAL: u32 = 0;
 const INTR_TYPE_HARDWARE_EXCEPTION: u32 = 3;
 /// Guest interruptibility: blocking by STI and by MOV SS.
 const BLOCKING_STI_MOVSS: u32 = 0b11;
+const BLOCKING_MOVSS: u32 = 0b10;
+const BLOCKING_NMI: u32 = 1 << 3;
+const INTR_TYPE_NMI: u32 = 2;
+const NMI_VECTOR: u32 = 2;
 const GP: u8 = 13;
 /// A 64-bit-style reset PAT value (WB, WT, UC-, UC twice).
 const GUEST_PAT_RESET: u64 = 0x0007_0406_0007_0406;
@@ -939,6 +943,17 @@ impl Vcpu for VmxVcpu {
 
     fn inject_interrupt(&mut self, vector: u8) {
         self.queue_event(u32::from(vector) | INTR_TYPE_EXTERNAL << 8, None);
+    }
+
+    fn inject_nmi(&mut self) -> bool {
+        // The CPU tracks NMI blocking until the handler's IRET (SDM Vol. 3, 24.4.2); an NMI
+        // cannot be injected under MOV-SS blocking (26.2.1.5).
+        let blocked = self.get(w32::GUEST_INTERRUPTIBILITY) & (BLOCKING_NMI | BLOCKING_MOVSS) != 0;
+        if blocked || self.get(w32::ENTRY_INTERRUPTION_INFO) & INTR_VALID != 0 {
+            return false;
+        }
+        self.queue_event(NMI_VECTOR | INTR_TYPE_NMI << 8, None);
+        true
     }
 
     fn set_xcr0(&mut self, xcr0: u64) {
