@@ -57,6 +57,9 @@ impl GuestClock {
 
     /// Lets guest time run again, hiding the time since [`Self::freeze`].
     pub fn resume(&mut self, host_tsc: u64) {
+        if !self.hides_exits {
+            return;
+        }
         if let Some(at) = self.frozen_at.take() {
             self.hidden += host_tsc.saturating_sub(at);
         }
@@ -66,6 +69,9 @@ impl GuestClock {
     /// if it runs and returns `(hidden, frozen_at)`. Resuming at entry TSC `t` means a TSC offset
     /// of `-(hidden + t - frozen_at)`; the caller then reports `t` to [`Self::resume`].
     pub fn entry_base(&mut self, host_tsc: u64) -> (u64, u64) {
+        if !self.hides_exits {
+            return (self.hidden, host_tsc);
+        }
         let at = *self.frozen_at.get_or_insert(host_tsc);
         (self.hidden, at)
     }
@@ -106,6 +112,8 @@ mod tests {
         let mut clock = GuestClock::shared(1_000, 1_000_000_000);
         clock.freeze(3_000);
         clock.resume(9_000);
+        let _ = clock.entry_base(9_500);
+        clock.resume(9_700);
         assert_eq!((clock.ns(10_000), clock.tsc_offset()), (9_000, 0));
         assert!(!clock.hides_exits());
     }

@@ -182,6 +182,8 @@ pub struct Vm<M: GuestMemory> {
     idle_forever: u64,
     /// Guest time has started ([`Vm::start`]).
     started: bool,
+    /// The latest guest time any vCPU handed to the devices.
+    latest_ns: u64,
     /// Vectors from the test device, for vCPU 0.
     pending_interrupts: VecDeque<u8>,
     console_line: Vec<u8>,
@@ -252,6 +254,7 @@ impl<M: GuestMemory> Vm<M> {
             ended: None,
             idle_forever: 0,
             started: false,
+            latest_ns: 0,
             pending_interrupts: VecDeque::new(),
             console_line: Vec::new(),
             console_mid_line: false,
@@ -308,9 +311,11 @@ impl<M: GuestMemory> Vm<M> {
         self.ended.as_ref()
     }
 
-    /// Guest time in ns.
-    fn now_of(&self, cx: &VcpuContext, env: &Env<'_>) -> u64 {
-        cx.clock.ns((env.host_tsc)())
+    /// Guest time in ns as vCPU `cx` sees it, never earlier than any vCPU saw before: the
+    /// devices are shared and their models count on time that only moves forward.
+    fn now_of(&mut self, cx: &VcpuContext, env: &Env<'_>) -> u64 {
+        self.latest_ns = self.latest_ns.max(cx.clock.ns((env.host_tsc)()));
+        self.latest_ns
     }
 
     /// Brings device timers up to date, feeds console input, and acts on what they raised.

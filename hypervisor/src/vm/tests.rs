@@ -615,3 +615,39 @@ fn a_halted_vcpu_gives_the_cpu_away_until_its_timer_is_due_then_stays_halted() {
     assert_eq!(run_slice(&vm, &mut cx, &mut vcpu, &mut env, u64::MAX), Slice::Halted { wake_at_us: 5 });
     assert!(vcpu.injected_interrupts.is_empty());
 }
+
+#[test]
+fn a_sipi_from_vcpu0_starts_vcpu1_in_real_mode_and_kicks_it() {
+    let vm = Mutex::new(Vm::with_vcpus("t", memory(), 1_000_000_000, 0, 2));
+    let wrmsr = |msr: u32, value: u64| {
+        (Exit::Wrmsr, Gprs { rcx: msr.into(), rax: value & 0xffff_ffff, rdx: value >> 32, ..Gprs::default() })
+    };
+    let mut bsp = Mock::new(vec![]);
+    for (msr, value) in [(0x1b, 0xfee0_0d00), (0x80f, 0x1ff), (0x830, 1 << 32 | 0xc500), (0x830, 1 << 32 | 0x0608)] {
+        let (exit, gprs) = wrmsr(msr, value);
+        bsp = bsp.then(exit, gprs);
+    }
+    let (exit, gprs) = exit_with(0);
+    let mut bsp = bsp.then(exit, gprs);
+    let mut ap = Mock::new(vec![]);
+    let (mut bsp_cx, mut ap_cx) = (VcpuContext::new(0), VcpuContext::new(1));
+    let kicked = core::cell::RefCell::new(Vec::new());
+    let kick = |vcpu: usize| kicked.borrow_mut().push(vcpu);
+    let mut console = |_: &str, _: bool| {};
+    let mut env = test_env(&mut console, 1);
+    env.kick = &kick;
+    assert_eq!(run_slice(&vm, &mut ap_cx, &mut ap, &mut env, u64::MAX), Slice::Halted { wake_at_us: u64::MAX });
+    assert_eq!(run_slice(&vm, &mut bsp_cx, &mut bsp, &mut env, u64::MAX), Slice::Ended(VmEnd::DebugExit(0)));
+    assert!(kicked.borrow().contains(&1), "the AP was not kicked: {:?}", kicked.borrow());
+    // The VM ended: the AP sees that first. In a fresh VM it starts: after reset an AP waits
+    // for a SIPI, no INIT needed; the second SIPI finds it started and is ignored.
+    assert_eq!(run_slice(&vm, &mut ap_cx, &mut ap, &mut env, u64::MAX), Slice::Ended(VmEnd::DebugExit(0)));
+    let vm = Mutex::new(Vm::with_vcpus("t", memory(), 1_000_000_000, 0, 2));
+    vm.lock().router.lapic_msr_write(0, 0x1b, 0xfee0_0d00, 0, 0).unwrap();
+    vm.lock().router.lapic_msr_write(0, 0x830, 1 << 32 | 0x0608, 0, 0).unwrap();
+    vm.lock().router.lapic_msr_write(0, 0x830, 1 << 32 | 0x0609, 0, 0).unwrap();
+    assert_eq!(
+        run_slice(&vm, &mut ap_cx, &mut ap, &mut env, u64::MAX),
+        Slice::Started(StartMode::Real { cs: 0x800, ip: 0 })
+    );
+}

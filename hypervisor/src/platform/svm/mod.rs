@@ -395,12 +395,20 @@ impl SvmVcpu {
         self.debug.enter_guest();
         self.xstate.enter_guest();
         let (hidden, frozen_at) = clock.entry_base(rdtsc());
-        let offset_field = self.vmcb.ptr::<u64>(control::TSC_OFFSET) as u64;
+        // A clock that hides nothing has one fixed offset: the switch then writes its computed
+        // offset into `discarded` instead, and every entry of every vCPU sees the same TSC.
+        let mut discarded = 0u64;
+        let offset_field = if clock.hides_exits() {
+            self.vmcb.ptr::<u64>(control::TSC_OFFSET) as u64
+        } else {
+            self.vmcb.write(control::TSC_OFFSET, clock.tsc_offset());
+            core::ptr::addr_of_mut!(discarded) as u64
+        };
         let mut sync = TscSync { hidden, frozen_at, offset_field, entry: 0, exit: 0 };
         // SAFETY: the VMCB passed the setup above (SVME set, VMRUN intercepted, ASID != 0,
         // valid maps), the host save area is set by `enable`, both pages are owned by this
-        // vCPU, `offset_field` points into the VMCB, and `hv_svm_run` restores every
-        // callee-saved register.
+        // vCPU, `offset_field` points into the VMCB or at `discarded` (alive across the
+        // call), and `hv_svm_run` restores every callee-saved register.
         unsafe { hv_svm_run(self.vmcb.phys, &mut self.gprs, self.host_area.phys, &mut sync) };
         clock.resume(sync.entry);
         clock.freeze(sync.exit);
