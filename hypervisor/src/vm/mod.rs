@@ -174,7 +174,7 @@ pub struct Vm<M: GuestMemory> {
     pub router: InterruptRouter,
     /// Exit statistics.
     pub stats: ExitStats,
-    /// Guest time of vCPU 0 (and of all vCPUs: [`Vm::clock_for`]).
+    /// The clock every vCPU starts from.
     clock: GuestClock,
     /// How the VM ended, once one vCPU saw it end: the others stop at their next look.
     ended: Option<VmEnd>,
@@ -275,11 +275,6 @@ impl<M: GuestMemory> Vm<M> {
     /// The VM's vCPU count.
     pub fn vcpus(&self) -> usize {
         self.router.vcpus()
-    }
-
-    /// The clock a vCPU starts with.
-    fn clock_for(&self) -> GuestClock {
-        self.clock
     }
 
     /// Ends the VM for every vCPU (a timeout, or one vCPU saw it end); the first end stays.
@@ -816,7 +811,8 @@ fn slice<M: GuestMemory>(
             guard.start(env);
         }
         if !cx.started {
-            cx.clock = guard.clock_for();
+            // Every vCPU starts from the VM's clock.
+            cx.clock = guard.clock;
             cx.started = true;
         }
         if let Some(end) = guard.ended.clone() {
