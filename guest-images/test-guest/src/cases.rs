@@ -506,10 +506,19 @@ fn compute(rounds: u64) {
 
 /// Writes distinctive values into the registers the next case looks for, then computes for a
 /// while, so a VM sharing the CPU runs between its time slices.
+/// TSC_AUX with the value `leave-traces` writes (when RDTSCP exists): RDTSCP reads it directly.
+const TRACE_TSC_AUX: u64 = 0x7e57;
+const IA32_TSC_AUX: u32 = 0xc000_0103;
+
 fn leave_traces() -> CaseResult {
     for &(msr, _, value) in &TRACE_MSRS {
         // SAFETY: the guest makes no system calls and never uses SWAPGS: these values are inert.
         unsafe { crate::cpu::wrmsr(msr, value) };
+    }
+    let rdtscp = crate::cpu::has_rdtscp();
+    if rdtscp {
+        // SAFETY: TSC_AUX only changes what RDTSCP returns.
+        unsafe { crate::cpu::wrmsr(IA32_TSC_AUX, TRACE_TSC_AUX) };
     }
     write_drs(TRACE_DRS);
     for _ in 0..20 {
@@ -518,6 +527,9 @@ fn leave_traces() -> CaseResult {
     for &(msr, name, value) in &TRACE_MSRS {
         ensure!(crate::cpu::rdmsr(msr) == value, "{name} lost the value this VM wrote");
     }
+    if rdtscp {
+        ensure!(u64::from(crate::cpu::rdtscp_aux()) == TRACE_TSC_AUX, "RDTSCP lost the TSC_AUX this VM wrote");
+    }
     ensure!(read_drs() == TRACE_DRS, "DR0-DR3 lost the values this VM wrote: {:x?}", read_drs());
     Ok(())
 }
@@ -525,16 +537,32 @@ fn leave_traces() -> CaseResult {
 /// Runs beside `leave-traces` on the same CPU: never sees its values, and keeps its own.
 fn find_no_traces() -> CaseResult {
     let own: [u64; 4] = [0x1000, 0x2000, 0x3000, 0x4000];
+    const OWN_TSC_AUX: u32 = 0x51;
     write_drs(own);
     // SAFETY: as in `leave_traces`.
     unsafe { crate::cpu::wrmsr(0xc000_0082, 0xffff_8000_0000_1000) };
+    let rdtscp = crate::cpu::has_rdtscp();
+    if rdtscp {
+        // SAFETY: as in `leave_traces`.
+        unsafe { crate::cpu::wrmsr(IA32_TSC_AUX, u64::from(OWN_TSC_AUX)) };
+    }
     for round in 0..30 {
         for &(msr, name, value) in &TRACE_MSRS {
             ensure!(crate::cpu::rdmsr(msr) != value, "round {round}: {name} holds the value another VM wrote");
         }
         ensure!(read_drs() == own, "round {round}: DR0-DR3 are {:x?}, not this VM's own", read_drs());
         ensure!(crate::cpu::rdmsr(0xc000_0082) == 0xffff_8000_0000_1000, "round {round}: LSTAR lost this VM's value");
+        if rdtscp {
+            let aux = crate::cpu::rdtscp_aux();
+            ensure!(
+                aux == OWN_TSC_AUX,
+                "round {round}: RDTSCP returns TSC_AUX {aux:#x}, not this VM's {OWN_TSC_AUX:#x}"
+            );
+        }
         compute(1_000_000);
+    }
+    if rdtscp {
+        println!("case find-no-traces: TSC_AUX checked through RDTSCP");
     }
     Ok(())
 }

@@ -92,6 +92,19 @@ pub fn rdtsc() -> u64 {
     (u64::from(high) << 32) | u64::from(low)
 }
 
+/// RDTSCP is offered (then TSC_AUX exists and RDTSCP returns it in ECX).
+pub fn has_rdtscp() -> bool {
+    cpuid(0x8000_0000, 0).eax >= 0x8000_0001 && cpuid(0x8000_0001, 0).edx & (1 << 27) != 0
+}
+
+/// The TSC_AUX value RDTSCP returns (read without an exit).
+pub fn rdtscp_aux() -> u32 {
+    let aux: u32;
+    // SAFETY: RDTSCP only writes EAX, EDX and ECX; callers check `has_rdtscp` first.
+    unsafe { asm!("rdtscp", out("eax") _, out("edx") _, out("ecx") aux, options(nomem, nostack, preserves_flags)) };
+    aux
+}
+
 pub fn read_cr2() -> u64 {
     let value;
     // SAFETY: reading CR2 has no side effects.

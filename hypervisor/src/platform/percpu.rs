@@ -36,6 +36,9 @@ pub struct PerCpu {
     /// When the host timer armed on this CPU fires (TSC; 0: not armed). Backends with a timer
     /// of their own for guest mode (the VMX-preemption timer) program it from this.
     pub timer_deadline_tsc: AtomicU64,
+    /// The value last written to this CPU's TSC_AUX for a guest (SVM switches it by hand):
+    /// an entry rewrites the MSR only when the next vCPU's value differs.
+    pub guest_tsc_aux: AtomicU64,
 }
 
 static CPU_COUNT: AtomicUsize = AtomicUsize::new(0);
@@ -53,6 +56,7 @@ pub fn create(index: usize, apic_id: u32, tables: &'static CpuTables) -> &'stati
         current_vmcs: AtomicU64::new(0),
         online: AtomicBool::new(false),
         timer_deadline_tsc: AtomicU64::new(0),
+        guest_tsc_aux: AtomicU64::new(0),
     }));
     block.self_address = block as *const PerCpu as u64;
     CPUS[index].store(block.self_address, Ordering::Release);

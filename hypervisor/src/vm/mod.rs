@@ -386,7 +386,8 @@ impl<M: GuestMemory> Vm<M> {
         if let Some(vector) = vector {
             vcpu.inject_interrupt(vector);
         }
-        vcpu.set_interrupt_window_exiting(self.interrupt_ready(cpu));
+        // An NMI the vCPU could not take yet is retried at the next window too.
+        vcpu.set_interrupt_window_exiting(self.interrupt_ready(cpu) || self.router.nmi_pending(cpu));
     }
 
     /// HLT: the vCPU waits (on guest time, which keeps running) until an interrupt can be

@@ -23,6 +23,8 @@ use crate::vcpu::{Exit, Gprs, GuestMode, StartMode, Vcpu};
 const MSR_EFER: u32 = 0xc000_0080;
 const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
 const MSR_PAT: u32 = 0x277;
+/// Read by RDTSCP and RDPID without an exit; not in the VMCB, so switched by hand.
+const MSR_TSC_AUX: u32 = 0xc000_0103;
 const EFER_SVME: u64 = 1 << 12;
 /// EFER bits a guest may write: SCE, LME, LMA (ignored on write), NXE, FFXSR.
 const EFER_GUEST_WRITABLE: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11) | (1 << 14);
@@ -63,6 +65,8 @@ impl fmt::Display for SvmError {
 
 struct Features {
     nrip_save: bool,
+    /// The CPU has TSC_AUX (RDTSCP or RDPID).
+    tsc_aux: bool,
 }
 
 static FEATURES: spin::Once<Features> = spin::Once::new();
@@ -82,7 +86,13 @@ pub fn enable() -> Result<(), SvmError> {
         efer.write(efer.read() | EFER_SVME);
         Msr::new(MSR_VM_HSAVE_PA).write(host_save);
     }
-    FEATURES.call_once(|| Features { nrip_save: cpuid!(0x8000_000a).edx & (1 << 3) != 0 });
+    // Zero, as every vCPU's TSC_AUX starts: the per-CPU cache below then tells the truth.
+    let tsc_aux = cpuid!(0x8000_0001).edx & (1 << 27) != 0 || cpuid!(7, 0).ecx & (1 << 22) != 0;
+    if tsc_aux {
+        // SAFETY: the CPU reports RDTSCP or RDPID, so TSC_AUX exists; the host never reads it.
+        unsafe { Msr::new(MSR_TSC_AUX).write(0) };
+    }
+    FEATURES.call_once(|| Features { nrip_save: cpuid!(0x8000_000a).edx & (1 << 3) != 0, tsc_aux });
     Ok(())
 }
 
@@ -173,6 +183,11 @@ pub struct SvmVcpu {
     /// An injected NMI's handler has not returned yet (SVM does not tell: IRET is
     /// intercepted meanwhile).
     nmi_blocked: bool,
+    /// The RIP of the NMI handler's IRET, intercepted before it ran: NMIs stay blocked until
+    /// the guest is seen past it (as KVM does without vNMI).
+    nmi_iret_at: Option<u64>,
+    /// The guest's TSC_AUX, loaded into the CPU before entry when another value is there.
+    tsc_aux: u64,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -379,6 +394,8 @@ impl SvmVcpu {
             last_cpu: None,
             shared_asid: asid.shared,
             nmi_blocked: false,
+            nmi_iret_at: None,
+            tsc_aux: 0,
             _not_send: PhantomData,
         })
     }
@@ -392,6 +409,7 @@ impl SvmVcpu {
             self.vmcb.write(control::TLB_CONTROL, 1u8);
             self.last_cpu = Some(cpu);
         }
+        self.load_tsc_aux();
         self.debug.enter_guest();
         self.xstate.enter_guest();
         let (hidden, frozen_at) = clock.entry_base(rdtsc());
@@ -422,6 +440,11 @@ impl SvmVcpu {
         if pending & EVENT_VALID != 0 {
             self.vmcb.write(control::EVENT_INJ, pending);
         }
+        if self.nmi_iret_at.is_some_and(|rip| rip != self.rip()) {
+            // The handler's IRET has run: the next NMI may come.
+            self.nmi_iret_at = None;
+            self.nmi_blocked = false;
+        }
 
         let code: u64 = self.vmcb.read(control::EXIT_CODE);
         let info1: u64 = self.vmcb.read(control::EXIT_INFO1);
@@ -446,10 +469,10 @@ impl SvmVcpu {
                 self.set_interrupt_window_exiting(false);
                 Some(exit)
             }
-            // The NMI handler returns: NMIs are open again once this IRET runs (the exit
-            // comes before it does), and the next one may be injected on top of it.
+            // The NMI handler returns: NMIs are open again once this IRET has run. The exit
+            // comes before it does, so an NMI injected now would land inside the handler.
             Exit::Unhandled { reason: exit_decode::svm::IRET, .. } => {
-                self.nmi_blocked = false;
+                self.nmi_iret_at = Some(self.rip());
                 let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
                 self.vmcb.write(control::INTERCEPT_MISC1, intercepts & !misc1::IRET);
                 Some(Exit::InterruptWindow)
@@ -471,6 +494,9 @@ impl SvmVcpu {
     fn handle_msr_here(&mut self, write: bool) -> bool {
         let msr = self.gprs.rcx as u32;
         let value = (self.gprs.rdx << 32) | (self.gprs.rax & 0xffff_ffff);
+        if msr == MSR_TSC_AUX && FEATURES.get().is_some_and(|f| f.tsc_aux) {
+            return self.handle_tsc_aux(write, value);
+        }
         let field = match msr {
             MSR_EFER => save::EFER,
             MSR_PAT => save::G_PAT,
@@ -503,6 +529,34 @@ impl SvmVcpu {
         self.vmcb.write(field, stored);
         self.skip_instruction();
         true
+    }
+
+    /// RDMSR/WRMSR of TSC_AUX: the value lives here (bits 63:32 are reserved).
+    fn handle_tsc_aux(&mut self, write: bool, value: u64) -> bool {
+        if !write {
+            self.gprs.rax = self.tsc_aux;
+            self.gprs.rdx = 0;
+        } else if value >> 32 != 0 {
+            self.inject_exception(13, Some(0));
+            return true;
+        } else {
+            self.tsc_aux = value;
+        }
+        self.skip_instruction();
+        true
+    }
+
+    /// Puts this vCPU's TSC_AUX into the CPU if the last guest there left another value.
+    fn load_tsc_aux(&self) {
+        if !FEATURES.get().is_some_and(|f| f.tsc_aux) {
+            return;
+        }
+        let cached = &super::percpu::current().guest_tsc_aux;
+        if cached.load(core::sync::atomic::Ordering::Relaxed) != self.tsc_aux {
+            // SAFETY: TSC_AUX exists (checked) and only guests read it.
+            unsafe { Msr::new(MSR_TSC_AUX).write(self.tsc_aux) };
+            cached.store(self.tsc_aux, core::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// VMRUN refused the VMCB: name the consistency check that fails (APM Vol. 2, 15.5.1).
@@ -640,6 +694,11 @@ impl Vcpu for SvmVcpu {
 
     fn inject_nmi(&mut self) -> bool {
         let queued: u64 = self.vmcb.read(control::EVENT_INJ);
+        if self.nmi_iret_at.is_some() {
+            // Exit again once the guest can take interrupts, by then mostly past the IRET.
+            self.set_interrupt_window_exiting(true);
+            return false;
+        }
         if self.nmi_blocked || queued & EVENT_VALID != 0 {
             return false;
         }
