@@ -166,10 +166,13 @@ fn vmx_registers_do_not_leak_between_vms_on_one_cpu() {
 }
 
 /// Four vCPUs: INIT-SIPI-SIPI starts the three APs in real mode, then fixed (physical and
-/// logical), lowest-priority, NMI, self and broadcast IPIs each land exactly where they should.
+/// logical), lowest-priority, NMI, self and broadcast IPIs each land exactly where they should;
+/// then all four send themselves IPIs at once, each taken exactly once and never inside its
+/// own handler.
 fn application_processors_start_and_ipis_land(platform: Platform) {
     Log(suite(platform))
         .contains("vm smp: 16 MiB RAM, 4 vCPUs")
+        .contains("[smp] case smp: 2000 self-IPIs on each CPU, each taken once\n")
         .contains("[smp] case smp: ok\n")
         .vm_ended("smp", "debug-exit status=0");
 }

@@ -80,11 +80,12 @@ fn run(platform: Platform, kernel: Kernel) -> &'static RunOutcome {
     cell.get_or_init(|| boot_linux(platform, kernel))
 }
 
-/// The count column of a /proc/interrupts line whose label contains `name`.
+/// The count of a /proc/interrupts line whose label contains `name`, summed over the CPUs.
 fn interrupt_count(outcome: &RunOutcome, irq: &str, name: &str) -> Option<u64> {
     outcome.serial.lines().filter_map(|l| l.strip_prefix("[linux] ")).find_map(|line| {
         let mut fields = line.split_whitespace();
-        (fields.next()? == irq && line.contains(name)).then(|| fields.next()?.parse().ok())?
+        (fields.next()? == irq && line.contains(name))
+            .then(|| fields.map_while(|f| f.parse::<u64>().ok()).reduce(|a, b| a + b))?
     })
 }
 
@@ -95,15 +96,9 @@ fn per_cpu_counts(outcome: &RunOutcome, label: &str) -> Vec<u64> {
     line.map(|l| l.split_whitespace().skip(1).map_while(|f| f.parse().ok()).collect()).unwrap_or_default()
 }
 
-/// Linux on four vCPUs (`linux-smp.vms`): all four come up, each counts its own local-timer
-/// interrupts and IPIs, and a task pinned to each runs there. Not in CI yet: SMP Linux runs
-/// hit an intermittent guest hang (a nested interrupt at the IRQ return) still being chased.
-#[test]
-#[ignore = "intermittent SMP guest hang under investigation; run with --ignored"]
-fn svm_distro_kernel_runs_on_four_vcpus() {
-    ensure_image("distro-kernel.sh");
-    ensure_image("initramfs.sh");
-    let outcome = &boot_with(Platform::Tcg, Firmware::Bios, "linux-smp.vms", TIMEOUT * 3, Vec::new());
+/// Linux on four vCPUs: all four come up, each counts its own local-timer interrupts and
+/// IPIs, and a task pinned to each runs there.
+fn runs_on_four_vcpus(outcome: &RunOutcome) {
     let log = Log(outcome);
     log.ended(RunStatus::Success, "1 VMs ran, all ended cleanly");
     log.contains("[linux] HV-LINUX-CPUS: 4\n").line_with_all(&["[linux]", "CPU0", "CPU1", "CPU2", "CPU3"]);
@@ -119,6 +114,58 @@ fn svm_distro_kernel_runs_on_four_vcpus() {
     if !every_cpu_counts {
         log.contains(&format!("(per-CPU counts: LOC {local:?}, RES {resched:?}, CAL {calls:?})"));
     }
+}
+
+#[test]
+fn svm_small_kernel_runs_on_four_vcpus() {
+    runs_on_four_vcpus(run(Platform::Tcg, Kernel::Small));
+}
+
+#[test]
+fn vmx_small_kernel_runs_on_four_vcpus() {
+    runs_on_four_vcpus(run(Platform::Bochs, Kernel::Small));
+}
+
+/// Debian's kernel on four vCPUs (`linux-smp.vms`).
+#[test]
+fn svm_distro_kernel_runs_on_four_vcpus() {
+    ensure_image("distro-kernel.sh");
+    ensure_image("initramfs.sh");
+    runs_on_four_vcpus(&boot_with(Platform::Tcg, Firmware::Bios, "linux-smp.vms", TIMEOUT * 3, Vec::new()));
+}
+
+/// Two Linux VMs on two vCPUs each and a test guest at once (`bench/set.vms`): all start
+/// together, their consoles interleave line by line without mixing, and all end cleanly.
+fn three_vms_run_at_once(platform: Platform) {
+    ensure_image("small-kernel.sh");
+    ensure_image("initramfs.sh");
+    let outcome = &boot_with(platform, Firmware::Bios, "bench/set.vms", TIMEOUT * 3, Vec::new());
+    let log = Log(outcome);
+    log.ended(RunStatus::Success, "3 VMs ran, all ended cleanly").vm_ended("ticks", "debug-exit status=0");
+    for vm in ["linux-a", "linux-b"] {
+        log.contains(&format!("[{vm}] HV-LINUX-CPUS: 2\n")).vm_ended(vm, "power-off");
+    }
+    let lines = log.lines_starting("[");
+    let first = |vm: &str| lines.iter().position(|line| line.starts_with(vm)).expect("the VM printed");
+    let last = |vm: &str| lines.iter().rposition(|line| line.starts_with(vm)).expect("the VM printed");
+    assert!(
+        first("[linux-b]") < last("[linux-a]") && first("[linux-a]") < last("[linux-b]"),
+        "the two Linux VMs did not run at the same time"
+    );
+    assert!(first("[ticks]") < last("[linux-a]"), "the test guest did not run beside the Linux VMs");
+    for line in outcome.serial.lines() {
+        assert!(line.matches("[linux-").count() + line.matches("[ticks]").count() <= 1, "a line mixes VMs: {line:?}");
+    }
+}
+
+#[test]
+fn svm_three_vms_run_at_once() {
+    three_vms_run_at_once(Platform::Tcg);
+}
+
+#[test]
+fn vmx_three_vms_run_at_once() {
+    three_vms_run_at_once(Platform::Bochs);
 }
 
 fn reaches_userspace_and_powers_off(platform: Platform, kernel: Kernel) {

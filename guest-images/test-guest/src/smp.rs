@@ -6,15 +6,20 @@
 //! mode, takes a stack of its own and runs `ap_main`: it loads the IDT, enables its local APIC
 //! with a flat logical ID of `1 << apic_id`, reports in and halts with interrupts on. The IPI
 //! vectors count per (APIC ID, vector) in `trap_dispatch`.
+//!
+//! Last, every CPU sends itself `SELF_IPI_ROUNDS` IPIs whose handler lingers before its EOI:
+//! each must be taken exactly once, never inside its own handler (QEMU's TCG delivers an
+//! interrupt injected through SVM's EVENTINJ a second time when its CPU loop stops early).
 
 // Failure messages are returned by value, as in `cases`.
 #![allow(clippy::result_large_err)]
 
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::cases::{fail, CaseResult};
 use crate::cpu;
+use crate::println;
 use crate::traps;
 
 /// Guest-physical page the SIPI starts the APs at (vector 0x08).
@@ -54,6 +59,21 @@ static IPIS: [[AtomicU32; IPI_VECTORS]; MAX_APIC_IDS] =
     [const { [const { AtomicU32::new(0) }; IPI_VECTORS] }; MAX_APIC_IDS];
 /// NMIs taken, by APIC ID.
 static NMIS: [AtomicU32; MAX_APIC_IDS] = [const { AtomicU32::new(0) }; MAX_APIC_IDS];
+
+/// The self-IPI phase: its vector, rounds per CPU and how long (TSC ticks) its handler stays
+/// before the EOI, so that a second delivery would find it still running.
+const SELF_IPI_VECTOR: u8 = 0x70;
+const SELF_IPI_ROUNDS: u32 = 2000;
+const SELF_IPI_HANDLER_TICKS: u64 = 20_000;
+/// Set by the BSP: the APs run their self-IPI rounds when the next IPI wakes them.
+static SELF_IPIS_GO: AtomicBool = AtomicBool::new(false);
+/// CPUs that finished their rounds (bit = APIC ID).
+static SELF_IPIS_DONE: AtomicU64 = AtomicU64::new(0);
+/// Self-IPIs taken, deliveries that found the handler already running, and whether the
+/// handler is running, by APIC ID.
+static SELF_IPIS_TAKEN: [AtomicU32; MAX_APIC_IDS] = [const { AtomicU32::new(0) }; MAX_APIC_IDS];
+static SELF_IPIS_NESTED: [AtomicU32; MAX_APIC_IDS] = [const { AtomicU32::new(0) }; MAX_APIC_IDS];
+static SELF_IPI_RUNNING: [AtomicBool; MAX_APIC_IDS] = [const { AtomicBool::new(false) }; MAX_APIC_IDS];
 
 global_asm!(
     r#"
@@ -177,6 +197,10 @@ extern "C" fn ap_main() -> ! {
     enable_lapic();
     ARRIVED.fetch_or(1 << apic_id(), Ordering::SeqCst);
     loop {
+        let id = apic_id();
+        if SELF_IPIS_GO.load(Ordering::SeqCst) && SELF_IPIS_DONE.load(Ordering::SeqCst) & (1 << id) == 0 {
+            self_ipi_rounds();
+        }
         // SAFETY: the IDT is loaded; the IPI handlers return here.
         unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
     }
@@ -188,6 +212,19 @@ pub fn count_interrupt(vector: u64) -> bool {
     let id = apic_id().min(MAX_APIC_IDS - 1);
     if vector == 2 {
         NMIS[id].fetch_add(1, Ordering::SeqCst);
+        return true;
+    }
+    if vector == u64::from(SELF_IPI_VECTOR) {
+        if SELF_IPI_RUNNING[id].swap(true, Ordering::SeqCst) {
+            SELF_IPIS_NESTED[id].fetch_add(1, Ordering::SeqCst);
+        }
+        let start = cpu::rdtsc();
+        while cpu::rdtsc().wrapping_sub(start) < SELF_IPI_HANDLER_TICKS {
+            core::hint::spin_loop();
+        }
+        SELF_IPI_RUNNING[id].store(false, Ordering::SeqCst);
+        SELF_IPIS_TAKEN[id].fetch_add(1, Ordering::SeqCst);
+        lapic_write(REG_EOI, 0);
         return true;
     }
     let Some(index) = vector.checked_sub(u64::from(IPI_VECTOR_BASE)).filter(|&i| i < IPI_VECTORS as u64) else {
@@ -210,6 +247,19 @@ fn wait_for(mut done: impl FnMut() -> bool) -> bool {
         unsafe { asm!("sti", "pause", "cli", options(nomem, nostack)) };
     }
     done()
+}
+
+/// This CPU's self-IPI rounds: one IPI at a time, each waited for.
+fn self_ipi_rounds() {
+    let id = apic_id();
+    for _ in 0..SELF_IPI_ROUNDS {
+        let before = SELF_IPIS_TAKEN[id].load(Ordering::SeqCst);
+        send_ipi(0, 0x0004_4000 | u32::from(SELF_IPI_VECTOR));
+        if !wait_for(|| SELF_IPIS_TAKEN[id].load(Ordering::SeqCst) != before) {
+            break;
+        }
+    }
+    SELF_IPIS_DONE.fetch_or(1 << id, Ordering::SeqCst);
 }
 
 fn counts(vector: u8) -> [u32; 4] {
@@ -276,5 +326,25 @@ pub fn smp() -> CaseResult {
     if !wait_for(|| nmis() == [0, 0, 0, 1]) {
         return Err(fail!("NMI to APIC 3: taken {:?} times by APIC IDs 0-3", nmis()));
     }
+    // Self-IPIs on every CPU at once; the APs start when this IPI wakes them.
+    SELF_IPIS_GO.store(true, Ordering::SeqCst);
+    send_ipi(0, 0x000c_4000 | v(7));
+    self_ipi_rounds();
+    let all = (1u64 << (APS + 1)) - 1;
+    let finished = || SELF_IPIS_DONE.load(Ordering::SeqCst) == all;
+    // Generous: on Bochs a round costs several exits on each of four vCPUs.
+    for _ in 0..30 {
+        if wait_for(finished) {
+            break;
+        }
+    }
+    let taken: [u32; 4] = core::array::from_fn(|id| SELF_IPIS_TAKEN[id].load(Ordering::SeqCst));
+    let nested: [u32; 4] = core::array::from_fn(|id| SELF_IPIS_NESTED[id].load(Ordering::SeqCst));
+    if !finished() || taken != [SELF_IPI_ROUNDS; 4] || nested != [0; 4] {
+        return Err(fail!(
+            "self-IPIs: taken {taken:?} times and {nested:?} times inside their own handler by APIC IDs 0-3, expected {SELF_IPI_ROUNDS} each and never inside"
+        ));
+    }
+    println!("case smp: {SELF_IPI_ROUNDS} self-IPIs on each CPU, each taken once");
     Ok(())
 }

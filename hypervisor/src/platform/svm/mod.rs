@@ -188,6 +188,9 @@ pub struct SvmVcpu {
     nmi_iret_at: Option<u64>,
     /// The guest's TSC_AUX, loaded into the CPU before entry when another value is there.
     tsc_aux: u64,
+    /// An external interrupt handed to the CPU as a virtual interrupt (V_IRQ) that the guest
+    /// has not taken yet. See [`SvmVcpu::deliver_virtual_interrupt`].
+    virq_vector: Option<u8>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -396,6 +399,7 @@ impl SvmVcpu {
             nmi_blocked: false,
             nmi_iret_at: None,
             tsc_aux: 0,
+            virq_vector: None,
             _not_send: PhantomData,
         })
     }
@@ -438,7 +442,15 @@ impl SvmVcpu {
         self.vmcb.write(control::EVENT_INJ, 0u64);
         let pending: u64 = self.vmcb.read(control::EXIT_INT_INFO);
         if pending & EVENT_VALID != 0 {
-            self.vmcb.write(control::EVENT_INJ, pending);
+            if pending & EVENT_TYPE_MASK == EVENT_TYPE_INTR {
+                self.deliver_virtual_interrupt(pending as u8);
+            } else {
+                self.vmcb.write(control::EVENT_INJ, pending);
+            }
+        }
+        if self.virq_vector.is_some() && self.vmcb.read::<u64>(control::V_INTR) & V_IRQ == 0 {
+            // The guest took it.
+            self.virq_vector = None;
         }
         if self.nmi_iret_at.is_some_and(|rip| rip != self.rip()) {
             // The handler's IRET has run: the next NMI may come.
@@ -465,6 +477,12 @@ impl SvmVcpu {
                 Some(exit)
             }
             Exit::Rdmsr | Exit::Wrmsr if self.handle_msr_here(exit == Exit::Wrmsr) => None,
+            // `STI; HLT` with an interrupt still in V_IRQ: the interrupt ends the halt at once,
+            // as it would on a CPU that had delivered it before the HLT.
+            Exit::Hlt if self.virq_vector.is_some() && self.rflags() & RFLAGS_IF != 0 => {
+                self.skip_instruction();
+                None
+            }
             Exit::InterruptWindow => {
                 self.set_interrupt_window_exiting(false);
                 Some(exit)
@@ -531,6 +549,24 @@ impl SvmVcpu {
         true
     }
 
+    /// Hands an external interrupt to the CPU as a virtual interrupt (V_IRQ with its vector,
+    /// not intercepted): the guest takes it as soon as RFLAGS.IF and its interrupt shadow
+    /// allow, through its IDT, exactly like one injected through EVENTINJ.
+    ///
+    /// EVENTINJ is kept for exceptions and NMIs: QEMU's TCG (7.2, `helper_vmrun`) delivers
+    /// an injected INTR but leaves its vector as the CPU's pending exception, and
+    /// delivers it a second time, whatever IF says, if its CPU loop stops for another reason
+    /// before the next #VMEXIT (often with several TCG CPUs). Linux then runs a device's or
+    /// the timer's handler inside itself and deadlocks or double faults.
+    fn deliver_virtual_interrupt(&mut self, vector: u8) {
+        let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
+        self.vmcb.write(control::INTERCEPT_MISC1, intercepts & !INTERCEPT_VINTR);
+        let v_intr: u64 = self.vmcb.read(control::V_INTR);
+        let v_intr = (v_intr & !V_INTR_VECTOR_MASK) | V_IRQ | V_IGN_TPR | V_INTR_PRIO_MAX | (vector as u64) << 32;
+        self.vmcb.write(control::V_INTR, v_intr);
+        self.virq_vector = Some(vector);
+    }
+
     /// RDMSR/WRMSR of TSC_AUX: the value lives here (bits 63:32 are reserved).
     fn handle_tsc_aux(&mut self, write: bool, value: u64) -> bool {
         if !write {
@@ -591,6 +627,7 @@ impl SvmVcpu {
 
 const EVENT_VALID: u64 = 1 << 31;
 const EVENT_ERROR_VALID: u64 = 1 << 11;
+const EVENT_TYPE_MASK: u64 = 7 << 8;
 const EVENT_TYPE_INTR: u64 = 0 << 8;
 const EVENT_TYPE_NMI: u64 = 2 << 8;
 const NMI_VECTOR: u64 = 2;
@@ -599,6 +636,8 @@ const V_IRQ: u64 = 1 << 8;
 const V_IGN_TPR: u64 = 1 << 20;
 const V_INTR_PRIO_MAX: u64 = 0xf << 16;
 const V_INTR_MASKING: u64 = 1 << 24;
+const V_INTR_VECTOR_MASK: u64 = 0xff << 32;
+const RFLAGS_IF: u64 = 1 << 9;
 const INTERCEPT_VINTR: u32 = misc1::VINTR;
 
 /// Byte and bit of an MSR's read-intercept bit in the MSR permission map (the write bit
@@ -685,11 +724,11 @@ impl Vcpu for SvmVcpu {
     fn interrupts_open(&self) -> bool {
         let shadow: u64 = self.vmcb.read(control::INTERRUPT_SHADOW);
         let queued: u64 = self.vmcb.read(control::EVENT_INJ);
-        self.rflags() & (1 << 9) != 0 && shadow & 1 == 0 && queued & EVENT_VALID == 0
+        self.rflags() & RFLAGS_IF != 0 && shadow & 1 == 0 && queued & EVENT_VALID == 0 && self.virq_vector.is_none()
     }
 
     fn inject_interrupt(&mut self, vector: u8) {
-        self.vmcb.write(control::EVENT_INJ, EVENT_VALID | EVENT_TYPE_INTR | vector as u64);
+        self.deliver_virtual_interrupt(vector);
     }
 
     fn inject_nmi(&mut self) -> bool {
@@ -710,12 +749,16 @@ impl Vcpu for SvmVcpu {
     }
 
     fn set_interrupt_window_exiting(&mut self, on: bool) {
+        if self.virq_vector.is_some() {
+            // V_IRQ carries an interrupt already; the exit for its EOI offers the next one.
+            return;
+        }
         let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
         let v_intr: u64 = self.vmcb.read(control::V_INTR);
         // A virtual interrupt that is never taken makes the CPU exit with VINTR as soon as
         // the guest could take it.
         let (intercepts, v_intr) = if on {
-            (intercepts | INTERCEPT_VINTR, v_intr | V_IRQ | V_IGN_TPR | V_INTR_PRIO_MAX)
+            (intercepts | INTERCEPT_VINTR, (v_intr & !V_INTR_VECTOR_MASK) | V_IRQ | V_IGN_TPR | V_INTR_PRIO_MAX)
         } else {
             (intercepts & !INTERCEPT_VINTR, v_intr & !(V_IRQ | V_IGN_TPR | V_INTR_PRIO_MAX))
         };
