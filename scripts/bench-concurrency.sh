@@ -5,6 +5,10 @@
 # set on the same machine (firmware and bring-up), so one after another is not charged three
 # start-ups.
 #
+# Then the small Linux VM's own time from start to end (its exit table's first line) alone and
+# beside a VM that spins with interrupts off and one that halts forever
+# (guest-images/linux-beside-hostile.vms), with the same host CPU counts.
+#
 # Usage: scripts/bench-concurrency.sh [--cpus "1 2"]
 # Progress goes to stderr; the result table to stdout.
 set -euo pipefail
@@ -37,6 +41,9 @@ awk -v dir="$WORK" '/^\[vm /{name=$2; sub(/\]$/, "", name); file=dir "/" name ".
 for one in "$WORK"/*.vms; do
     sed -i "s|= \.\./|= $ROOT/guest-images/|" "$one"
 done
+# The Linux VM of the hostile set, alone (its paths are relative to guest-images/).
+BESIDE=guest-images/linux-beside-hostile.vms
+awk '/^\[vm /{keep = ($2 == "linux]")} keep' "$BESIDE" | sed "s|= linux/|= $ROOT/guest-images/linux/|" >"$WORK/alone.vms"
 : >"$WORK/empty.vms"
 
 # Seconds of one `boot run` (from boot's summary line); the run must end cleanly.
@@ -59,4 +66,22 @@ for cpus in $CPU_COUNTS; do
     done
     together=$(echo "$together - $base" | bc -l)
     printf '%-6s %12.1f %18.1f %8.2f\n' "$cpus" "$together" "$sequential" "$(echo "$together / $sequential" | bc -l)"
+done
+
+# Seconds from the Linux VM's start to its end (the first line of its exit table) in one run of
+# set $2 on $1 CPUs; the other VMs of the set may fail (the hostile ones end by timeout).
+linux_seconds() {
+    local cpus=$1 vms=$2 log=$WORK/linux.log
+    cargo run --quiet -p boot -- run --platform tcg --cpus "$cpus" --vms "$vms" --timeout 300 --quiet \
+        --log "$log" >/dev/null 2>&1 || true
+    grep -aq "VM-END vm=linux reason=power-off" "$log" || die "Linux did not power off in $vms with $cpus CPU(s)"
+    sed -n 's/^vm linux: .*, \([0-9.]*\) s from start to end$/\1/p' "$log" | tail -n1
+}
+
+printf '\n%-6s %12s %24s %8s\n' "cpus" "Linux alone (s)" "beside spinner+sleeper" "ratio"
+for cpus in $CPU_COUNTS; do
+    say "$cpus CPU(s): Linux alone, then beside a spinning and a sleeping VM"
+    alone=$(linux_seconds "$cpus" "$WORK/alone.vms")
+    beside=$(linux_seconds "$cpus" "$BESIDE")
+    printf '%-6s %15.1f %24.1f %8.2f\n' "$cpus" "$alone" "$beside" "$(echo "$beside / $alone" | bc -l)"
 done

@@ -56,11 +56,24 @@ fn boot_with(
     timeout: std::time::Duration,
     typed_input: Vec<(String, Vec<u8>)>,
 ) -> RunOutcome {
+    boot_configured(platform, firmware, vms, timeout, typed_input, false)
+}
+
+/// [`boot_with`], and `raw_terminal` shows the VM with the input raw (`RunOutcome::terminal`).
+fn boot_configured(
+    platform: Platform,
+    firmware: Firmware,
+    vms: &str,
+    timeout: std::time::Duration,
+    typed_input: Vec<(String, Vec<u8>)>,
+    raw_terminal: bool,
+) -> RunOutcome {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images").join(vms);
     let mut config = boot::RunConfig::new(platform, firmware, boot::HYPERVISOR_KERNEL);
     config.timeout = timeout;
     config.cpus = HOST_CPUS;
     config.typed_input = typed_input;
+    config.raw_terminal = raw_terminal;
     config.ramdisk = boot::ramdisk_files(Some(&path)).unwrap_or_else(|e| panic!("VM set {vms}: {e}"));
     let outcome = boot::run(&config).unwrap_or_else(|e| panic!("could not run {vms} on {platform}: {e}"));
     // The rule of every Linux test: the kernel's log holds no warning, trace or refused MSR.
@@ -296,7 +309,9 @@ fn svm_small_kernel_boots_beside_a_spinning_and_a_sleeping_vm() {
 }
 
 /// Two Linux shells at once: typed input goes to the first, Ctrl-] moves it to the second, and
-/// when the second powers off the input comes back to the first by itself.
+/// when the second powers off the input comes back to the first by itself. On the terminal
+/// the VM with the input is shown raw (an escape sequence it prints arrives intact, its own
+/// prefixed lines do not appear); the log keeps the prefixed, sanitized lines.
 #[test]
 fn svm_two_shells_at_once_take_input_in_turn() {
     ensure_image("small-kernel.sh");
@@ -306,10 +321,11 @@ fn svm_two_shells_at_once_take_input_in_turn() {
         step("[a] shell on the console", b"echo from-a-$((6*7))\n"),
         step("[b] shell on the console", b""),
         step("[a] from-a-42", b"\x1decho from-b-$((7*7))\n"),
-        step("[b] from-b-49", b"exit\n"),
+        step("[b] from-b-49", b"printf '\\033[7mraw-b\\033[0m\\n'\n"),
+        step("[b] .[7mraw-b.[0m", b"exit\n"),
         step("VM-END vm=b ", b"echo back-in-a\nexit\n"),
     ];
-    let outcome = boot_with(Platform::Tcg, Firmware::Bios, "linux-two-shells.vms", TIMEOUT, typed);
+    let outcome = boot_configured(Platform::Tcg, Firmware::Bios, "linux-two-shells.vms", TIMEOUT, typed, true);
     let log = Log(&outcome);
     log.contains("[a] from-a-42\n")
         .contains("[b] from-b-49\n")
@@ -323,4 +339,12 @@ fn svm_two_shells_at_once_take_input_in_turn() {
         !outcome.serial.contains("[b] from-a") && !outcome.serial.contains("[a] from-b"),
         "input reached the wrong VM"
     );
+    let terminal = String::from_utf8_lossy(&outcome.terminal);
+    assert!(
+        terminal.contains("\x1b[7mraw-b\x1b[0m")
+            && terminal.contains("from-a-42")
+            && !terminal.contains("[a] from-a-42"),
+        "the terminal did not show the VM with the input raw:\n{terminal}"
+    );
+    assert!(!outcome.serial.contains("HV-RAW"), "the log holds raw records");
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 pub use hypervisor::status::{EndLine, RunStatus};
 
 mod platforms;
+pub mod terminal;
 
 pub use platforms::{detect_kvm, Platform, MACHINE_CPUS, MACHINE_MEMORY_MIB};
 
@@ -221,6 +222,10 @@ pub struct RunConfig {
     pub log_path: Option<PathBuf>,
     /// Echo serial output to stdout as it arrives.
     pub echo: bool,
+    /// The echo goes to a terminal: the hypervisor runs with `console = raw` and the VM with
+    /// the input is shown as its own bytes ([`terminal::TerminalView`]); the log keeps the
+    /// prefixed, sanitized lines.
+    pub raw_terminal: bool,
     /// Connect our stdin (terminal or pipe) to the guest's serial input (QEMU only).
     pub interactive: bool,
     /// Steps of a scripted console (QEMU only), how tests drive interactive guests: for each,
@@ -246,6 +251,7 @@ impl RunConfig {
             timeout: Duration::from_secs(120),
             log_path: None,
             echo: false,
+            raw_terminal: false,
             interactive: false,
             typed_input: Vec::new(),
             qemu_cpu: None,
@@ -284,6 +290,8 @@ pub struct RunOutcome {
     pub elapsed: Duration,
     /// Where the serial log was written.
     pub log_path: PathBuf,
+    /// What a terminal showed (or would have) with [`RunConfig::raw_terminal`]; empty without.
+    pub terminal: Vec<u8>,
 }
 
 impl RunOutcome {
@@ -346,10 +354,22 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, BootError> {
     platforms::check_available(config.platform, config.firmware)?;
     let dir = run_directory()?;
     let image = dir.join(format!("hypervisor-{}.img", config.firmware));
-    build_image(&config.kernel, config.firmware, &pack_ramdisk(&config.ramdisk), &image)?;
+    let mut ramdisk = config.ramdisk.clone();
+    if config.raw_terminal {
+        ask_for_raw_console(&mut ramdisk);
+    }
+    build_image(&config.kernel, config.firmware, &pack_ramdisk(&ramdisk), &image)?;
     let log_path = config.log_path.clone().unwrap_or_else(|| dir.join("serial.log"));
     let launch = platforms::launch(config, &image, &dir)?;
     supervise(config, launch, log_path)
+}
+
+/// Adds `console = raw` to the VM set's host settings: a `[host]` section after the VMs, so the
+/// line numbers of errors in the user's file stay right.
+fn ask_for_raw_console(ramdisk: &mut RamdiskFiles) {
+    if let Some((_, text)) = ramdisk.iter_mut().find(|(name, _)| name == VM_CONFIG_FILE) {
+        text.extend_from_slice(b"\n[host]\nconsole = raw\n");
+    }
 }
 
 /// A started emulator and where its serial output comes from.
@@ -371,14 +391,21 @@ fn supervise(config: &RunConfig, mut launch: Launch, log_path: PathBuf) -> Resul
     let mut log = fs::File::create(&log_path).map_err(io_error(format!("creating {}", log_path.display())))?;
     let captured = Arc::new(Mutex::new(Vec::<u8>::new()));
     let echo = config.echo;
+    let view = Arc::new(Mutex::new(config.raw_terminal.then(terminal::TerminalView::default)));
+    let terminal_bytes = Arc::new(Mutex::new(Vec::<u8>::new()));
 
     let sink = {
         let captured = Arc::clone(&captured);
+        let terminal_bytes = Arc::clone(&terminal_bytes);
         move |bytes: &[u8]| {
             captured.lock().unwrap().extend_from_slice(bytes);
+            let shown = view.lock().unwrap().as_mut().map(|view| view.feed(bytes));
+            if let Some(shown) = &shown {
+                terminal_bytes.lock().unwrap().extend_from_slice(shown);
+            }
             if echo {
                 let mut out = io::stdout().lock();
-                let _ = out.write_all(bytes);
+                let _ = out.write_all(shown.as_deref().unwrap_or(bytes));
                 let _ = out.flush();
             }
         }
@@ -455,7 +482,7 @@ fn supervise(config: &RunConfig, mut launch: Launch, log_path: PathBuf) -> Resul
     drop(typist);
     let elapsed = start.elapsed();
 
-    let serial_bytes = captured.lock().unwrap().clone();
+    let serial_bytes = terminal::without_raw_records(&captured.lock().unwrap());
     log.write_all(&serial_bytes).map_err(io_error(format!("writing {}", log_path.display())))?;
     // The UART driver ends lines with CR LF; tests and parsers want plain lines.
     let serial = String::from_utf8_lossy(&serial_bytes).replace("\r\n", "\n");
@@ -475,7 +502,8 @@ fn supervise(config: &RunConfig, mut launch: Launch, log_path: PathBuf) -> Resul
         (Some(s), false) => platforms::describe_exit(config.platform, s),
         (None, false) => "ended".to_string(),
     };
-    Ok(RunOutcome { serial, end, timed_out, emulator_exit, emulator_messages, elapsed, log_path })
+    let terminal = std::mem::take(&mut *terminal_bytes.lock().unwrap());
+    Ok(RunOutcome { serial, end, timed_out, emulator_exit, emulator_messages, elapsed, log_path, terminal })
 }
 
 /// Bochs creates its serial file only once it has started.
@@ -587,6 +615,7 @@ mod tests {
             emulator_messages: String::new(),
             elapsed: Duration::from_millis(2500),
             log_path: PathBuf::from("x"),
+            terminal: Vec::new(),
         };
         assert!(!outcome.succeeded());
         assert_eq!(

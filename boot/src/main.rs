@@ -7,6 +7,7 @@
 //! boot detect
 //! ```
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,7 +18,8 @@ const USAGE: &str = "usage:
   boot run   [--platform auto|kvm|tcg|bochs] [--firmware bios|uefi] [--vms FILE] [--timeout SECONDS]
              [--cpus N] [--memory MIB] [--log FILE] [--kernel hypervisor|fault-test] [--quiet]
              --cpus: machine CPUs, 1 to 64 (default 1); --memory: machine RAM in MiB, 64 to 65536
-             (default 1024)
+             (default 1024); on a terminal the VM with the input is shown raw (escape sequences
+             intact), the log keeps prefixed lines
   boot image [--firmware bios|uefi] [--vms FILE] [--kernel hypervisor|fault-test] --out FILE
   boot detect";
 
@@ -102,6 +104,8 @@ fn run(o: Options) -> Result<ExitCode, BootError> {
     config.memory_mib = o.memory_mib;
     config.log_path = o.log;
     config.echo = !o.quiet;
+    // On a terminal, full-screen programs in the VM with the input work (as with `xl console`).
+    config.raw_terminal = config.echo && std::io::stdout().is_terminal() && o.vms.is_some();
     // Whatever stdin is (a terminal, a pipe, a file), it is the guests' console input, so a
     // scripted console (`printf ... | scripts/run.sh`) drives a guest as typing does.
     config.interactive = true;

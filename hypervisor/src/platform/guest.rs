@@ -207,6 +207,7 @@ impl Task {
         let shared = &*vm;
         let (index, name) = (shared.index, &shared.name);
         let mut console = |text: &str, ends_line: bool| serial::write_vm_text(index, name, text, ends_line);
+        let mut raw = |bytes: &[u8]| serial::write_vm_raw(bytes);
         let mut env = Env {
             cpuid: &|leaf, subleaf| {
                 let r = cpuid!(leaf, subleaf);
@@ -223,6 +224,7 @@ impl Task {
             arm_timer: &apic::arm,
             wait: &apic::sleep,
             input: Some(input),
+            raw_console: if super::scheduler::shows_raw(index) { Some(&mut raw) } else { None },
             kick,
         };
         shared

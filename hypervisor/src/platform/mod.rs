@@ -149,7 +149,7 @@ pub fn run(host: Host) -> ! {
         );
     }
     log::info!("running {} VMs at once on {backend:?}, {} MiB of guest RAM", vms.len(), needed >> 20);
-    scheduler::begin(vms.iter().map(|vm| vm.name.clone()).collect(), host_config.slice_us);
+    scheduler::begin(vms.iter().map(|vm| vm.name.clone()).collect(), host_config.slice_us, host_config.raw_console);
     for (index, vm) in vms.iter().enumerate() {
         match guest::prepare(backend, index, vm, &files) {
             Ok(tasks) => scheduler::add(tasks, vm.cpus.unwrap_or_else(config::CpuSet::all)),

@@ -34,6 +34,8 @@ static IDLE_CPUS: AtomicU64 = AtomicU64::new(0);
 /// The VM that gets typed input (`usize::MAX`: none runs).
 static INPUT_VM: AtomicUsize = AtomicUsize::new(0);
 static SLICE_US: AtomicU64 = AtomicU64::new(DEFAULT_SLICE_US);
+/// `console = raw`: the VM with the input also sends its console bytes unaltered.
+static RAW_CONSOLE: AtomicBool = AtomicBool::new(false);
 
 /// How the VM set went, for the end line.
 struct Outcome {
@@ -46,14 +48,22 @@ struct Outcome {
 static OUTCOME: Mutex<Outcome> = Mutex::new(Outcome { names: Vec::new(), running: Vec::new(), failed: Vec::new() });
 
 /// Records the VM set before any VM is queued: these VMs, all running until they end.
-pub fn begin(names: Vec<String>, slice_us: u64) {
+/// `raw_console` sends the raw console bytes of the VM with the input too.
+pub fn begin(names: Vec<String>, slice_us: u64, raw_console: bool) {
     let mut outcome = OUTCOME.lock();
     outcome.running = alloc::vec![true; names.len()];
-    if names.len() > 1 {
+    RAW_CONSOLE.store(raw_console, Ordering::Relaxed);
+    // A raw terminal needs to know which VM it shows even when there is only one.
+    if names.len() > 1 || (raw_console && !names.is_empty()) {
         serial::write_line(&format!("HV-CONSOLE: input goes to vm {}; Ctrl-] moves it to the next VM", names[0]));
     }
     outcome.names = names;
     SLICE_US.store(slice_us.max(1), Ordering::Relaxed);
+}
+
+/// VM `vm` has the input and the console is raw: its bytes go out unaltered too.
+pub fn shows_raw(vm: usize) -> bool {
+    RAW_CONSOLE.load(Ordering::Relaxed) && INPUT_VM.load(Ordering::Relaxed) == vm
 }
 
 /// A byte typed on the host console for VM `vm`, if it has the input; Ctrl-] moves the input

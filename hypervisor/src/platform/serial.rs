@@ -93,6 +93,15 @@ pub fn write_vm_text(vm: usize, name: &str, text: &str, ends_line: bool) {
     });
 }
 
+/// Sends raw console bytes of the VM with the input (see [`ConsoleLines::raw`]).
+pub fn write_vm_raw(bytes: &[u8]) {
+    let mut serial = SERIAL.lock();
+    let Console { port, lines } = &mut *serial;
+    lines.raw(bytes, &mut |s| {
+        let _ = port.write_str(s);
+    });
+}
+
 /// Microseconds since `init`, or raw TSC ticks if calibration failed.
 pub fn uptime_micros() -> u64 {
     let ticks = rdtsc().wrapping_sub(TSC_AT_BOOT.load(Ordering::Relaxed));

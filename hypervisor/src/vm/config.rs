@@ -3,6 +3,7 @@
 //! ```text
 //! [host]                       # optional: settings of the host
 //! slice   = 10ms               # the scheduler's time slice (1 to 1000 ms)
+//! console = lines              # lines (default) or raw: also the raw bytes of the VM with input
 //!
 //! # one section per VM
 //! [vm cpuid-tests]
@@ -243,6 +244,9 @@ struct Draft {
 pub struct HostConfig {
     /// The scheduler's time slice in microseconds (`slice = 10ms`).
     pub slice_us: u64,
+    /// `console = raw`: besides its prefixed, sanitized lines, the VM that has the input sends
+    /// its console bytes unaltered (`HV-RAW` records), for a terminal to show as they are.
+    pub raw_console: bool,
 }
 
 /// Time slices accepted, in milliseconds.
@@ -250,7 +254,7 @@ pub const SLICE_MS: core::ops::RangeInclusive<u64> = 1..=1000;
 
 impl Default for HostConfig {
     fn default() -> Self {
-        HostConfig { slice_us: crate::sched::DEFAULT_SLICE_US }
+        HostConfig { slice_us: crate::sched::DEFAULT_SLICE_US, raw_console: false }
     }
 }
 
@@ -348,7 +352,18 @@ pub fn parse_set(text: &str) -> Result<VmSet, ConfigError> {
                         })?
                         * 1000;
                 }
-                other => return Err(error(None, alloc::format!("unknown [host] field {other:?} (known: slice)"))),
+                "console" => {
+                    host.raw_console = match value {
+                        "raw" => true,
+                        "lines" => false,
+                        _ => {
+                            return Err(error(field, alloc::format!("{value:?} is not a console mode (lines or raw)")))
+                        }
+                    };
+                }
+                other => {
+                    return Err(error(None, alloc::format!("unknown [host] field {other:?} (known: slice, console)")))
+                }
             }
             continue;
         }
@@ -584,7 +599,10 @@ mod tests {
     }
 
     #[test]
-    fn the_host_section_sets_the_time_slice() {
+    fn the_host_section_sets_the_time_slice_and_the_console() {
+        let raw = parse_set("[vm a]\nkernel = k\n[host]\nconsole = raw\n").unwrap();
+        assert!(raw.host.raw_console, "a [host] section after the VMs counts too");
+        assert!(parse_set("[host]\nconsole = fancy\n").unwrap_err().message.contains("lines or raw"));
         let set = parse_set("[host]\nslice = 25ms\n[vm a]\nkernel = k\n").unwrap();
         assert_eq!(set.host.slice_us, 25_000);
         assert_eq!(set.vms.len(), 1);

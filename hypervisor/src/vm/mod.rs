@@ -102,6 +102,9 @@ impl fmt::Display for VmEnd {
     }
 }
 
+/// Where a VM's raw console bytes go (see [`Env::raw_console`]).
+pub type RawConsole<'a> = &'a mut dyn FnMut(&[u8]);
+
 /// What the bare-metal layer (or a test) provides to the run loop.
 pub struct Env<'a> {
     /// Executes the host's CPUID.
@@ -124,6 +127,9 @@ pub struct Env<'a> {
     /// Bytes typed on the host console, if the host has one: a halted guest then waits for
     /// input instead of being declared dead.
     pub input: Option<&'a mut dyn FnMut() -> Option<u8>>,
+    /// Receives the guest's console bytes unaltered (escape sequences included) when the host
+    /// shows this VM raw (`console = raw`, and the VM has the input); `None` otherwise.
+    pub raw_console: Option<RawConsole<'a>>,
     /// Makes vCPU `n` of this VM look at its interrupts soon: interrupt the host CPU running
     /// it, or wake it if it is halted. Called without the VM lock held.
     pub kick: &'a dyn Fn(usize),
@@ -187,6 +193,8 @@ pub struct Vm<M: GuestMemory> {
     /// Vectors from the test device, for vCPU 0.
     pending_interrupts: VecDeque<u8>,
     console_line: Vec<u8>,
+    /// Console bytes not yet sent to `Env::raw_console`.
+    console_raw: Vec<u8>,
     /// A partial console line was already written (the guest is waiting for input mid-line).
     console_mid_line: bool,
     last_input_poll: u64,
@@ -257,6 +265,7 @@ impl<M: GuestMemory> Vm<M> {
             latest_ns: 0,
             pending_interrupts: VecDeque::new(),
             console_line: Vec::new(),
+            console_raw: Vec::new(),
             console_mid_line: false,
             last_input_poll: 0,
             console_input: VecDeque::new(),
@@ -267,6 +276,7 @@ impl<M: GuestMemory> Vm<M> {
     /// Starts guest time (right before the first vCPU's first slice).
     fn start(&mut self, env: &Env<'_>) {
         self.started = true;
+        self.stats.started_us = Some((env.now_micros)());
         let (host_tsc, hz) = ((env.host_tsc)(), self.clock.tsc_hz());
         // One vCPU may hide exit handling from its clocks; several must agree on one TSC.
         self.clock = if self.vcpus() == 1 { GuestClock::new(host_tsc, hz) } else { GuestClock::shared(host_tsc, hz) };
@@ -687,6 +697,12 @@ impl<M: GuestMemory> Vm<M> {
     fn apply(&mut self, events: Events, env: &mut Env<'_>) -> Next {
         self.router.set_lines(&events.irq_lines);
         for byte in events.console {
+            if env.raw_console.is_some() {
+                self.console_raw.push(byte);
+                if self.console_raw.len() >= MAX_CONSOLE_LINE {
+                    self.write_raw_console(env);
+                }
+            }
             match byte {
                 b'\n' => self.write_console(env, true),
                 b'\r' => {}
@@ -716,6 +732,7 @@ impl<M: GuestMemory> Vm<M> {
     /// Writes the buffered console text; `end_line` ends the line, otherwise the rest of the
     /// line follows later (a prompt).
     fn write_console(&mut self, env: &mut Env<'_>, end_line: bool) {
+        self.write_raw_console(env);
         if self.console_line.is_empty() && !end_line {
             return;
         }
@@ -727,6 +744,15 @@ impl<M: GuestMemory> Vm<M> {
         (env.console)(&text, end_line);
         self.console_line.clear();
         self.console_mid_line = !end_line;
+    }
+
+    /// Sends the buffered raw console bytes, if the host shows this VM raw.
+    fn write_raw_console(&mut self, env: &mut Env<'_>) {
+        match env.raw_console.as_mut() {
+            Some(raw) if !self.console_raw.is_empty() => raw(&self.console_raw),
+            _ => {}
+        }
+        self.console_raw.clear();
     }
 
     /// At the VM's end: whatever is buffered, on a line of its own.
@@ -760,6 +786,7 @@ pub fn run_slice<M: GuestMemory>(
     let mut kicks = guard.router.take_kicks();
     if let Slice::Ended(end) = &slice {
         guard.end(end.clone());
+        guard.stats.ended_us.get_or_insert((env.now_micros)());
         guard.flush_console(env);
         // Every other vCPU must see the end.
         kicks |= u64::MAX;

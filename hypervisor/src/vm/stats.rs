@@ -12,6 +12,9 @@ pub struct ExitStats {
     pub guest_micros: u64,
     /// Microseconds spent handling exits.
     pub handling_micros: u64,
+    /// Host time (microseconds) when the VM started and when it ended, for its wall time.
+    pub started_us: Option<u64>,
+    pub ended_us: Option<u64>,
 }
 
 struct Row {
@@ -48,13 +51,17 @@ impl ExitStats {
         let mut rows: Vec<&Row> = self.rows.iter().collect();
         rows.sort_by(|a, b| b.count.cmp(&a.count).then(a.kind.cmp(b.kind)));
         let mut out = String::new();
-        let _ = writeln!(
+        let _ = write!(
             out,
             "vm {vm}: {} exits; {} in guest, {} handling exits",
             self.total(),
             seconds(self.guest_micros),
             seconds(self.handling_micros)
         );
+        if let (Some(start), Some(end)) = (self.started_us, self.ended_us) {
+            let _ = write!(out, ", {} from start to end", seconds(end.saturating_sub(start)));
+        }
+        let _ = writeln!(out);
         let _ = writeln!(out, "  {:<20} {:>10} {:>12} {:>10}", "exit reason", "count", "handling", "avg us");
         for row in rows {
             let _ = writeln!(
@@ -90,6 +97,12 @@ mod tests {
         let table = stats.table("t");
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "vm t: 3 exits; 1.500000 s in guest, 0.000043 s handling exits");
+        stats.started_us = Some(1_000_000);
+        stats.ended_us = Some(3_500_000);
+        let with_wall = stats.table("t");
+        assert!(with_wall.starts_with(
+            "vm t: 3 exits; 1.500000 s in guest, 0.000043 s handling exits, 2.500000 s from start to end\n"
+        ));
         assert!(lines[2].split_whitespace().eq(["io", "2", "0.000040", "s", "20"]));
         assert!(lines[3].split_whitespace().eq(["cpuid", "1", "0.000003", "s", "3"]));
     }

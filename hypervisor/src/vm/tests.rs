@@ -152,6 +152,7 @@ fn test_env<'a>(console: &'a mut dyn FnMut(&str, bool), supported_xcr0: u64) -> 
         arm_timer: &|_| {},
         wait: &|| {},
         input: None,
+        raw_console: None,
         kick: &|_| {},
     }
 }
@@ -265,6 +266,29 @@ fn console_output_is_prefixed_with_the_vm_name() {
     let (end, lines) = run(&mut vm(), &mut printing(b"hi\nthere").then(e, g));
     assert_eq!(end, VmEnd::DebugExit(0));
     assert_eq!(lines.concat(), "[t] hi\n[t] there\n", "an unterminated line is flushed when the VM ends");
+}
+
+#[test]
+fn a_raw_console_gets_the_bytes_unaltered_beside_the_sanitized_lines() {
+    let (e, g) = exit_with(0);
+    let mut vcpu = printing(b"\x1b[1mbold\x1b[0m\r\n$ ").then(e, g);
+    let mut lines = String::new();
+    let mut console = |text: &str, ends_line: bool| {
+        lines.push_str(text);
+        if ends_line {
+            lines.push('\n');
+        }
+    };
+    let mut raw = Vec::new();
+    let mut raw_sink = |bytes: &[u8]| raw.extend_from_slice(bytes);
+    {
+        let mut env = test_env(&mut console, 1);
+        env.raw_console = Some(&mut raw_sink);
+        let shared = Mutex::new(vm());
+        assert_eq!(super::run(&shared, &mut vcpu, &mut env), VmEnd::DebugExit(0));
+    }
+    assert_eq!(raw, b"\x1b[1mbold\x1b[0m\r\n$ ");
+    assert_eq!(lines, ".[1mbold.[0m\n$ \n");
 }
 
 #[test]
