@@ -75,7 +75,7 @@ linux_seconds() {
     cargo run --quiet -p boot -- run --platform tcg --cpus "$cpus" --vms "$vms" --timeout 300 --quiet \
         --log "$log" >/dev/null 2>&1 || true
     grep -aq "VM-END vm=linux reason=power-off" "$log" || die "Linux did not power off in $vms with $cpus CPU(s)"
-    sed -n 's/^vm linux: .*, \([0-9.]*\) s from start to end$/\1/p' "$log" | tail -n1
+    tr -d '\r' <"$log" | sed -n 's/^vm linux: .*, \([0-9.]*\) s from start to end$/\1/p' | tail -n1
 }
 
 printf '\n%-6s %12s %24s %8s\n' "cpus" "Linux alone (s)" "beside spinner+sleeper" "ratio"

@@ -16,6 +16,7 @@ pub mod vmx {
     pub const HLT: u32 = 12;
     pub const CR_ACCESS: u32 = 28;
     pub const IO: u32 = 30;
+    pub const PAUSE: u32 = 40;
     pub const RDMSR: u32 = 31;
     pub const WRMSR: u32 = 32;
     pub const EPT_VIOLATION: u32 = 48;
@@ -49,6 +50,7 @@ pub mod vmx {
             },
             INTERRUPT_WINDOW => Exit::InterruptWindow,
             EXTERNAL_INTERRUPT => Exit::ExternalInterrupt,
+            PAUSE => Exit::Pause,
             CR_ACCESS => Exit::CrAccess {
                 cr: (qualification & 0xf) as u8,
                 write: (qualification >> 4) & 3 == 0,
@@ -70,6 +72,7 @@ pub mod svm {
     pub const VINTR: u64 = 0x64;
     pub const CPUID: u64 = 0x72;
     pub const IRET: u64 = 0x74;
+    pub const PAUSE: u64 = 0x77;
     pub const HLT: u64 = 0x78;
     pub const IOIO: u64 = 0x7b;
     pub const MSR: u64 = 0x7c;
@@ -103,6 +106,7 @@ pub mod svm {
             NPF => Exit::NestedFault { gpa: info2, write: info1 & (1 << 1) != 0, fetch: info1 & (1 << 4) != 0 },
             VINTR => Exit::InterruptWindow,
             INTR => Exit::ExternalInterrupt,
+            PAUSE => Exit::Pause,
             SHUTDOWN => Exit::TripleFault,
             CR0_READ..=CR15_WRITE => {
                 Exit::CrAccess { cr: (code & 0xf) as u8, write: code >= 0x10, gpr: (info1 & 0xf) as u8 }
@@ -192,6 +196,8 @@ mod tests {
         assert_eq!(svm::decode(0x03, 0, 0), Exit::CrAccess { cr: 3, write: false, gpr: 0 });
         assert_eq!(svm::decode(svm::SHUTDOWN, 0, 0), Exit::TripleFault);
         assert_eq!(svm::decode(svm::VINTR, 0, 0), Exit::InterruptWindow);
+        assert_eq!(svm::decode(svm::PAUSE, 0, 0), Exit::Pause);
+        assert_eq!(vmx::decode(vmx::PAUSE, 0, 0), Exit::Pause);
         assert_eq!(svm::decode(svm::INVALID, 0, 0), Exit::EntryFailed { code: u64::MAX });
         assert_eq!(svm::decode(0x81, 5, 0), Exit::Unhandled { reason: 0x81, info: 5 });
     }

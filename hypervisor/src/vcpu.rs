@@ -124,6 +124,8 @@ pub enum Exit {
     InterruptWindow,
     /// A host interrupt arrived while the guest ran.
     ExternalInterrupt,
+    /// PAUSE in a spin loop (requested with [`Vcpu::exit_on_spin_loops`]); RIP is at the PAUSE.
+    Pause,
     /// MOV to or from a control register that the backend intercepts.
     CrAccess {
         /// Control register number.
@@ -163,6 +165,7 @@ impl Exit {
             Exit::NestedFault { .. } => "nested-fault",
             Exit::InterruptWindow => "interrupt-window",
             Exit::ExternalInterrupt => "external-interrupt",
+            Exit::Pause => "pause",
             Exit::CrAccess { .. } => "cr-access",
             Exit::TripleFault => "triple-fault",
             Exit::EntryFailed { .. } => "entry-failed",
@@ -228,6 +231,11 @@ pub trait Vcpu {
     fn set_xcr0(&mut self, xcr0: u64);
     /// The guest's XCR0.
     fn xcr0(&self) -> u64;
+    /// From now on PAUSE in a spin loop exits ([`Exit::Pause`]; SVM: the PAUSE intercept, with
+    /// the pause filter where the CPU has one; VMX: PAUSE-loop exiting, else PAUSE exiting).
+    /// For vCPUs that wait for one another: the one spinning gives its CPU to the one it waits
+    /// for.
+    fn exit_on_spin_loops(&mut self) {}
     /// Lets go of the host CPU that ran the vCPU last, so any CPU may run it next (VMX clears
     /// its VMCS there). Call before the vCPU goes back to the scheduler.
     fn leave_cpu(&mut self) {}

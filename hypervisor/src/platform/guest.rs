@@ -246,7 +246,7 @@ impl Task {
 
     fn rebuild(&mut self, start: StartMode) -> Result<(), String> {
         let shared = &*self.vm;
-        let mut vcpu = new_vcpu(shared.backend, shared.second_level_root, self.tag, start)?;
+        let mut vcpu = new_vcpu(shared.backend, shared.second_level_root, self.tag, start, shared.vcpus())?;
         vcpu.leave_cpu();
         self.vcpu = vcpu;
         Ok(())
@@ -282,7 +282,16 @@ impl Task {
     }
 }
 
-fn new_vcpu(backend: Backend, root: u64, tag: Tag, start: StartMode) -> Result<Box<dyn Vcpu>, String> {
+/// A vCPU of a VM with `vcpus` vCPUs; those of an SMP VM give their CPU away when they spin.
+fn new_vcpu(backend: Backend, root: u64, tag: Tag, start: StartMode, vcpus: usize) -> Result<Box<dyn Vcpu>, String> {
+    let mut vcpu = new_arch_vcpu(backend, root, tag, start)?;
+    if vcpus > 1 {
+        vcpu.exit_on_spin_loops();
+    }
+    Ok(vcpu)
+}
+
+fn new_arch_vcpu(backend: Backend, root: u64, tag: Tag, start: StartMode) -> Result<Box<dyn Vcpu>, String> {
     let vcpu_error = |e: &dyn core::fmt::Display| format!("vCPU: {e}");
     match backend {
         Backend::Svm => {
@@ -344,7 +353,7 @@ pub fn prepare(backend: Backend, index: usize, config: &VmConfig, files: &[File<
     for vcpu_index in 0..vcpus {
         let start = if vcpu_index == 0 { prepared.start } else { StartMode::Real { cs: 0, ip: 0 } };
         let tag = tags(backend).lock().take();
-        match new_vcpu(backend, root, tag, start) {
+        match new_vcpu(backend, root, tag, start, vcpus) {
             Ok(mut vcpu) => {
                 // Built on this CPU; it may run on any.
                 vcpu.leave_cpu();

@@ -206,6 +206,8 @@ enum Next {
     Continue,
     /// The vCPU halted with nothing to deliver: give the CPU away.
     Halt,
+    /// The vCPU spins waiting for another: give the CPU away, but stay runnable.
+    Yield,
     End(VmEnd),
 }
 
@@ -460,6 +462,10 @@ impl<M: GuestMemory> Vm<M> {
             Exit::Rdmsr | Exit::Wrmsr => self.handle_msr(cx, vcpu, exit == Exit::Wrmsr, env),
             Exit::Io(io) if io.string => self.handle_string_io(cx, vcpu, io, env),
             Exit::Io(io) => self.handle_io(cx, vcpu, io, env),
+            Exit::Pause => {
+                vcpu.skip_instruction();
+                Next::Yield
+            }
             Exit::Hlt => {
                 vcpu.skip_instruction();
                 if self.wakes_from_halt(cx.index, vcpu) {
@@ -890,6 +896,7 @@ fn slice<M: GuestMemory>(
         match next {
             Next::Continue => {}
             Next::Halt => cx.halted = true,
+            Next::Yield => return Slice::Preempted,
             Next::End(end) => return Slice::Ended(end),
         }
     }

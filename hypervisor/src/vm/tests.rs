@@ -210,7 +210,7 @@ fn step(vm: &mut Vm<SliceMemory<'static>>, cx: &mut VcpuContext, vcpu: &mut Mock
     let exit = vcpu.run(&mut GuestClock::new(0, 0));
     match vm.handle(cx, vcpu, exit, &mut env) {
         Next::End(end) => Some(end),
-        Next::Continue | Next::Halt => None,
+        Next::Continue | Next::Halt | Next::Yield => None,
     }
 }
 
@@ -601,6 +601,19 @@ fn random_device_port_traffic_never_panics() {
     }
     // The fuzz must have reached real device behaviour, not only the floating bus.
     assert!(line_changes > 0 && console_bytes > 0, "line changes {line_changes}, console bytes {console_bytes}");
+}
+
+#[test]
+fn a_vcpu_spinning_on_pause_gives_its_cpu_away_and_stays_runnable() {
+    let vm = Mutex::new(vm());
+    let mut cx = VcpuContext::new(0);
+    let (exit, gprs) = exit_with(0);
+    let mut vcpu = Mock::new(vec![Exit::Pause]).then(exit, gprs);
+    let mut console = |_: &str, _: bool| {};
+    let mut env = test_env(&mut console, 1);
+    assert_eq!(run_slice(&vm, &mut cx, &mut vcpu, &mut env, u64::MAX), Slice::Preempted);
+    assert_eq!((vcpu.skips, cx.halted), (1, false), "past the PAUSE, not halted");
+    assert_eq!(run_slice(&vm, &mut cx, &mut vcpu, &mut env, u64::MAX), Slice::Ended(VmEnd::DebugExit(0)));
 }
 
 #[test]

@@ -67,6 +67,9 @@ struct Features {
     nrip_save: bool,
     /// The CPU has TSC_AUX (RDTSCP or RDPID).
     tsc_aux: bool,
+    /// The PAUSE intercept can wait for a count of PAUSEs (and reset it after a gap).
+    pause_filter: bool,
+    pause_filter_threshold: bool,
 }
 
 static FEATURES: spin::Once<Features> = spin::Once::new();
@@ -92,7 +95,13 @@ pub fn enable() -> Result<(), SvmError> {
         // SAFETY: the CPU reports RDTSCP or RDPID, so TSC_AUX exists; the host never reads it.
         unsafe { Msr::new(MSR_TSC_AUX).write(0) };
     }
-    FEATURES.call_once(|| Features { nrip_save: cpuid!(0x8000_000a).edx & (1 << 3) != 0, tsc_aux });
+    let svm_features = cpuid!(0x8000_000a).edx;
+    FEATURES.call_once(|| Features {
+        nrip_save: svm_features & (1 << 3) != 0,
+        tsc_aux,
+        pause_filter: svm_features & (1 << 10) != 0,
+        pause_filter_threshold: svm_features & (1 << 12) != 0,
+    });
     Ok(())
 }
 
@@ -464,7 +473,7 @@ impl SvmVcpu {
         let exit = exit_decode::svm::decode(code, info1, info2);
         // Without NRIP-save the instruction length must be known from the exit itself.
         self.last_exit = match exit {
-            Exit::Cpuid | Exit::Rdmsr | Exit::Wrmsr => LastExit::Fixed(2),
+            Exit::Cpuid | Exit::Rdmsr | Exit::Wrmsr | Exit::Pause => LastExit::Fixed(2),
             Exit::Hlt => LastExit::Fixed(1),
             Exit::Xsetbv => LastExit::Fixed(3),
             Exit::Io(_) => LastExit::NextRip(info2),
@@ -768,6 +777,20 @@ impl Vcpu for SvmVcpu {
 
     fn set_xcr0(&mut self, xcr0: u64) {
         self.xstate.guest_xcr0 = xcr0;
+    }
+
+    fn exit_on_spin_loops(&mut self) {
+        let features = FEATURES.get();
+        // KVM's defaults: exit after 3000 PAUSEs, counting anew after a gap of 128 cycles.
+        // Without the filter (QEMU's TCG) every PAUSE exits.
+        if features.is_some_and(|f| f.pause_filter) {
+            self.vmcb.write(control::PAUSE_FILTER_COUNT, 3000u16);
+        }
+        if features.is_some_and(|f| f.pause_filter_threshold) {
+            self.vmcb.write(control::PAUSE_FILTER_THRESHOLD, 128u16);
+        }
+        let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
+        self.vmcb.write(control::INTERCEPT_MISC1, intercepts | misc1::PAUSE);
     }
 
     fn xcr0(&self) -> u64 {

@@ -5,6 +5,8 @@
 pub mod control {
     pub const INTERCEPT_MISC1: usize = 0x00c;
     pub const INTERCEPT_MISC2: usize = 0x010;
+    pub const PAUSE_FILTER_THRESHOLD: usize = 0x03c;
+    pub const PAUSE_FILTER_COUNT: usize = 0x03e;
     pub const IOPM_BASE: usize = 0x040;
     pub const MSRPM_BASE: usize = 0x048;
     pub const TSC_OFFSET: usize = 0x050;
@@ -55,6 +57,7 @@ pub mod misc1 {
     pub const VINTR: u32 = 1 << 4;
     pub const CPUID: u32 = 1 << 18;
     pub const IRET: u32 = 1 << 20;
+    pub const PAUSE: u32 = 1 << 23;
     pub const HLT: u32 = 1 << 24;
     pub const INVLPGA: u32 = 1 << 26;
     pub const IOIO_PROT: u32 = 1 << 27;

@@ -195,6 +195,8 @@ pub mod w32 {
     pub const ENTRY_EXCEPTION_ERROR_CODE: Field<W32> = Field::new(0x4018);
     pub const ENTRY_INSTRUCTION_LENGTH: Field<W32> = Field::new(0x401a);
     pub const SECONDARY_PROCESSOR_CONTROLS: Field<W32> = Field::new(0x401e);
+    pub const PLE_GAP: Field<W32> = Field::new(0x4020);
+    pub const PLE_WINDOW: Field<W32> = Field::new(0x4022);
 
     pub const VM_INSTRUCTION_ERROR: ReadOnly<W32> = ReadOnly::new(0x4400);
     pub const EXIT_REASON: ReadOnly<W32> = ReadOnly::new(0x4402);

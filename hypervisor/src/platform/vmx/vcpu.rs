@@ -33,12 +33,14 @@ const PRIMARY_USE_TSC_OFFSETTING: u32 = 1 << 3;
 const PRIMARY_HLT_EXITING: u32 = 1 << 7;
 const PRIMARY_USE_IO_BITMAPS: u32 = 1 << 25;
 const PRIMARY_USE_MSR_BITMAPS: u32 = 1 << 28;
+const PRIMARY_PAUSE_EXITING: u32 = 1 << 30;
 const PRIMARY_ACTIVATE_SECONDARY: u32 = 1 << 31;
 // Secondary processor-based controls.
 const SECONDARY_ENABLE_EPT: u32 = 1 << 1;
 const SECONDARY_ENABLE_RDTSCP: u32 = 1 << 3;
 const SECONDARY_ENABLE_VPID: u32 = 1 << 5;
 const SECONDARY_UNRESTRICTED_GUEST: u32 = 1 << 7;
+const SECONDARY_PAUSE_LOOP_EXITING: u32 = 1 << 10;
 const SECONDARY_ENABLE_INVPCID: u32 = 1 << 12;
 const SECONDARY_ENABLE_XSAVES: u32 = 1 << 20;
 // VM-exit controls.
@@ -176,6 +178,9 @@ pub struct VmxVcpu {
     /// The guest's DR0-DR3 and DR6, swapped around every entry.
     debug: DebugRegs,
     interrupt_window_allowed: bool,
+    /// PAUSE-loop exiting / PAUSE exiting may be set (for [`Vcpu::exit_on_spin_loops`]).
+    pause_loop_exiting_allowed: bool,
+    pause_exiting_allowed: bool,
     /// The VMX-preemption timer counts TSC >> this; `None` if the CPU has no such timer.
     preemption_timer_shift: Option<u32>,
     /// The host CPU whose state the host-state area holds and that ran the vCPU last.
@@ -214,6 +219,8 @@ impl VmxVcpu {
             xstate,
             debug: DebugRegs::new(true),
             interrupt_window_allowed: false,
+            pause_loop_exiting_allowed: false,
+            pause_exiting_allowed: false,
             preemption_timer_shift: None,
             cpu: None,
             shared_vpid: vpid.shared,
@@ -260,6 +267,7 @@ impl VmxVcpu {
         )?;
         let primary_cap = pick(cap_msr::PROCBASED_CTLS, cap_msr::TRUE_PROCBASED_CTLS);
         self.interrupt_window_allowed = (primary_cap >> 32) as u32 & PRIMARY_INTERRUPT_WINDOW_EXITING != 0;
+        self.pause_exiting_allowed = (primary_cap >> 32) as u32 & PRIMARY_PAUSE_EXITING != 0;
         let primary = adjust(
             primary_cap,
             PRIMARY_HLT_EXITING
@@ -277,6 +285,7 @@ impl VmxVcpu {
         )?;
         let secondary_cap = rdmsr(cap_msr::PROCBASED_CTLS2);
         let secondary_allowed = (secondary_cap >> 32) as u32;
+        self.pause_loop_exiting_allowed = secondary_allowed & SECONDARY_PAUSE_LOOP_EXITING != 0;
         // Without these the guest would get #UD on RDTSCP/INVPCID/XSAVES: enable what exists.
         let mut wanted = SECONDARY_ENABLE_EPT
             | SECONDARY_UNRESTRICTED_GUEST
@@ -979,6 +988,20 @@ impl Vcpu for VmxVcpu {
         let _ = current_vmcs().compare_exchange(self.frames.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
         // A cleared VMCS is entered with VMLAUNCH again.
         self.launched = false;
+    }
+
+    fn exit_on_spin_loops(&mut self) {
+        if self.pause_loop_exiting_allowed {
+            // KVM's defaults: a loop is PAUSEs at most 128 TSC cycles apart; it exits after
+            // 4096 cycles.
+            self.set(w32::PLE_GAP, 128);
+            self.set(w32::PLE_WINDOW, 4096);
+            let secondary = self.get(w32::SECONDARY_PROCESSOR_CONTROLS);
+            self.set(w32::SECONDARY_PROCESSOR_CONTROLS, secondary | SECONDARY_PAUSE_LOOP_EXITING);
+        } else if self.pause_exiting_allowed {
+            let primary = self.get(w32::PRIMARY_PROCESSOR_CONTROLS);
+            self.set(w32::PRIMARY_PROCESSOR_CONTROLS, primary | PRIMARY_PAUSE_EXITING);
+        }
     }
 
     fn set_interrupt_window_exiting(&mut self, on: bool) {
