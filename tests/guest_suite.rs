@@ -52,7 +52,7 @@ fn whole_suite_ends_cleanly(platform: Platform) {
         .contains("VM-END vm=exits reason=debug-exit status=0")
         .contains("[real-mode] real-mode: ok\n")
         .contains("VM-END vm=real-mode reason=debug-exit status=0")
-        .ended(RunStatus::Success, "6 VMs ran, all ended cleanly");
+        .ended(RunStatus::Success, "7 VMs ran, all ended cleanly");
 }
 
 /// A multiboot v1 kernel gets its magic, memory map, command line and modules, as QEMU's
@@ -185,4 +185,34 @@ fn svm_application_processors_start_and_ipis_land() {
 #[test]
 fn vmx_application_processors_start_and_ipis_land() {
     application_processors_start_and_ipis_land(Platform::Bochs);
+}
+
+/// A hostile VM reads every MSR of the probed ranges (and writes those that refused the read):
+/// each access works or raises #GP, the host logs at most a few of them and counts the rest in
+/// the VM's end report, and the VMs after it run as usual.
+fn an_msr_sweep_is_refused_quietly_and_counted(platform: Platform) {
+    let outcome = suite(platform);
+    let log = Log(outcome);
+    log.contains("[msr-sweep] case msr-sweep: ok\n")
+        .line_with_all(&["[msr-sweep] case msr-sweep: 24832 MSRs read,", "then the write"])
+        .vm_ended("msr-sweep", "debug-exit status=0")
+        .line_with_all(&["refused MSR accesses (#GP):", "in 0x0-0x1fff", "in 0xc0010000-0xc001ffff"])
+        .contains("[real-mode] real-mode: ok\n");
+    let logged =
+        outcome.serial.lines().filter(|l| l.contains("vm msr-sweep: ") && l.contains("is not allowed")).count();
+    assert!(
+        // `vm::msr::LOGGED_REFUSALS` (16) MSRs, then one line saying the rest are counted.
+        (1..=17).contains(&logged),
+        "{logged} log lines for refused MSRs: the log must stay bounded"
+    );
+}
+
+#[test]
+fn svm_an_msr_sweep_is_refused_quietly_and_counted() {
+    an_msr_sweep_is_refused_quietly_and_counted(Platform::Tcg);
+}
+
+#[test]
+fn vmx_an_msr_sweep_is_refused_quietly_and_counted() {
+    an_msr_sweep_is_refused_quietly_and_counted(Platform::Bochs);
 }

@@ -14,6 +14,7 @@ pub mod vmx {
     pub const INTERRUPT_WINDOW: u32 = 7;
     pub const CPUID: u32 = 10;
     pub const HLT: u32 = 12;
+    pub const INVD: u32 = 13;
     pub const CR_ACCESS: u32 = 28;
     pub const IO: u32 = 30;
     pub const PAUSE: u32 = 40;
@@ -51,6 +52,7 @@ pub mod vmx {
             INTERRUPT_WINDOW => Exit::InterruptWindow,
             EXTERNAL_INTERRUPT => Exit::ExternalInterrupt,
             PAUSE => Exit::Pause,
+            INVD => Exit::Invd,
             CR_ACCESS => Exit::CrAccess {
                 cr: (qualification & 0xf) as u8,
                 write: (qualification >> 4) & 3 == 0,
@@ -72,7 +74,9 @@ pub mod svm {
     pub const VINTR: u64 = 0x64;
     pub const CPUID: u64 = 0x72;
     pub const IRET: u64 = 0x74;
+    pub const INVD: u64 = 0x76;
     pub const PAUSE: u64 = 0x77;
+    pub const INVLPGA: u64 = 0x7a;
     pub const HLT: u64 = 0x78;
     pub const IOIO: u64 = 0x7b;
     pub const MSR: u64 = 0x7c;
@@ -107,6 +111,7 @@ pub mod svm {
             VINTR => Exit::InterruptWindow,
             INTR => Exit::ExternalInterrupt,
             PAUSE => Exit::Pause,
+            INVD => Exit::Invd,
             SHUTDOWN => Exit::TripleFault,
             CR0_READ..=CR15_WRITE => {
                 Exit::CrAccess { cr: (code & 0xf) as u8, write: code >= 0x10, gpr: (info1 & 0xf) as u8 }
@@ -198,6 +203,7 @@ mod tests {
         assert_eq!(svm::decode(svm::VINTR, 0, 0), Exit::InterruptWindow);
         assert_eq!(svm::decode(svm::PAUSE, 0, 0), Exit::Pause);
         assert_eq!(vmx::decode(vmx::PAUSE, 0, 0), Exit::Pause);
+        assert_eq!((svm::decode(svm::INVD, 0, 0), vmx::decode(vmx::INVD, 0, 0)), (Exit::Invd, Exit::Invd));
         assert_eq!(svm::decode(svm::INVALID, 0, 0), Exit::EntryFailed { code: u64::MAX });
         assert_eq!(svm::decode(0x81, 5, 0), Exit::Unhandled { reason: 0x81, info: 5 });
     }

@@ -126,6 +126,8 @@ pub enum Exit {
     ExternalInterrupt,
     /// PAUSE in a spin loop (requested with [`Vcpu::exit_on_spin_loops`]); RIP is at the PAUSE.
     Pause,
+    /// INVD: it would throw away dirty cache lines, the host's among them.
+    Invd,
     /// MOV to or from a control register that the backend intercepts.
     CrAccess {
         /// Control register number.
@@ -166,6 +168,7 @@ impl Exit {
             Exit::InterruptWindow => "interrupt-window",
             Exit::ExternalInterrupt => "external-interrupt",
             Exit::Pause => "pause",
+            Exit::Invd => "invd",
             Exit::CrAccess { .. } => "cr-access",
             Exit::TripleFault => "triple-fault",
             Exit::EntryFailed { .. } => "entry-failed",

@@ -69,7 +69,7 @@ const FREQUENCY_LEAF: u32 = 0x16;
 const LEAF7_EBX_TSC_ADJUST: u32 = 1 << 1;
 
 /// Whether the host CPU is AMD's (its topology leaves differ from Intel's).
-fn amd(host: &dyn Fn(u32, u32) -> Regs) -> bool {
+pub fn amd(host: &dyn Fn(u32, u32) -> Regs) -> bool {
     let [_, ebx, ecx, edx] = host(0, 0);
     [ebx, edx, ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163]
 }

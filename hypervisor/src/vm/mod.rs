@@ -466,6 +466,12 @@ impl<M: GuestMemory> Vm<M> {
                 vcpu.skip_instruction();
                 Next::Yield
             }
+            // Dropping the cache without writing it back is no guest's business: a no-op,
+            // as on KVM (the caches stay coherent with memory either way).
+            Exit::Invd => {
+                vcpu.skip_instruction();
+                Next::Continue
+            }
             Exit::Hlt => {
                 vcpu.skip_instruction();
                 if self.wakes_from_halt(cx.index, vcpu) {
@@ -519,7 +525,14 @@ impl<M: GuestMemory> Vm<M> {
             }
             return Next::Continue;
         }
-        let result = if write {
+        let result = if msr::amd_legacy_perf_counter(msr) && cpuid::amd(env.cpuid) {
+            if !write {
+                let gprs = vcpu.gprs();
+                gprs.rax = 0;
+                gprs.rdx = 0;
+            }
+            Ok(())
+        } else if write {
             cx.msrs.write(msr, (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff))
         } else {
             cx.msrs.read(msr, cx.clock.tsc((env.host_tsc)())).map(|value| {
@@ -530,13 +543,19 @@ impl<M: GuestMemory> Vm<M> {
         };
         match result {
             Ok(()) => vcpu.skip_instruction(),
-            Err(refused) => {
-                if refused.first {
-                    log::warn!(
-                        "vm {}: {} of MSR {msr:#x} is not allowed: injecting #GP (reported once per MSR)",
-                        self.name,
-                        if write { "wrmsr" } else { "rdmsr" }
-                    );
+            Err(msr::Refused) => {
+                let access = if write { "wrmsr" } else { "rdmsr" };
+                match self.stats.msr_refusals.record(msr) {
+                    msr::RefusalLog::First => log::warn!(
+                        "vm {}: {access} of MSR {msr:#x} is not allowed: injecting #GP (reported once per MSR)",
+                        self.name
+                    ),
+                    msr::RefusalLog::LimitReached => log::warn!(
+                        "vm {}: {access} of MSR {msr:#x} is not allowed either; from now on refused MSRs \
+                         are only counted (see the VM's end report)",
+                        self.name
+                    ),
+                    msr::RefusalLog::Quiet => {}
                 }
                 vcpu.inject_exception(VECTOR_GP, Some(0));
             }

@@ -1,8 +1,12 @@
 //! The MSRs a guest may touch when they are not passed through: an allow-list with modelled
-//! values. Anything else gets #GP(0), logged once per MSR.
+//! values. Anything else gets #GP(0); the VM counts refusals by range ([`MsrRefusals`]) and
+//! logs only the first few MSRs, so a guest probing every index grows neither our memory nor
+//! the log.
 
 use alloc::collections::BTreeMap;
-use alloc::collections::BTreeSet;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 
 const IA32_TSC: u32 = 0x10;
 const IA32_FEATURE_CONTROL: u32 = 0x3a;
@@ -25,14 +29,73 @@ const PAT_RESET: u64 = 0x0007_0406_0007_0406;
 #[derive(Default)]
 pub struct MsrModel {
     values: BTreeMap<u32, u64>,
-    refused: BTreeSet<u32>,
 }
 
-/// The result of an access the model refuses.
+/// An access the model refuses (the guest gets #GP).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Refused {
-    /// First refusal of this MSR (log it).
-    pub first: bool,
+pub struct Refused;
+
+/// AMD's legacy performance counters (PERF_CTL0-3, PERF_CTR0-3): on every AMD CPU, with no
+/// CPUID bit. No PMU is offered, so they read as 0 and ignore writes, as KVM does.
+pub fn amd_legacy_perf_counter(msr: u32) -> bool {
+    (0xc001_0000..=0xc001_0007).contains(&msr)
+}
+
+/// Ranges refusals are counted in, for the VM's end report.
+const REFUSAL_RANGES: [(u32, u32); 4] =
+    [(0, 0x1fff), (0x4000_0000, 0x4000_ffff), (0xc000_0000, 0xc000_1fff), (0xc001_0000, 0xc001_ffff)];
+/// Distinct MSRs whose first refusal is logged; the rest are only counted.
+pub const LOGGED_REFUSALS: usize = 16;
+
+/// A VM's refused MSR accesses: counts by range (plus one for everything else) and the first
+/// [`LOGGED_REFUSALS`] distinct MSRs, bounded whatever the guest tries.
+#[derive(Default)]
+pub struct MsrRefusals {
+    counts: [u64; REFUSAL_RANGES.len() + 1],
+    logged: Vec<u32>,
+}
+
+/// Whether to log a refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalLog {
+    /// The first refusal of this MSR: log it.
+    First,
+    /// The first refusal of an MSR beyond [`LOGGED_REFUSALS`]: say that the rest are counted.
+    LimitReached,
+    /// Already logged, or beyond the limit.
+    Quiet,
+}
+
+impl MsrRefusals {
+    /// Counts a refusal of `msr`.
+    pub fn record(&mut self, msr: u32) -> RefusalLog {
+        let range = REFUSAL_RANGES.iter().position(|&(lo, hi)| (lo..=hi).contains(&msr));
+        self.counts[range.unwrap_or(REFUSAL_RANGES.len())] += 1;
+        if self.logged.contains(&msr) {
+            RefusalLog::Quiet
+        } else if self.logged.len() < LOGGED_REFUSALS {
+            self.logged.push(msr);
+            RefusalLog::First
+        } else if self.logged.len() == LOGGED_REFUSALS {
+            // One more entry marks that the limit was announced (never logged itself).
+            self.logged.push(u32::MAX);
+            RefusalLog::LimitReached
+        } else {
+            RefusalLog::Quiet
+        }
+    }
+
+    /// `refused MSR accesses (#GP): N in LO-HI, ...`, or `None` if there were none.
+    pub fn summary(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        for (i, &count) in self.counts.iter().enumerate().filter(|&(_, &count)| count > 0) {
+            parts.push(match REFUSAL_RANGES.get(i) {
+                Some((lo, hi)) => format!("{count} in {lo:#x}-{hi:#x}"),
+                None => format!("{count} elsewhere"),
+            });
+        }
+        (!parts.is_empty()).then(|| format!("refused MSR accesses (#GP): {}", parts.join(", ")))
+    }
 }
 
 fn is_storage_msr(msr: u32) -> bool {
@@ -62,7 +125,7 @@ impl MsrModel {
             IA32_MTRRCAP => Ok(0),
             IA32_APIC_BASE => Ok(*self.values.get(&msr).unwrap_or(&APIC_BASE_RESET)),
             _ if is_storage_msr(msr) => Ok(*self.values.get(&msr).unwrap_or(&reset_value(msr))),
-            _ => Err(self.refuse(msr)),
+            _ => Err(Refused),
         }
     }
 
@@ -76,16 +139,12 @@ impl MsrModel {
             _ => is_storage_msr(msr),
         };
         if !valid {
-            return Err(self.refuse(msr));
+            return Err(Refused);
         }
         if msr != IA32_TSC {
             self.values.insert(msr, value);
         }
         Ok(())
-    }
-
-    fn refuse(&mut self, msr: u32) -> Refused {
-        Refused { first: self.refused.insert(msr) }
     }
 }
 
@@ -124,14 +183,38 @@ mod tests {
     }
 
     #[test]
-    fn everything_else_is_refused_and_reported_once() {
+    fn everything_else_is_refused() {
         let mut m = MsrModel::default();
-        assert_eq!(m.read(0x4000_00ff, 0), Err(Refused { first: true }));
-        assert_eq!(m.write(0x4000_00ff, 1), Err(Refused { first: false }));
+        assert_eq!(m.read(0x4000_00ff, 0), Err(Refused));
+        assert_eq!(m.write(0x4000_00ff, 1), Err(Refused));
         assert_eq!(m.read(0x3a, 0), Ok(1), "feature control reads locked with VMX off");
-        assert_eq!(m.write(0x3a, 5), Err(Refused { first: true }), "and a locked MSR cannot be written");
-        assert_eq!(m.write(IA32_PAT, 0x0202_0202_0202_0202), Err(Refused { first: true }), "memory type 2 is reserved");
-        assert_eq!(m.write(IA32_APIC_BASE, 0xfee0_0900), Err(Refused { first: true }));
+        assert_eq!(m.write(0x3a, 5), Err(Refused), "and a locked MSR cannot be written");
+        assert_eq!(m.write(IA32_PAT, 0x0202_0202_0202_0202), Err(Refused), "memory type 2 is reserved");
+        assert_eq!(m.write(IA32_APIC_BASE, 0xfee0_0900), Err(Refused));
         assert_eq!(m.read(IA32_PAT, 0), Ok(PAT_RESET), "a refused write changes nothing");
+    }
+
+    #[test]
+    fn a_sweep_over_every_index_is_counted_in_bounded_memory_and_logged_a_few_times() {
+        let mut refusals = MsrRefusals::default();
+        let mut logged = 0;
+        let mut limit_notes = 0;
+        for msr in (0..0x2000).chain(0x4000_0000..0x4000_1000).chain(0xc001_0000..0xc001_2000).chain([0x1234_5678]) {
+            for _ in 0..2 {
+                match refusals.record(msr) {
+                    RefusalLog::First => logged += 1,
+                    RefusalLog::LimitReached => limit_notes += 1,
+                    RefusalLog::Quiet => {}
+                }
+            }
+        }
+        assert_eq!((logged, limit_notes), (LOGGED_REFUSALS, 1));
+        assert!(refusals.logged.len() <= LOGGED_REFUSALS + 1);
+        assert_eq!(
+            refusals.summary().unwrap(),
+            "refused MSR accesses (#GP): 16384 in 0x0-0x1fff, 8192 in 0x40000000-0x4000ffff, \
+             16384 in 0xc0010000-0xc001ffff, 2 elsewhere"
+        );
+        assert_eq!(MsrRefusals::default().summary(), None);
     }
 }

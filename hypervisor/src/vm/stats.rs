@@ -15,6 +15,8 @@ pub struct ExitStats {
     /// Host time (microseconds) when the VM started and when it ended, for its wall time.
     pub started_us: Option<u64>,
     pub ended_us: Option<u64>,
+    /// MSR accesses refused with #GP, reported after the table.
+    pub msr_refusals: super::msr::MsrRefusals,
 }
 
 struct Row {
@@ -72,6 +74,9 @@ impl ExitStats {
                 seconds(row.micros),
                 row.micros / row.count.max(1)
             );
+        }
+        if let Some(summary) = self.msr_refusals.summary() {
+            let _ = writeln!(out, "  {summary}");
         }
         out
     }

@@ -291,6 +291,57 @@ fn a_raw_console_gets_the_bytes_unaltered_beside_the_sanitized_lines() {
     assert_eq!(lines, ".[1mbold.[0m\n$ \n");
 }
 
+fn amd_host_cpuid(leaf: u32, subleaf: u32) -> cpuid::Regs {
+    match leaf {
+        0 => [0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65],
+        _ => host_cpuid(leaf, subleaf),
+    }
+}
+
+#[test]
+fn amd_legacy_performance_counters_read_as_zero_on_amd_only() {
+    for (amd, expect_gp) in [(true, false), (false, true)] {
+        let mut vm = vm();
+        let mut cx = cx(&vm);
+        let mut console = |_: &str, _: bool| {};
+        let mut env = test_env(&mut console, 1);
+        if amd {
+            env.cpuid = &amd_host_cpuid;
+        }
+        let mut vcpu = Mock::new(vec![])
+            .then(Exit::Rdmsr, Gprs { rcx: 0xc001_0004, rax: 0x55, rdx: 0x66, ..Gprs::default() })
+            .then(Exit::Wrmsr, Gprs { rcx: 0xc001_0000, rax: 0x43_0076, ..Gprs::default() });
+        for _ in 0..2 {
+            let exit = vcpu.run(&mut GuestClock::new(0, 0));
+            vm.handle(&mut cx, &mut vcpu, exit, &mut env);
+        }
+        if expect_gp {
+            assert_eq!(vcpu.injected_exceptions, [(13, Some(0)), (13, Some(0))], "not an AMD CPU: #GP");
+        } else {
+            assert!(vcpu.injected_exceptions.is_empty());
+            assert_eq!((vcpu.skips, vcpu.gprs.rax, vcpu.gprs.rdx), (2, 0x43_0076, 0), "read 0, write ignored");
+        }
+    }
+}
+
+#[test]
+fn refused_msrs_are_counted_for_the_end_report() {
+    let mut vm = vm();
+    let mut cx = cx(&vm);
+    let mut console = |_: &str, _: bool| {};
+    let mut env = test_env(&mut console, 1);
+    let mut vcpu = Mock::new(vec![]);
+    for msr in 0x4000_0000..0x4000_0100u64 {
+        vcpu = vcpu.then(Exit::Rdmsr, Gprs { rcx: msr, ..Gprs::default() });
+    }
+    for _ in 0..0x100 {
+        let exit = vcpu.run(&mut GuestClock::new(0, 0));
+        vm.handle(&mut cx, &mut vcpu, exit, &mut env);
+    }
+    assert_eq!(vcpu.injected_exceptions.len(), 0x100);
+    assert!(vm.stats.table("t").contains("  refused MSR accesses (#GP): 256 in 0x40000000-0x4000ffff\n"));
+}
+
 #[test]
 fn port_reads_replace_only_the_accessed_width() {
     let mut vm = vm();

@@ -335,7 +335,7 @@ impl SvmVcpu {
 
         vmcb.write(control::INTERCEPT_MISC1, {
             use misc1::*;
-            INTR | NMI | CPUID | HLT | INVLPGA | IOIO_PROT | MSR_PROT | SHUTDOWN
+            INTR | NMI | CPUID | INVD | HLT | INVLPGA | IOIO_PROT | MSR_PROT | SHUTDOWN
         });
         vmcb.write(control::INTERCEPT_MISC2, {
             use misc2::*;
@@ -473,7 +473,7 @@ impl SvmVcpu {
         let exit = exit_decode::svm::decode(code, info1, info2);
         // Without NRIP-save the instruction length must be known from the exit itself.
         self.last_exit = match exit {
-            Exit::Cpuid | Exit::Rdmsr | Exit::Wrmsr | Exit::Pause => LastExit::Fixed(2),
+            Exit::Cpuid | Exit::Rdmsr | Exit::Wrmsr | Exit::Pause | Exit::Invd => LastExit::Fixed(2),
             Exit::Hlt => LastExit::Fixed(1),
             Exit::Xsetbv => LastExit::Fixed(3),
             Exit::Io(_) => LastExit::NextRip(info2),
@@ -505,7 +505,9 @@ impl SvmVcpu {
                 Some(Exit::InterruptWindow)
             }
             // SVM is hidden from the guest: its instructions are undefined there.
-            Exit::Unhandled { reason, .. } if exit_decode::svm::SVM_INSTRUCTIONS.contains(&reason) => {
+            Exit::Unhandled { reason, .. }
+                if exit_decode::svm::SVM_INSTRUCTIONS.contains(&reason) || reason == exit_decode::svm::INVLPGA =>
+            {
                 self.inject_exception(6, None);
                 None
             }

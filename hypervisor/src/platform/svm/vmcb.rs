@@ -57,6 +57,7 @@ pub mod misc1 {
     pub const VINTR: u32 = 1 << 4;
     pub const CPUID: u32 = 1 << 18;
     pub const IRET: u32 = 1 << 20;
+    pub const INVD: u32 = 1 << 22;
     pub const PAUSE: u32 = 1 << 23;
     pub const HLT: u32 = 1 << 24;
     pub const INVLPGA: u32 = 1 << 26;
