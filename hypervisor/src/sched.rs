@@ -4,8 +4,14 @@
 //! (its affinity allows the CPU, and it is runnable or its wake-up time has come), runs it for
 //! a slice, and puts it back at the end of the queue: round robin among what may run, so a VM
 //! that never halts gets its share and no more. Halted tasks wait in the queue with a wake-up
-//! time; an idle CPU sleeps until the earliest one it could run. The mechanism (running a
-//! slice, timers, IPIs) belongs to the bare-metal layer; this is plain data, tested on the host.
+//! time; an idle CPU sleeps until the earliest one it could run.
+//!
+//! A halted task whose time has come (or that was woken) goes before the runnable ones, and a
+//! running task's slice ends when the next halted task that could run on its CPU is due (as
+//! Xen's credit scheduler boosts a waking vCPU): a VM that mostly waits for its interrupts
+//! answers them at once even beside VMs that never stop computing, which still get every
+//! moment it does not use. The mechanism (running a slice, timers, IPIs) belongs to the
+//! bare-metal layer; this is plain data, tested on the host.
 
 use alloc::collections::VecDeque;
 
@@ -57,17 +63,31 @@ impl<T> RunQueue<T> {
         self.queue.push_back(Queued { task, affinity, readiness: Readiness::Runnable });
     }
 
-    /// Takes the first task that may run on `cpu` at `now_us`.
+    /// Takes the task `cpu` runs next at `now_us`: the first halted one that may run there and
+    /// is due, else the first runnable one.
     pub fn take(&mut self, cpu: usize, now_us: u64) -> Option<(T, CpuSet)> {
-        let position = self.queue.iter().position(|q| {
-            q.affinity.contains(cpu)
-                && match q.readiness {
-                    Readiness::Runnable => true,
-                    Readiness::HaltedUntil { wake_at_us } => wake_at_us <= now_us,
-                }
-        })?;
+        let here = |q: &&Queued<T>| q.affinity.contains(cpu);
+        let due = |q: &Queued<T>| matches!(q.readiness, Readiness::HaltedUntil { wake_at_us } if wake_at_us <= now_us);
+        let position = self
+            .queue
+            .iter()
+            .position(|q| here(&q) && due(q))
+            .or_else(|| self.queue.iter().position(|q| here(&q) && q.readiness == Readiness::Runnable))?;
         let queued = self.queue.remove(position)?;
         Some((queued.task, queued.affinity))
+    }
+
+    /// When the next halted task that may run on `cpu` is due: the slice of a task running
+    /// there ends then, so that one runs.
+    pub fn next_halted_wake_us(&self, cpu: usize) -> Option<u64> {
+        self.queue
+            .iter()
+            .filter(|q| q.affinity.contains(cpu))
+            .filter_map(|q| match q.readiness {
+                Readiness::Runnable => None,
+                Readiness::HaltedUntil { wake_at_us } => Some(wake_at_us),
+            })
+            .min()
     }
 
     /// Returns a task taken with [`Self::take`] to the back of the queue.
@@ -98,12 +118,14 @@ impl<T> RunQueue<T> {
             .min()
     }
 
-    /// Makes a halted task runnable now (an interrupt arrived for it); `true` if `matches`
-    /// found one.
+    /// Makes a halted task due now (an interrupt arrived for it); `true` if `matches` found
+    /// one. A runnable task stays as it is.
     pub fn wake(&mut self, mut matches: impl FnMut(&T) -> bool) -> bool {
         match self.queue.iter_mut().find(|q| matches(&q.task)) {
             Some(q) => {
-                q.readiness = Readiness::Runnable;
+                if let Readiness::HaltedUntil { wake_at_us } = &mut q.readiness {
+                    *wake_at_us = 0;
+                }
                 true
             }
             None => false,
@@ -185,5 +207,26 @@ mod tests {
         q.finished();
         q.finished();
         assert_eq!(q.live(), 0);
+    }
+
+    #[test]
+    fn a_task_whose_halt_ends_goes_first_and_cuts_the_running_slice() {
+        let mut q = RunQueue::new();
+        q.add("spinner", CpuSet::all());
+        q.add("waiter", CpuSet::all());
+        q.add("other", CpuSet::all());
+        let (spinner, all) = q.take(0, 0).unwrap();
+        let (waiter, _) = q.take(0, 0).unwrap();
+        q.put_back(waiter, all, Readiness::HaltedUntil { wake_at_us: 1_000 });
+        q.put_back(spinner, all, Readiness::Runnable);
+        // The queue is other, waiter (halted), spinner: a slice started now ends at 1 ms.
+        assert_eq!(q.next_halted_wake_us(0), Some(1_000));
+        assert_eq!(q.take(0, 500).unwrap().0, "other", "the waiter is not due yet");
+        assert_eq!(q.take(0, 1_000).unwrap().0, "waiter", "due: before the spinner queued ahead of it");
+        assert_eq!(q.next_halted_wake_us(0), None);
+        let (spinner, _) = q.take(0, 1_000).unwrap();
+        q.put_back(spinner, all, Readiness::HaltedUntil { wake_at_us: u64::MAX });
+        assert!(q.wake(|&t| t == "spinner"));
+        assert_eq!(q.next_halted_wake_us(0), Some(0), "woken: due at once");
     }
 }

@@ -25,6 +25,8 @@ use crate::vm::{Slice, VmEnd};
 pub const WAKE_VECTOR: u8 = 0xf1;
 /// An idle CPU looks at the queue at least this often, whatever it was told.
 const IDLE_RECHECK_US: u64 = 100_000;
+/// The shortest slice a task gets when a halted task is due sooner.
+const MIN_SLICE_US: u64 = 500;
 
 static QUEUE: Mutex<RunQueue<Task>> = Mutex::new(RunQueue::new());
 /// Set once every VM of the set is queued: from then on, an empty queue means the run is over.
@@ -123,8 +125,11 @@ pub fn run_cpu() -> ! {
                 drop(queue);
                 finish_run();
             }
-            let taken = queue.take(cpu, now);
-            if let Some((task, _)) = &taken {
+            let taken = queue.take(cpu, now).map(|(task, affinity)| {
+                // The slice ends early if a halted task that could run here is due before.
+                (task, affinity, queue.next_halted_wake_us(cpu))
+            });
+            if let Some((task, _, _)) = &taken {
                 // Set under the queue lock, which kicks take to read it.
                 if let Some(slot) = task.vm.slot(task.vcpu_index) {
                     slot.running_on.store(cpu, Ordering::Release);
@@ -133,15 +138,19 @@ pub fn run_cpu() -> ! {
             taken
         };
         match taken {
-            Some((task, affinity)) => run_task(task, affinity),
+            Some((task, affinity, next_wake)) => run_task(task, affinity, next_wake),
             None => idle(cpu),
         }
     }
 }
 
-fn run_task(mut task: Task, affinity: CpuSet) {
+fn run_task(mut task: Task, affinity: CpuSet, next_wake_us: Option<u64>) {
     let now = serial::uptime_micros();
     let mut slice_end = now.saturating_add(SLICE_US.load(Ordering::Relaxed));
+    if let Some(wake) = next_wake_us {
+        // At least a little: the task must get somewhere before it yields to a waking one.
+        slice_end = slice_end.min(wake.max(now + MIN_SLICE_US));
+    }
     if let Some(deadline) = task.vm.deadline_us() {
         slice_end = slice_end.min(deadline);
     }
