@@ -177,7 +177,10 @@ pub fn prepare(
                 info_gpa: layout::MULTIBOOT_INFO,
                 info_max: layout::MULTIBOOT_INFO_MAX,
             };
-            let loaded = multiboot::load_multiboot(kernel, &modules, &config.cmdline, mem, &mb_layout)
+            // The kernel's path is the first word, as QEMU's -kernel and GRUB give it (kernels
+            // parse it as argv[0]), like each module's string starts with its file.
+            let cmdline = format!("{} {}", config.kernel, config.cmdline);
+            let loaded = multiboot::load_multiboot(kernel, &modules, cmdline.trim_end(), mem, &mb_layout)
                 .map_err(|e| format!("kernel {}: {e}", config.kernel))?;
             Ok(Prepared {
                 start: StartMode::Protected32 { eip: loaded.entry, eax: multiboot::BOOTLOADER_MAGIC, ebx: loaded.info },
