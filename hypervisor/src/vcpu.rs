@@ -124,7 +124,8 @@ pub enum Exit {
     InterruptWindow,
     /// A host interrupt arrived while the guest ran.
     ExternalInterrupt,
-    /// PAUSE in a spin loop (requested with [`Vcpu::exit_on_spin_loops`]); RIP is at the PAUSE.
+    /// PAUSE in a spin loop (requested with [`Vcpu::exit_on_spin_loops`]). RIP is at the PAUSE
+    /// or past it, as the backend chose; either way the guest just goes on (PAUSE only waits).
     Pause,
     /// INVD: it would throw away dirty cache lines, the host's among them.
     Invd,
@@ -235,7 +236,7 @@ pub trait Vcpu {
     /// The guest's XCR0.
     fn xcr0(&self) -> u64;
     /// From now on PAUSE in a spin loop exits ([`Exit::Pause`]; SVM: the PAUSE intercept, with
-    /// the pause filter where the CPU has one; VMX: PAUSE-loop exiting, else PAUSE exiting).
+    /// the pause filter where the CPU has one; VMX: PAUSE-loop exiting where the CPU has it).
     /// For vCPUs that wait for one another: the one spinning gives its CPU to the one it waits
     /// for.
     fn exit_on_spin_loops(&mut self) {}

@@ -462,10 +462,7 @@ impl<M: GuestMemory> Vm<M> {
             Exit::Rdmsr | Exit::Wrmsr => self.handle_msr(cx, vcpu, exit == Exit::Wrmsr, env),
             Exit::Io(io) if io.string => self.handle_string_io(cx, vcpu, io, env),
             Exit::Io(io) => self.handle_io(cx, vcpu, io, env),
-            Exit::Pause => {
-                vcpu.skip_instruction();
-                Next::Yield
-            }
+            Exit::Pause => Next::Yield,
             // Dropping the cache without writing it back is no guest's business: a no-op,
             // as on KVM (the caches stay coherent with memory either way).
             Exit::Invd => {

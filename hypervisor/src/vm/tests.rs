@@ -663,7 +663,7 @@ fn a_vcpu_spinning_on_pause_gives_its_cpu_away_and_stays_runnable() {
     let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, 1);
     assert_eq!(run_slice(&vm, &mut cx, &mut vcpu, &mut env, u64::MAX), Slice::Preempted);
-    assert_eq!((vcpu.skips, cx.halted), (1, false), "past the PAUSE, not halted");
+    assert!(!cx.halted, "it yields, it does not halt");
     assert_eq!(run_slice(&vm, &mut cx, &mut vcpu, &mut env, u64::MAX), Slice::Ended(VmEnd::DebugExit(0)));
 }
 

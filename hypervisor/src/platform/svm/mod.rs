@@ -486,6 +486,12 @@ impl SvmVcpu {
                 Some(exit)
             }
             Exit::Rdmsr | Exit::Wrmsr if self.handle_msr_here(exit == Exit::Wrmsr) => None,
+            // Past it: without the pause filter every PAUSE exits, and one re-run would exit
+            // again at once.
+            Exit::Pause => {
+                self.skip_instruction();
+                Some(exit)
+            }
             // `STI; HLT` with an interrupt still in V_IRQ: the interrupt ends the halt at once,
             // as it would on a CPU that had delivered it before the HLT.
             Exit::Hlt if self.virq_vector.is_some() && self.rflags() & RFLAGS_IF != 0 => {

@@ -33,7 +33,6 @@ const PRIMARY_USE_TSC_OFFSETTING: u32 = 1 << 3;
 const PRIMARY_HLT_EXITING: u32 = 1 << 7;
 const PRIMARY_USE_IO_BITMAPS: u32 = 1 << 25;
 const PRIMARY_USE_MSR_BITMAPS: u32 = 1 << 28;
-const PRIMARY_PAUSE_EXITING: u32 = 1 << 30;
 const PRIMARY_ACTIVATE_SECONDARY: u32 = 1 << 31;
 // Secondary processor-based controls.
 const SECONDARY_ENABLE_EPT: u32 = 1 << 1;
@@ -178,9 +177,8 @@ pub struct VmxVcpu {
     /// The guest's DR0-DR3 and DR6, swapped around every entry.
     debug: DebugRegs,
     interrupt_window_allowed: bool,
-    /// PAUSE-loop exiting / PAUSE exiting may be set (for [`Vcpu::exit_on_spin_loops`]).
+    /// PAUSE-loop exiting may be set (for [`Vcpu::exit_on_spin_loops`]).
     pause_loop_exiting_allowed: bool,
-    pause_exiting_allowed: bool,
     /// The VMX-preemption timer counts TSC >> this; `None` if the CPU has no such timer.
     preemption_timer_shift: Option<u32>,
     /// The host CPU whose state the host-state area holds and that ran the vCPU last.
@@ -220,7 +218,6 @@ impl VmxVcpu {
             debug: DebugRegs::new(true),
             interrupt_window_allowed: false,
             pause_loop_exiting_allowed: false,
-            pause_exiting_allowed: false,
             preemption_timer_shift: None,
             cpu: None,
             shared_vpid: vpid.shared,
@@ -267,7 +264,6 @@ impl VmxVcpu {
         )?;
         let primary_cap = pick(cap_msr::PROCBASED_CTLS, cap_msr::TRUE_PROCBASED_CTLS);
         self.interrupt_window_allowed = (primary_cap >> 32) as u32 & PRIMARY_INTERRUPT_WINDOW_EXITING != 0;
-        self.pause_exiting_allowed = (primary_cap >> 32) as u32 & PRIMARY_PAUSE_EXITING != 0;
         let primary = adjust(
             primary_cap,
             PRIMARY_HLT_EXITING
@@ -991,6 +987,9 @@ impl Vcpu for VmxVcpu {
     }
 
     fn exit_on_spin_loops(&mut self) {
+        // RIP stays at the PAUSE (no instruction length to trust): after the exit the loop
+        // starts a new PLE window. Plain PAUSE exiting would exit on that PAUSE again at once,
+        // so a CPU without PAUSE-loop exiting keeps its spins.
         if self.pause_loop_exiting_allowed {
             // KVM's defaults: a loop is PAUSEs at most 128 TSC cycles apart; it exits after
             // 4096 cycles.
@@ -998,9 +997,6 @@ impl Vcpu for VmxVcpu {
             self.set(w32::PLE_WINDOW, 4096);
             let secondary = self.get(w32::SECONDARY_PROCESSOR_CONTROLS);
             self.set(w32::SECONDARY_PROCESSOR_CONTROLS, secondary | SECONDARY_PAUSE_LOOP_EXITING);
-        } else if self.pause_exiting_allowed {
-            let primary = self.get(w32::PRIMARY_PROCESSOR_CONTROLS);
-            self.set(w32::PRIMARY_PROCESSOR_CONTROLS, primary | PRIMARY_PAUSE_EXITING);
         }
     }
 
