@@ -46,6 +46,41 @@ pub struct Gprs {
     pub r15: u64,
 }
 
+impl Gprs {
+    /// The register an instruction encodes as `index` (0 = RAX ... 15 = R15); `None` for 4:
+    /// RSP lives in the VMCS/VMCB ([`Vcpu::rsp`]).
+    pub fn get(&self, index: u8) -> Option<u64> {
+        let mut copy = *self;
+        copy.slot(index).map(|r| *r)
+    }
+
+    /// Writes the register `index` encodes; `false` for 4 (RSP, see [`Gprs::get`]).
+    pub fn set(&mut self, index: u8, value: u64) -> bool {
+        self.slot(index).map(|r| *r = value).is_some()
+    }
+
+    fn slot(&mut self, index: u8) -> Option<&mut u64> {
+        Some(match index {
+            0 => &mut self.rax,
+            1 => &mut self.rcx,
+            2 => &mut self.rdx,
+            3 => &mut self.rbx,
+            5 => &mut self.rbp,
+            6 => &mut self.rsi,
+            7 => &mut self.rdi,
+            8 => &mut self.r8,
+            9 => &mut self.r9,
+            10 => &mut self.r10,
+            11 => &mut self.r11,
+            12 => &mut self.r12,
+            13 => &mut self.r13,
+            14 => &mut self.r14,
+            15 => &mut self.r15,
+            _ => return None,
+        })
+    }
+}
+
 /// How a vCPU starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartMode {
@@ -212,6 +247,8 @@ pub trait Vcpu {
     fn set_rip(&mut self, rip: u64);
     /// Guest RSP.
     fn rsp(&self) -> u64;
+    /// Sets guest RSP.
+    fn set_rsp(&mut self, rsp: u64);
     /// Guest RFLAGS.
     fn rflags(&self) -> u64;
     /// Control registers, EFER and code-segment mode.
@@ -235,6 +272,14 @@ pub trait Vcpu {
     fn set_xcr0(&mut self, xcr0: u64);
     /// The guest's XCR0.
     fn xcr0(&self) -> u64;
+    /// CR8 as the guest may have written it without an exit (SVM: V_TPR, which
+    /// V_INTR_MASKING keeps apart from the host's TPR); `None` where every CR8 access exits
+    /// (VMX). The run loop copies it into the local APIC's TPR[7:4] after each exit.
+    fn guest_cr8(&self) -> Option<u8> {
+        None
+    }
+    /// Gives the guest CR8 (TPR[7:4] of its local APIC) for its next entry; see [`Self::guest_cr8`].
+    fn set_guest_cr8(&mut self, _cr8: u8) {}
     /// From now on PAUSE in a spin loop exits ([`Exit::Pause`]; SVM: the PAUSE intercept, with
     /// the pause filter where the CPU has one; VMX: PAUSE-loop exiting where the CPU has it).
     /// For vCPUs that wait for one another: the one spinning gives its CPU to the one it waits

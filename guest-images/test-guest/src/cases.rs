@@ -372,6 +372,18 @@ fn cr() -> CaseResult {
         cr0 & !cpu::CR0_TS
     );
 
+    // CR8 is the local APIC's TPR[7:4]: the same value through either, and never the host's.
+    // SAFETY: only priorities change; the cases after this one take no interrupts.
+    unsafe { cpu::write_cr8(9) };
+    let cr8 = cpu::read_cr8();
+    // SAFETY: the local APIC page is identity-mapped device memory; TPR reads have no side effects.
+    let tpr = unsafe { core::ptr::read_volatile(0xfee0_0080 as *const u32) };
+    ensure!(cr8 == 9 && tpr == 0x90, "after CR8 = 9: CR8 {cr8:#x}, APIC TPR {tpr:#x}, expected 9 and 0x90");
+    // Left at 15 on purpose: were it the host's TPR, the host's own timer (class 15) would stop
+    // and the VMs after this one would never end.
+    // SAFETY: as above.
+    unsafe { cpu::write_cr8(15) };
+
     if cpu::has_xsave() {
         enable_osxsave()?;
     }

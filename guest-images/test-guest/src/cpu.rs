@@ -105,6 +105,21 @@ pub fn rdtscp_aux() -> u32 {
     aux
 }
 
+/// CR8: the task priority class (TPR[7:4]).
+pub fn read_cr8() -> u64 {
+    let value;
+    // SAFETY: reading CR8 has no side effects.
+    unsafe { asm!("mov {}, cr8", out(reg) value, options(nomem, nostack, preserves_flags)) };
+    value
+}
+
+/// # Safety
+/// Interrupts of priority class `value` and below stay blocked until it is lowered again.
+pub unsafe fn write_cr8(value: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("mov cr8, {}", in(reg) value, options(nostack, preserves_flags)) };
+}
+
 pub fn read_cr2() -> u64 {
     let value;
     // SAFETY: reading CR2 has no side effects.

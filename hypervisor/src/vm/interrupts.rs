@@ -244,6 +244,11 @@ impl InterruptRouter {
         None
     }
 
+    /// Sets vCPU `cpu`'s task priority (CR8 writes).
+    pub fn set_tpr(&mut self, cpu: usize, tpr: u8) {
+        self.cpu_mut(cpu).lapic.set_tpr(tpr);
+    }
+
     /// Takes vCPU `cpu`'s pending NMI, if any.
     pub fn take_nmi(&mut self, cpu: usize) -> bool {
         core::mem::take(&mut self.cpu_mut(cpu).nmi)

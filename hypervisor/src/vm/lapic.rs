@@ -312,6 +312,16 @@ impl LocalApic {
         }
     }
 
+    /// The task priority (TPR); CR8 is its bits 7:4.
+    pub fn tpr(&self) -> u8 {
+        self.tpr as u8
+    }
+
+    /// Sets the TPR (a MOV to CR8 writes `cr8 << 4`).
+    pub fn set_tpr(&mut self, tpr: u8) {
+        self.tpr = u32::from(tpr);
+    }
+
     /// Processor priority (11.8.3.1): the higher of TPR and the highest in-service class.
     pub fn ppr(&self) -> u8 {
         let tpr = self.tpr as u8;

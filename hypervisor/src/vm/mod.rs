@@ -493,10 +493,43 @@ impl<M: GuestMemory> Vm<M> {
             Exit::InterruptWindow | Exit::ExternalInterrupt => Next::Continue,
             Exit::TripleFault => Next::End(VmEnd::TripleFault { rip: vcpu.rip() }),
             Exit::EntryFailed { code } => Next::End(VmEnd::Error(format!("VM entry failed (code {code:#x})"))),
+            Exit::CrAccess { cr: 8, write, gpr } => self.handle_cr8(cx.index, vcpu, write, gpr),
             Exit::CrAccess { .. } | Exit::Unhandled { .. } => Next::End(VmEnd::Error(format!(
                 "{exit} at RIP {:#x}, which this hypervisor does not handle",
                 vcpu.rip()
             ))),
+        }
+    }
+
+    /// MOV to or from CR8 (VMX exits on both): CR8 is the local APIC's TPR[7:4], never the
+    /// host's own TPR. Bits 63:4 of a written value are reserved (#GP).
+    fn handle_cr8(&mut self, cpu: usize, vcpu: &mut dyn Vcpu, write: bool, gpr: u8) -> Next {
+        const RSP: u8 = 4;
+        if write {
+            let value = if gpr == RSP { vcpu.rsp() } else { vcpu.gprs().get(gpr).unwrap_or(0) };
+            if value >> 4 != 0 {
+                vcpu.inject_exception(VECTOR_GP, Some(0));
+                return Next::Continue;
+            }
+            self.router.set_tpr(cpu, (value as u8) << 4);
+        } else {
+            let cr8 = u64::from(self.router.lapic(cpu).tpr() >> 4);
+            if gpr == RSP {
+                vcpu.set_rsp(cr8);
+            } else {
+                vcpu.gprs().set(gpr, cr8);
+            }
+        }
+        vcpu.skip_instruction();
+        Next::Continue
+    }
+
+    /// CR8 the guest wrote without an exit (SVM's V_TPR) becomes the local APIC's TPR[7:4].
+    fn take_guest_cr8(&mut self, cpu: usize, vcpu: &dyn Vcpu) {
+        if let Some(cr8) = vcpu.guest_cr8() {
+            if cr8 != self.router.lapic(cpu).tpr() >> 4 {
+                self.router.set_tpr(cpu, cr8 << 4);
+            }
         }
     }
 
@@ -890,6 +923,7 @@ fn slice<M: GuestMemory>(
             return Slice::Preempted;
         }
         guard.offer_interrupt(cpu, vcpu);
+        vcpu.set_guest_cr8(guard.router.lapic(cpu).tpr() >> 4);
         let now = guard.now_of(cx, env);
         let until_device = guard.next_deadline_ns(cpu).map(|deadline| deadline.saturating_sub(now));
         let until_slice_end = (slice_end_us - wall).saturating_mul(1000);
@@ -903,6 +937,7 @@ fn slice<M: GuestMemory>(
         let exit = vcpu.run(&mut cx.clock);
         let exited = (env.now_micros)();
         let mut guard = vm.lock();
+        guard.take_guest_cr8(cpu, vcpu);
         guard.stats.guest_micros += exited.saturating_sub(entered);
         let next = guard.handle(cx, vcpu, exit, env);
         guard.stats.record(exit.kind(), (env.now_micros)().saturating_sub(exited));

@@ -80,6 +80,7 @@ impl Vcpu for Mock {
     fn rsp(&self) -> u64 {
         0
     }
+    fn set_rsp(&mut self, _rsp: u64) {}
     fn rflags(&self) -> u64 {
         self.rflags
     }
@@ -340,6 +341,31 @@ fn refused_msrs_are_counted_for_the_end_report() {
     }
     assert_eq!(vcpu.injected_exceptions.len(), 0x100);
     assert!(vm.stats.table("t").contains("  refused MSR accesses (#GP): 256 in 0x40000000-0x4000ffff\n"));
+}
+
+#[test]
+fn cr8_is_the_local_apics_task_priority() {
+    let mut vm = vm();
+    let mut cx = cx(&vm);
+    let mut console = |_: &str, _: bool| {};
+    let mut env = test_env(&mut console, 1);
+    let cr8 = |write: bool, gpr: u8| Exit::CrAccess { cr: 8, write, gpr };
+    let mut vcpu = Mock::new(vec![])
+        .then(cr8(true, 1), Gprs { rcx: 9, ..Gprs::default() })
+        .then(cr8(false, 2), Gprs::default())
+        .then(cr8(true, 0), Gprs { rax: 0x10, ..Gprs::default() });
+    for _ in 0..3 {
+        let exit = vcpu.run(&mut GuestClock::new(0, 0));
+        assert!(matches!(vm.handle(&mut cx, &mut vcpu, exit, &mut env), Next::Continue));
+        if vcpu.skips == 1 {
+            assert_eq!(vm.router.lapic(0).tpr(), 0x90, "MOV CR8, 9 sets TPR[7:4]");
+        }
+        if vcpu.skips == 2 && vcpu.injected_exceptions.is_empty() {
+            assert_eq!(vcpu.gprs.rdx, 9, "MOV RDX, CR8 reads it back");
+        }
+    }
+    assert_eq!(vcpu.injected_exceptions, [(13, Some(0))], "bits 63:4 are reserved");
+    assert_eq!((vcpu.skips, vm.router.lapic(0).tpr()), (2, 0x90));
 }
 
 #[test]

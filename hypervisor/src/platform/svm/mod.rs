@@ -654,6 +654,8 @@ const V_IGN_TPR: u64 = 1 << 20;
 const V_INTR_PRIO_MAX: u64 = 0xf << 16;
 const V_INTR_MASKING: u64 = 1 << 24;
 const V_INTR_VECTOR_MASK: u64 = 0xff << 32;
+/// V_TPR: the guest's CR8 (bits 3:0 in 64-bit mode).
+const V_TPR_MASK: u64 = 0xf;
 const RFLAGS_IF: u64 = 1 << 9;
 const INTERCEPT_VINTR: u32 = misc1::VINTR;
 
@@ -695,6 +697,10 @@ impl Vcpu for SvmVcpu {
 
     fn rsp(&self) -> u64 {
         self.vmcb.read(save::RSP)
+    }
+
+    fn set_rsp(&mut self, rsp: u64) {
+        self.vmcb.write(save::RSP, rsp);
     }
 
     fn rflags(&self) -> u64 {
@@ -785,6 +791,15 @@ impl Vcpu for SvmVcpu {
 
     fn set_xcr0(&mut self, xcr0: u64) {
         self.xstate.guest_xcr0 = xcr0;
+    }
+
+    fn guest_cr8(&self) -> Option<u8> {
+        Some((self.vmcb.read::<u64>(control::V_INTR) & V_TPR_MASK) as u8)
+    }
+
+    fn set_guest_cr8(&mut self, cr8: u8) {
+        let v_intr: u64 = self.vmcb.read(control::V_INTR);
+        self.vmcb.write(control::V_INTR, (v_intr & !V_TPR_MASK) | u64::from(cr8) & V_TPR_MASK);
     }
 
     fn exit_on_spin_loops(&mut self) {

@@ -31,6 +31,9 @@ const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 const PRIMARY_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
 const PRIMARY_USE_TSC_OFFSETTING: u32 = 1 << 3;
 const PRIMARY_HLT_EXITING: u32 = 1 << 7;
+/// MOV to/from CR8 exit: without them the guest would read and write the host's own TPR.
+const PRIMARY_CR8_LOAD_EXITING: u32 = 1 << 19;
+const PRIMARY_CR8_STORE_EXITING: u32 = 1 << 20;
 const PRIMARY_USE_IO_BITMAPS: u32 = 1 << 25;
 const PRIMARY_USE_MSR_BITMAPS: u32 = 1 << 28;
 const PRIMARY_ACTIVATE_SECONDARY: u32 = 1 << 31;
@@ -267,12 +270,16 @@ impl VmxVcpu {
         let primary = adjust(
             primary_cap,
             PRIMARY_HLT_EXITING
+                | PRIMARY_CR8_LOAD_EXITING
+                | PRIMARY_CR8_STORE_EXITING
                 | PRIMARY_USE_TSC_OFFSETTING
                 | PRIMARY_USE_IO_BITMAPS
                 | PRIMARY_USE_MSR_BITMAPS
                 | PRIMARY_ACTIVATE_SECONDARY,
             &[
                 (PRIMARY_HLT_EXITING, "HLT exiting"),
+                (PRIMARY_CR8_LOAD_EXITING, "CR8-load exiting"),
+                (PRIMARY_CR8_STORE_EXITING, "CR8-store exiting"),
                 (PRIMARY_USE_TSC_OFFSETTING, "use TSC offsetting"),
                 (PRIMARY_USE_IO_BITMAPS, "use I/O bitmaps"),
                 (PRIMARY_USE_MSR_BITMAPS, "use MSR bitmaps"),
@@ -902,6 +909,10 @@ impl Vcpu for VmxVcpu {
 
     fn rsp(&self) -> u64 {
         self.get(natural::GUEST_RSP)
+    }
+
+    fn set_rsp(&mut self, rsp: u64) {
+        self.set(natural::GUEST_RSP, rsp);
     }
 
     fn rflags(&self) -> u64 {
