@@ -334,28 +334,6 @@ fn mask(size: u8) -> u64 {
     }
 }
 
-/// The register `num` in `gprs` (`None` for RSP, which is not saved there, or an invalid number).
-fn slot(gprs: &mut Gprs, num: u8) -> Option<&mut u64> {
-    Some(match num {
-        0 => &mut gprs.rax,
-        1 => &mut gprs.rcx,
-        2 => &mut gprs.rdx,
-        3 => &mut gprs.rbx,
-        5 => &mut gprs.rbp,
-        6 => &mut gprs.rsi,
-        7 => &mut gprs.rdi,
-        8 => &mut gprs.r8,
-        9 => &mut gprs.r9,
-        10 => &mut gprs.r10,
-        11 => &mut gprs.r11,
-        12 => &mut gprs.r12,
-        13 => &mut gprs.r13,
-        14 => &mut gprs.r14,
-        15 => &mut gprs.r15,
-        _ => return None,
-    })
-}
-
 /// Completes a load: `value` holds the `size` bytes read from the device; it is widened per
 /// `extend` to `reg.width` and written with x86 semantics (a 32-bit write zeroes bits 63:32, 8-
 /// and 16-bit writes keep the other bits, AH/CH/DH/BH write bits 15:8). RSP (not in [`Gprs`]) and
@@ -372,7 +350,7 @@ pub fn apply_load(gprs: &mut Gprs, reg: Gpr, size: u8, extend: Extend, value: u6
     };
     let width = if reg.high_byte { 1 } else { reg.width.min(8) };
     let value = value & mask(width);
-    let Some(r) = slot(gprs, reg.num) else { return };
+    let Some(r) = gprs.slot(reg.num) else { return };
     *r = if reg.high_byte {
         (*r & !0xff00) | (value << 8)
     } else {
@@ -390,7 +368,7 @@ pub fn read_operand(gprs: &Gprs, op: Operand, size: u8) -> u64 {
         Operand::Imm(v) => v,
         Operand::Reg(reg) => {
             let mut copy = *gprs;
-            let full = slot(&mut copy, reg.num).map_or(0, |r| *r);
+            let full = copy.slot(reg.num).map_or(0, |r| *r);
             if reg.high_byte {
                 (full >> 8) & 0xff
             } else {

@@ -59,7 +59,9 @@ impl Gprs {
         self.slot(index).map(|r| *r = value).is_some()
     }
 
-    fn slot(&mut self, index: u8) -> Option<&mut u64> {
+    /// The register `index` encodes, to read or write in place; `None` for 4 (RSP) and
+    /// numbers above 15.
+    pub fn slot(&mut self, index: u8) -> Option<&mut u64> {
         Some(match index {
             0 => &mut self.rax,
             1 => &mut self.rcx,
