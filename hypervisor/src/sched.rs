@@ -66,13 +66,11 @@ impl<T> RunQueue<T> {
     /// Takes the task `cpu` runs next at `now_us`: the first halted one that may run there and
     /// is due, else the first runnable one.
     pub fn take(&mut self, cpu: usize, now_us: u64) -> Option<(T, CpuSet)> {
-        let here = |q: &&Queued<T>| q.affinity.contains(cpu);
-        let due = |q: &Queued<T>| matches!(q.readiness, Readiness::HaltedUntil { wake_at_us } if wake_at_us <= now_us);
-        let position = self
-            .queue
-            .iter()
-            .position(|q| here(&q) && due(q))
-            .or_else(|| self.queue.iter().position(|q| here(&q) && q.readiness == Readiness::Runnable))?;
+        let first = |wanted: &dyn Fn(Readiness) -> bool| {
+            self.queue.iter().position(|q| q.affinity.contains(cpu) && wanted(q.readiness))
+        };
+        let position = first(&|r| matches!(r, Readiness::HaltedUntil { wake_at_us } if wake_at_us <= now_us))
+            .or_else(|| first(&|r| r == Readiness::Runnable))?;
         let queued = self.queue.remove(position)?;
         Some((queued.task, queued.affinity))
     }

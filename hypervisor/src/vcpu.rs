@@ -47,20 +47,9 @@ pub struct Gprs {
 }
 
 impl Gprs {
-    /// The register an instruction encodes as `index` (0 = RAX ... 15 = R15); `None` for 4:
-    /// RSP lives in the VMCS/VMCB ([`Vcpu::rsp`]).
-    pub fn get(&self, index: u8) -> Option<u64> {
-        let mut copy = *self;
-        copy.slot(index).map(|r| *r)
-    }
-
-    /// Writes the register `index` encodes; `false` for 4 (RSP, see [`Gprs::get`]).
-    pub fn set(&mut self, index: u8, value: u64) -> bool {
-        self.slot(index).map(|r| *r = value).is_some()
-    }
-
-    /// The register `index` encodes, to read or write in place; `None` for 4 (RSP) and
-    /// numbers above 15.
+    /// The register an instruction encodes as `index` (0 = RAX ... 15 = R15), to read or
+    /// write in place; `None` for 4 (RSP lives in the VMCS/VMCB, [`Vcpu::rsp`]) and numbers
+    /// above 15.
     pub fn slot(&mut self, index: u8) -> Option<&mut u64> {
         Some(match index {
             0 => &mut self.rax,

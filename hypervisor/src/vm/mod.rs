@@ -506,7 +506,7 @@ impl<M: GuestMemory> Vm<M> {
     fn handle_cr8(&mut self, cpu: usize, vcpu: &mut dyn Vcpu, write: bool, gpr: u8) -> Next {
         const RSP: u8 = 4;
         if write {
-            let value = if gpr == RSP { vcpu.rsp() } else { vcpu.gprs().get(gpr).unwrap_or(0) };
+            let value = if gpr == RSP { vcpu.rsp() } else { vcpu.gprs().slot(gpr).map_or(0, |r| *r) };
             if value >> 4 != 0 {
                 vcpu.inject_exception(VECTOR_GP, Some(0));
                 return Next::Continue;
@@ -516,8 +516,8 @@ impl<M: GuestMemory> Vm<M> {
             let cr8 = u64::from(self.router.lapic(cpu).tpr() >> 4);
             if gpr == RSP {
                 vcpu.set_rsp(cr8);
-            } else {
-                vcpu.gprs().set(gpr, cr8);
+            } else if let Some(register) = vcpu.gprs().slot(gpr) {
+                *register = cr8;
             }
         }
         vcpu.skip_instruction();

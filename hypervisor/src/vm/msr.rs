@@ -53,6 +53,8 @@ pub const LOGGED_REFUSALS: usize = 16;
 pub struct MsrRefusals {
     counts: [u64; REFUSAL_RANGES.len() + 1],
     logged: Vec<u32>,
+    /// The note that further refusals are only counted has been given.
+    limit_announced: bool,
 }
 
 /// Whether to log a refusal.
@@ -76,9 +78,8 @@ impl MsrRefusals {
         } else if self.logged.len() < LOGGED_REFUSALS {
             self.logged.push(msr);
             RefusalLog::First
-        } else if self.logged.len() == LOGGED_REFUSALS {
-            // One more entry marks that the limit was announced (never logged itself).
-            self.logged.push(u32::MAX);
+        } else if !self.limit_announced {
+            self.limit_announced = true;
             RefusalLog::LimitReached
         } else {
             RefusalLog::Quiet
@@ -209,7 +210,7 @@ mod tests {
             }
         }
         assert_eq!((logged, limit_notes), (LOGGED_REFUSALS, 1));
-        assert!(refusals.logged.len() <= LOGGED_REFUSALS + 1);
+        assert_eq!(refusals.logged.len(), LOGGED_REFUSALS);
         assert_eq!(
             refusals.summary().unwrap(),
             "refused MSR accesses (#GP): 16384 in 0x0-0x1fff, 8192 in 0x40000000-0x4000ffff, \

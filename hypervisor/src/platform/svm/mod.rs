@@ -506,8 +506,7 @@ impl SvmVcpu {
             // comes before it does, so an NMI injected now would land inside the handler.
             Exit::Unhandled { reason: exit_decode::svm::IRET, .. } => {
                 self.nmi_iret_at = Some(self.rip());
-                let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
-                self.vmcb.write(control::INTERCEPT_MISC1, intercepts & !misc1::IRET);
+                self.intercept(misc1::IRET, false);
                 Some(Exit::InterruptWindow)
             }
             // SVM is hidden from the guest: its instructions are undefined there.
@@ -576,12 +575,17 @@ impl SvmVcpu {
     /// before the next #VMEXIT (often with several TCG CPUs). Linux then runs a device's or
     /// the timer's handler inside itself and deadlocks or double faults.
     fn deliver_virtual_interrupt(&mut self, vector: u8) {
-        let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
-        self.vmcb.write(control::INTERCEPT_MISC1, intercepts & !INTERCEPT_VINTR);
+        self.intercept(INTERCEPT_VINTR, false);
         let v_intr: u64 = self.vmcb.read(control::V_INTR);
         let v_intr = (v_intr & !V_INTR_VECTOR_MASK) | V_IRQ | V_IGN_TPR | V_INTR_PRIO_MAX | (vector as u64) << 32;
         self.vmcb.write(control::V_INTR, v_intr);
         self.virq_vector = Some(vector);
+    }
+
+    /// Sets or clears `bits` of the MISC1 intercepts.
+    fn intercept(&mut self, bits: u32, on: bool) {
+        let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
+        self.vmcb.write(control::INTERCEPT_MISC1, if on { intercepts | bits } else { intercepts & !bits });
     }
 
     /// RDMSR/WRMSR of TSC_AUX: the value lives here (bits 63:32 are reserved).
@@ -766,8 +770,7 @@ impl Vcpu for SvmVcpu {
         }
         self.vmcb.write(control::EVENT_INJ, EVENT_VALID | EVENT_TYPE_NMI | NMI_VECTOR);
         self.nmi_blocked = true;
-        let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
-        self.vmcb.write(control::INTERCEPT_MISC1, intercepts | misc1::IRET);
+        self.intercept(misc1::IRET, true);
         true
     }
 
@@ -776,16 +779,15 @@ impl Vcpu for SvmVcpu {
             // V_IRQ carries an interrupt already; the exit for its EOI offers the next one.
             return;
         }
-        let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
         let v_intr: u64 = self.vmcb.read(control::V_INTR);
         // A virtual interrupt that is never taken makes the CPU exit with VINTR as soon as
         // the guest could take it.
-        let (intercepts, v_intr) = if on {
-            (intercepts | INTERCEPT_VINTR, (v_intr & !V_INTR_VECTOR_MASK) | V_IRQ | V_IGN_TPR | V_INTR_PRIO_MAX)
+        let v_intr = if on {
+            (v_intr & !V_INTR_VECTOR_MASK) | V_IRQ | V_IGN_TPR | V_INTR_PRIO_MAX
         } else {
-            (intercepts & !INTERCEPT_VINTR, v_intr & !(V_IRQ | V_IGN_TPR | V_INTR_PRIO_MAX))
+            v_intr & !(V_IRQ | V_IGN_TPR | V_INTR_PRIO_MAX)
         };
-        self.vmcb.write(control::INTERCEPT_MISC1, intercepts);
+        self.intercept(INTERCEPT_VINTR, on);
         self.vmcb.write(control::V_INTR, v_intr);
     }
 
@@ -812,8 +814,7 @@ impl Vcpu for SvmVcpu {
         if features.is_some_and(|f| f.pause_filter_threshold) {
             self.vmcb.write(control::PAUSE_FILTER_THRESHOLD, 128u16);
         }
-        let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
-        self.vmcb.write(control::INTERCEPT_MISC1, intercepts | misc1::PAUSE);
+        self.intercept(misc1::PAUSE, true);
     }
 
     fn xcr0(&self) -> u64 {
