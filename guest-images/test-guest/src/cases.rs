@@ -551,6 +551,21 @@ fn write_drs(values: [u64; 4]) {
     };
 }
 
+/// CR2 with the value `leave-traces` writes: a page-fault address no exit ever sees.
+const TRACE_CR2: u64 = 0x7e57_0000_5000;
+
+fn read_cr2() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR2 at CPL 0 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) value, options(nomem, nostack)) };
+    value
+}
+
+fn write_cr2(value: u64) {
+    // SAFETY: CR2 only reports page-fault addresses; this guest reads it nowhere else.
+    unsafe { asm!("mov cr2, {}", in(reg) value, options(nomem, nostack)) };
+}
+
 fn compute(rounds: u64) {
     let mut x = 0u64;
     for i in 0..rounds {
@@ -575,6 +590,7 @@ fn leave_traces() -> CaseResult {
         unsafe { crate::cpu::wrmsr(IA32_TSC_AUX, TRACE_TSC_AUX) };
     }
     write_drs(TRACE_DRS);
+    write_cr2(TRACE_CR2);
     for _ in 0..20 {
         compute(2_000_000);
     }
@@ -585,6 +601,7 @@ fn leave_traces() -> CaseResult {
         ensure!(u64::from(crate::cpu::rdtscp_aux()) == TRACE_TSC_AUX, "RDTSCP lost the TSC_AUX this VM wrote");
     }
     ensure!(read_drs() == TRACE_DRS, "DR0-DR3 lost the values this VM wrote: {:x?}", read_drs());
+    ensure!(read_cr2() == TRACE_CR2, "CR2 is {:#x}, not the value this VM wrote", read_cr2());
     Ok(())
 }
 
@@ -592,7 +609,9 @@ fn leave_traces() -> CaseResult {
 fn find_no_traces() -> CaseResult {
     let own: [u64; 4] = [0x1000, 0x2000, 0x3000, 0x4000];
     const OWN_TSC_AUX: u32 = 0x51;
+    const OWN_CR2: u64 = 0x5000;
     write_drs(own);
+    write_cr2(OWN_CR2);
     // SAFETY: as in `leave_traces`.
     unsafe { crate::cpu::wrmsr(0xc000_0082, 0xffff_8000_0000_1000) };
     let rdtscp = crate::cpu::has_rdtscp();
@@ -605,6 +624,7 @@ fn find_no_traces() -> CaseResult {
             ensure!(crate::cpu::rdmsr(msr) != value, "round {round}: {name} holds the value another VM wrote");
         }
         ensure!(read_drs() == own, "round {round}: DR0-DR3 are {:x?}, not this VM's own", read_drs());
+        ensure!(read_cr2() == OWN_CR2, "round {round}: CR2 is {:#x}, not this VM's own", read_cr2());
         ensure!(crate::cpu::rdmsr(0xc000_0082) == 0xffff_8000_0000_1000, "round {round}: LSTAR lost this VM's value");
         if rdtscp {
             let aux = crate::cpu::rdtscp_aux();

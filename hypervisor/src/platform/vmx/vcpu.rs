@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use raw_cpuid::cpuid;
 use x86_64::instructions::tables::{sgdt, sidt};
-use x86_64::registers::control::{Cr0, Cr3, Cr4};
+use x86_64::registers::control::{Cr0, Cr2, Cr3, Cr4};
 
 use super::fields::{natural, w16, w32, w64, Field, Natural, Readable, Width, W16, W32};
 use super::instructions::{self as vmx, VmxError};
@@ -179,6 +179,10 @@ pub struct VmxVcpu {
     xstate: XState,
     /// The guest's DR0-DR3 and DR6, swapped around every entry.
     debug: DebugRegs,
+    /// The guest's CR2. The VMCS does not hold it: while the guest runs it is the CPU's, so it
+    /// is loaded before every entry and saved after every exit, or a page fault's address
+    /// would move to whichever vCPU this CPU runs next.
+    guest_cr2: u64,
     interrupt_window_allowed: bool,
     /// PAUSE-loop exiting may be set (for [`Vcpu::exit_on_spin_loops`]).
     pause_loop_exiting_allowed: bool,
@@ -219,6 +223,7 @@ impl VmxVcpu {
             vpid: u16::try_from(vpid.value).unwrap_or(0),
             xstate,
             debug: DebugRegs::new(true),
+            guest_cr2: 0,
             interrupt_window_allowed: false,
             pause_loop_exiting_allowed: false,
             preemption_timer_shift: None,
@@ -809,6 +814,7 @@ impl VmxVcpu {
         let state: *mut SwitchState = &mut *self.state;
         self.debug.enter_guest();
         self.xstate.enter_guest();
+        load_cr2(self.guest_cr2);
         clock.resume(rdtsc());
         self.set(w64::TSC_OFFSET, clock.tsc_offset());
         // SAFETY: VMX is on, our VMCS is current with complete host state (HOST_RIP is the exit
@@ -816,6 +822,7 @@ impl VmxVcpu {
         // boxed switch state, which outlives the call.
         let result = unsafe { switch::hv_vmx_run(state, u64::from(self.launched)) };
         clock.freeze(rdtsc());
+        self.guest_cr2 = Cr2::read_raw();
         self.xstate.leave_guest();
         self.debug.leave_guest();
         if result != switch::SWITCH_EXITED {
@@ -1036,6 +1043,14 @@ impl Drop for VmxVcpu {
 
 fn this_cpu() -> usize {
     crate::platform::percpu::current().index
+}
+
+fn load_cr2(value: u64) {
+    if Cr2::read_raw() != value {
+        // SAFETY: CR2 only reports page-fault addresses; the host takes no page faults whose
+        // handler would read it, and any value is legal.
+        unsafe { core::arch::asm!("mov cr2, {}", in(reg) value, options(nomem, nostack)) };
+    }
 }
 
 fn rdtsc() -> u64 {
