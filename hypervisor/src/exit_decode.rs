@@ -26,8 +26,13 @@ pub mod vmx {
     /// Bit 31 of the exit reason: VM entry failed.
     pub const ENTRY_FAILURE: u32 = 1 << 31;
 
-    /// Decodes an exit from its reason, exit qualification and guest-physical address field.
-    pub fn decode(reason: u32, qualification: u64, guest_physical: u64) -> Exit {
+    /// Interruption type NMI in the exit interruption information (bits 10:8), with bit 31 (valid).
+    const INTERRUPTION_NMI: u32 = 1 << 31 | 2 << 8;
+    const INTERRUPTION_VALID_AND_TYPE: u32 = 1 << 31 | 7 << 8;
+
+    /// Decodes an exit from its reason, exit qualification, guest-physical address field and
+    /// exit interruption information.
+    pub fn decode(reason: u32, qualification: u64, guest_physical: u64, interruption: u32) -> Exit {
         if reason & ENTRY_FAILURE != 0 {
             return Exit::EntryFailed { code: reason as u64 };
         }
@@ -59,6 +64,9 @@ pub mod vmx {
                 gpr: ((qualification >> 8) & 0xf) as u8,
             },
             TRIPLE_FAULT => Exit::TripleFault,
+            EXCEPTION_OR_NMI if interruption & INTERRUPTION_VALID_AND_TYPE == INTERRUPTION_NMI => Exit::HostNmi,
+            // No exception is intercepted (empty bitmap): report what came.
+            EXCEPTION_OR_NMI => Exit::Unhandled { reason: 0, info: interruption.into() },
             other => Exit::Unhandled { reason: other as u64, info: qualification },
         }
     }
@@ -71,6 +79,7 @@ pub mod svm {
     pub const CR0_READ: u64 = 0x00;
     pub const CR15_WRITE: u64 = 0x1f;
     pub const INTR: u64 = 0x60;
+    pub const NMI: u64 = 0x61;
     pub const VINTR: u64 = 0x64;
     pub const CPUID: u64 = 0x72;
     pub const IRET: u64 = 0x74;
@@ -110,6 +119,7 @@ pub mod svm {
             NPF => Exit::NestedFault { gpa: info2, write: info1 & (1 << 1) != 0, fetch: info1 & (1 << 4) != 0 },
             VINTR => Exit::InterruptWindow,
             INTR => Exit::ExternalInterrupt,
+            NMI => Exit::HostNmi,
             PAUSE => Exit::Pause,
             INVD => Exit::Invd,
             SHUTDOWN => Exit::TripleFault,
@@ -130,16 +140,16 @@ mod tests {
     fn vmx_io_qualification() {
         // OUT DX, AL to 0x3f8: size-1 = 0, direction out, not string.
         assert_eq!(
-            vmx::decode(vmx::IO, 0x03f8_0000, 0),
+            vmx::decode(vmx::IO, 0x03f8_0000, 0, 0),
             Exit::Io(IoExit { port: 0x3f8, size: 1, write: true, string: false, rep: false })
         );
         // REP INSW from 0x1f0: size 2, in, string, rep.
         assert_eq!(
-            vmx::decode(vmx::IO, 0x01f0_0000 | 1 | (1 << 3) | (1 << 4) | (1 << 5), 0),
+            vmx::decode(vmx::IO, 0x01f0_0000 | 1 | (1 << 3) | (1 << 4) | (1 << 5), 0, 0),
             Exit::Io(IoExit { port: 0x1f0, size: 2, write: false, string: true, rep: true })
         );
         assert_eq!(
-            vmx::decode(vmx::IO, 0x00f4_0003, 0),
+            vmx::decode(vmx::IO, 0x00f4_0003, 0, 0),
             Exit::Io(IoExit { port: 0xf4, size: 4, write: true, string: false, rep: false })
         );
     }
@@ -147,20 +157,20 @@ mod tests {
     #[test]
     fn vmx_ept_violation_cr_access_and_failures() {
         assert_eq!(
-            vmx::decode(vmx::EPT_VIOLATION, 0b010, 0xd000_0008),
+            vmx::decode(vmx::EPT_VIOLATION, 0b010, 0xd000_0008, 0),
             Exit::NestedFault { gpa: 0xd000_0008, write: true, fetch: false }
         );
         assert_eq!(
-            vmx::decode(vmx::EPT_VIOLATION, 0b100, 0x10),
+            vmx::decode(vmx::EPT_VIOLATION, 0b100, 0x10, 0),
             Exit::NestedFault { gpa: 0x10, write: false, fetch: true }
         );
         // MOV CR4, RCX: cr 4, access type 0 (to CR), register 1.
-        assert_eq!(vmx::decode(vmx::CR_ACCESS, 0x104, 0), Exit::CrAccess { cr: 4, write: true, gpr: 1 });
-        assert_eq!(vmx::decode(vmx::CR_ACCESS, 0x13, 0), Exit::CrAccess { cr: 3, write: false, gpr: 0 });
-        assert_eq!(vmx::decode(33 | vmx::ENTRY_FAILURE, 0, 0), Exit::EntryFailed { code: 0x8000_0021 });
-        assert_eq!(vmx::decode(vmx::TRIPLE_FAULT, 0, 0), Exit::TripleFault);
-        assert_eq!(vmx::decode(vmx::XSETBV, 0, 0), Exit::Xsetbv);
-        assert_eq!(vmx::decode(54, 7, 0), Exit::Unhandled { reason: 54, info: 7 });
+        assert_eq!(vmx::decode(vmx::CR_ACCESS, 0x104, 0, 0), Exit::CrAccess { cr: 4, write: true, gpr: 1 });
+        assert_eq!(vmx::decode(vmx::CR_ACCESS, 0x13, 0, 0), Exit::CrAccess { cr: 3, write: false, gpr: 0 });
+        assert_eq!(vmx::decode(33 | vmx::ENTRY_FAILURE, 0, 0, 0), Exit::EntryFailed { code: 0x8000_0021 });
+        assert_eq!(vmx::decode(vmx::TRIPLE_FAULT, 0, 0, 0), Exit::TripleFault);
+        assert_eq!(vmx::decode(vmx::XSETBV, 0, 0, 0), Exit::Xsetbv);
+        assert_eq!(vmx::decode(54, 7, 0, 0), Exit::Unhandled { reason: 54, info: 7 });
     }
 
     #[test]
@@ -202,8 +212,15 @@ mod tests {
         assert_eq!(svm::decode(svm::SHUTDOWN, 0, 0), Exit::TripleFault);
         assert_eq!(svm::decode(svm::VINTR, 0, 0), Exit::InterruptWindow);
         assert_eq!(svm::decode(svm::PAUSE, 0, 0), Exit::Pause);
-        assert_eq!(vmx::decode(vmx::PAUSE, 0, 0), Exit::Pause);
-        assert_eq!((svm::decode(svm::INVD, 0, 0), vmx::decode(vmx::INVD, 0, 0)), (Exit::Invd, Exit::Invd));
+        assert_eq!(vmx::decode(vmx::PAUSE, 0, 0, 0), Exit::Pause);
+        // A host NMI: interruption type 2, valid; a hardware exception (type 3) is not one.
+        assert_eq!(vmx::decode(vmx::EXCEPTION_OR_NMI, 0, 0, 0x8000_0202), Exit::HostNmi);
+        assert_eq!(
+            vmx::decode(vmx::EXCEPTION_OR_NMI, 0, 0, 0x8000_030e),
+            Exit::Unhandled { reason: 0, info: 0x8000_030e }
+        );
+        assert_eq!(svm::decode(svm::NMI, 0, 0), Exit::HostNmi);
+        assert_eq!((svm::decode(svm::INVD, 0, 0), vmx::decode(vmx::INVD, 0, 0, 0)), (Exit::Invd, Exit::Invd));
         assert_eq!(svm::decode(svm::INVALID, 0, 0), Exit::EntryFailed { code: u64::MAX });
         assert_eq!(svm::decode(0x81, 5, 0), Exit::Unhandled { reason: 0x81, info: 5 });
     }

@@ -150,6 +150,9 @@ pub enum Exit {
     InterruptWindow,
     /// A host interrupt arrived while the guest ran.
     ExternalInterrupt,
+    /// An NMI of the host's platform arrived while the guest ran (not one meant for the
+    /// guest: those are virtual). The host takes it; the guest goes on.
+    HostNmi,
     /// PAUSE in a spin loop (requested with [`Vcpu::exit_on_spin_loops`]). RIP is at the PAUSE
     /// or past it, as the backend chose; either way the guest just goes on (PAUSE only waits).
     Pause,
@@ -170,6 +173,11 @@ pub enum Exit {
     EntryFailed {
         /// VMX VM-instruction error / SVM VMEXIT_INVALID.
         code: u64,
+    },
+    /// The backend cannot run this vCPU on (its control structure misbehaved): fatal to the VM.
+    BackendFailed {
+        /// What went wrong.
+        what: &'static str,
     },
     /// Anything else: the raw exit reason, reported and fatal to the VM.
     Unhandled {
@@ -194,11 +202,13 @@ impl Exit {
             Exit::NestedFault { .. } => "nested-fault",
             Exit::InterruptWindow => "interrupt-window",
             Exit::ExternalInterrupt => "external-interrupt",
+            Exit::HostNmi => "host-nmi",
             Exit::Pause => "pause",
             Exit::Invd => "invd",
             Exit::CrAccess { .. } => "cr-access",
             Exit::TripleFault => "triple-fault",
             Exit::EntryFailed { .. } => "entry-failed",
+            Exit::BackendFailed { .. } => "backend-failed",
             Exit::Unhandled { .. } => "unhandled",
         }
     }

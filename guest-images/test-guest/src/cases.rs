@@ -35,6 +35,7 @@ pub fn run(name: &str) -> CaseResult {
         "find-no-traces" => find_no_traces(),
         "smp" => crate::smp::smp(),
         "msr-sweep" => msr_sweep(),
+        "host-nmi" => host_nmi(),
         _ => Err(fail!("unknown case")),
     }
 }
@@ -507,6 +508,28 @@ fn halt_forever() -> CaseResult {
     }
 }
 
+/// The test device's port for real NMIs on host CPUs: 0 this CPU, 1 every other one.
+const HOST_NMI_PORT: u16 = 0xf6;
+const HOST_NMI_ROUNDS: u32 = 50;
+
+/// Asks for platform NMIs on the host while VMs run: the host takes them, and this guest (like
+/// every other) neither sees one nor stops.
+fn host_nmi() -> CaseResult {
+    for _ in 0..HOST_NMI_ROUNDS {
+        for target in [0u8, 1] {
+            // SAFETY: the test device only forwards the request to the host.
+            unsafe {
+                asm!("out dx, al", in("dx") HOST_NMI_PORT, in("al") target, options(nomem, nostack, preserves_flags))
+            };
+        }
+        compute(200_000);
+    }
+    let taken = crate::smp::nmis_taken();
+    ensure!(taken == 0, "the guest took {taken} NMIs, expected none: the host's are not its own");
+    println!("case host-nmi: {} host NMIs requested, none reached this guest", 2 * HOST_NMI_ROUNDS);
+    Ok(())
+}
+
 /// Prints numbered lines with computation between them, so the console lines of VMs that
 /// run at once interleave.
 fn ticks() -> CaseResult {
@@ -554,18 +577,6 @@ fn write_drs(values: [u64; 4]) {
 /// CR2 with the value `leave-traces` writes: a page-fault address no exit ever sees.
 const TRACE_CR2: u64 = 0x7e57_0000_5000;
 
-fn read_cr2() -> u64 {
-    let value: u64;
-    // SAFETY: reading CR2 at CPL 0 has no side effects.
-    unsafe { asm!("mov {}, cr2", out(reg) value, options(nomem, nostack)) };
-    value
-}
-
-fn write_cr2(value: u64) {
-    // SAFETY: CR2 only reports page-fault addresses; this guest reads it nowhere else.
-    unsafe { asm!("mov cr2, {}", in(reg) value, options(nomem, nostack)) };
-}
-
 fn compute(rounds: u64) {
     let mut x = 0u64;
     for i in 0..rounds {
@@ -590,7 +601,8 @@ fn leave_traces() -> CaseResult {
         unsafe { crate::cpu::wrmsr(IA32_TSC_AUX, TRACE_TSC_AUX) };
     }
     write_drs(TRACE_DRS);
-    write_cr2(TRACE_CR2);
+    // SAFETY: this guest takes no page faults.
+    unsafe { cpu::write_cr2(TRACE_CR2) };
     for _ in 0..20 {
         compute(2_000_000);
     }
@@ -601,7 +613,7 @@ fn leave_traces() -> CaseResult {
         ensure!(u64::from(crate::cpu::rdtscp_aux()) == TRACE_TSC_AUX, "RDTSCP lost the TSC_AUX this VM wrote");
     }
     ensure!(read_drs() == TRACE_DRS, "DR0-DR3 lost the values this VM wrote: {:x?}", read_drs());
-    ensure!(read_cr2() == TRACE_CR2, "CR2 is {:#x}, not the value this VM wrote", read_cr2());
+    ensure!(cpu::read_cr2() == TRACE_CR2, "CR2 is {:#x}, not the value this VM wrote", cpu::read_cr2());
     Ok(())
 }
 
@@ -611,7 +623,8 @@ fn find_no_traces() -> CaseResult {
     const OWN_TSC_AUX: u32 = 0x51;
     const OWN_CR2: u64 = 0x5000;
     write_drs(own);
-    write_cr2(OWN_CR2);
+    // SAFETY: as in `leave_traces`.
+    unsafe { cpu::write_cr2(OWN_CR2) };
     // SAFETY: as in `leave_traces`.
     unsafe { crate::cpu::wrmsr(0xc000_0082, 0xffff_8000_0000_1000) };
     let rdtscp = crate::cpu::has_rdtscp();
@@ -624,7 +637,7 @@ fn find_no_traces() -> CaseResult {
             ensure!(crate::cpu::rdmsr(msr) != value, "round {round}: {name} holds the value another VM wrote");
         }
         ensure!(read_drs() == own, "round {round}: DR0-DR3 are {:x?}, not this VM's own", read_drs());
-        ensure!(read_cr2() == OWN_CR2, "round {round}: CR2 is {:#x}, not this VM's own", read_cr2());
+        ensure!(cpu::read_cr2() == OWN_CR2, "round {round}: CR2 is {:#x}, not this VM's own", cpu::read_cr2());
         ensure!(crate::cpu::rdmsr(0xc000_0082) == 0xffff_8000_0000_1000, "round {round}: LSTAR lost this VM's value");
         if rdtscp {
             let aux = crate::cpu::rdtscp_aux();

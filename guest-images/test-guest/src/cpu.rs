@@ -127,6 +127,13 @@ pub fn read_cr2() -> u64 {
     value
 }
 
+/// # Safety
+/// The next page-fault handler that runs before a fault must not trust CR2.
+pub unsafe fn write_cr2(value: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("mov cr2, {}", in(reg) value, options(nomem, nostack, preserves_flags)) };
+}
+
 pub fn read_cr4() -> u64 {
     let value;
     // SAFETY: reading CR4 has no side effects.

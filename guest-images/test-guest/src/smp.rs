@@ -235,6 +235,11 @@ pub fn count_interrupt(vector: u64) -> bool {
     true
 }
 
+/// NMIs taken on every CPU so far.
+pub fn nmis_taken() -> u32 {
+    NMIS.iter().map(|n| n.load(Ordering::SeqCst)).sum()
+}
+
 /// Spins until `done` holds or about a second of TSC ticks (at >= 1 GHz) have passed.
 fn wait_for(mut done: impl FnMut() -> bool) -> bool {
     let start = cpu::rdtsc();

@@ -32,6 +32,18 @@ pub struct Events {
     pub exit_status: Option<u32>,
     /// The guest asked to power off or reset the machine (ACPI PM1, i8042, port 0xcf9).
     pub power: Option<Power>,
+    /// The test guest asked for a real NMI on host CPUs (the test device only), to show that
+    /// platform NMIs change nothing for any VM.
+    pub host_nmi: Option<HostNmi>,
+}
+
+/// Which host CPUs a test-device NMI request reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostNmi {
+    /// The CPU running the requesting vCPU (the NMI arrives in the host, right after the exit).
+    ThisCpu,
+    /// Every other CPU (the NMI arrives wherever they are: in a guest, in the host, halted).
+    OtherCpus,
 }
 
 /// A machine-level request from a device.

@@ -11,6 +11,7 @@ use raw_cpuid::cpuid;
 
 use super::memory::{self, HostTables};
 use super::{apic, cmos, serial, svm, vmx, xstate};
+use crate::devices::HostNmi;
 use crate::loader::SliceMemory;
 use crate::mm::frames::FRAME_SIZE;
 use crate::mm::second_level::{EntryFormat, Ept, Npt, PageSize, Perms, SecondLevelTables};
@@ -226,6 +227,10 @@ impl Task {
             input: Some(input),
             raw_console: if super::scheduler::shows_raw(index) { Some(&mut raw) } else { None },
             kick,
+            host_nmi: &|target| match target {
+                HostNmi::ThisCpu => apic::send_nmi_to_self(),
+                HostNmi::OtherCpus => apic::send_nmi_to_others(),
+            },
         };
         shared
             .deadline_us

@@ -1,9 +1,11 @@
-//! Host IDT: every CPU exception is reported with the full register state, then the run ends.
+//! Host IDT: every CPU exception is reported with the full register state, then the run ends;
+//! NMIs either stop this CPU (another one ends the run) or are counted and ignored.
 //!
 //! The stubs are assembly so the report can show every general-purpose register as it was at
 //! the fault (the `x86-interrupt` ABI would only give the hardware frame).
 
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Lazy;
 
@@ -95,6 +97,7 @@ static IDT: Lazy<Idt> = Lazy::new(|| {
         idt.0[vector * 2 + 1] = high;
     }
     for (vector, handler) in [
+        (NMI_VECTOR, nmi as extern "x86-interrupt" fn(InterruptStackFrame) as usize as u64),
         (apic::TIMER_VECTOR, timer_interrupt as extern "x86-interrupt" fn(InterruptStackFrame) as usize as u64),
         (
             super::scheduler::WAKE_VECTOR,
@@ -113,6 +116,31 @@ static IDT: Lazy<Idt> = Lazy::new(|| {
 /// hypervisor (out of HLT or out of the guest).
 extern "x86-interrupt" fn timer_interrupt(_frame: InterruptStackFrame) {
     apic::eoi();
+}
+
+const NMI_VECTOR: u8 = 2;
+
+/// NMIs of the platform (a watchdog, a front-panel button, `nmi` in QEMU's monitor) that the
+/// host took since it started.
+static PLATFORM_NMIS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts an NMI that only meant "something happened" to the host: nothing in it is a VM's.
+pub fn count_platform_nmi() {
+    PLATFORM_NMIS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many platform NMIs the host took (and ignored).
+pub fn platform_nmis() -> u64 {
+    PLATFORM_NMIS.load(Ordering::Relaxed)
+}
+
+/// An NMI is either the stop signal of a CPU that is ending the run or the platform's: the
+/// latter is counted (no logging here: the interrupted code may hold the console's lock).
+extern "x86-interrupt" fn nmi(_frame: InterruptStackFrame) {
+    if exit::ending() {
+        exit::park();
+    }
+    count_platform_nmi();
 }
 
 /// Spurious APIC interrupts need no EOI.
@@ -192,10 +220,6 @@ impl fmt::Display for PageFaultCode {
 
 extern "C" fn exception_report(frame: &ExceptionFrame) -> ! {
     let vector = frame.vector as usize;
-    if vector == 2 && exit::ending() {
-        // Another CPU is ending the run and stops this one.
-        exit::park();
-    }
     exit::claim();
     let name = NAMES.get(vector).copied().unwrap_or("unknown vector");
     let f = frame;

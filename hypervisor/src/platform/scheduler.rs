@@ -273,6 +273,10 @@ fn finish_run() -> ! {
     let outcome = OUTCOME.lock();
     let (total, failed) = (outcome.names.len(), outcome.failed.clone());
     drop(outcome);
+    let nmis = super::idt::platform_nmis();
+    if nmis > 0 {
+        log::warn!("host: {nmis} platform NMIs taken and ignored");
+    }
     if failed.is_empty() {
         exit::end(RunStatus::Success, &format!("{total} VMs ran, all ended cleanly"))
     }

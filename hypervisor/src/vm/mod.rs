@@ -133,6 +133,8 @@ pub struct Env<'a> {
     /// Makes vCPU `n` of this VM look at its interrupts soon: interrupt the host CPU running
     /// it, or wake it if it is halted. Called without the VM lock held.
     pub kick: &'a dyn Fn(usize),
+    /// Sends real NMIs to host CPUs (for the test device's request).
+    pub host_nmi: &'a dyn Fn(devices::HostNmi),
 }
 
 /// How often a halted guest looks for console input.
@@ -490,9 +492,10 @@ impl<M: GuestMemory> Vm<M> {
                 Next::Continue
             }
             Exit::NestedFault { gpa, write, fetch } => self.handle_nested_fault(cx, vcpu, gpa, write, fetch, env),
-            Exit::InterruptWindow | Exit::ExternalInterrupt => Next::Continue,
+            Exit::InterruptWindow | Exit::ExternalInterrupt | Exit::HostNmi => Next::Continue,
             Exit::TripleFault => Next::End(VmEnd::TripleFault { rip: vcpu.rip() }),
             Exit::EntryFailed { code } => Next::End(VmEnd::Error(format!("VM entry failed (code {code:#x})"))),
+            Exit::BackendFailed { what } => Next::End(VmEnd::Error(format!("vCPU {}: {what}", cx.index))),
             Exit::CrAccess { cr: 8, write, gpr } => self.handle_cr8(cx.index, vcpu, write, gpr),
             Exit::CrAccess { .. } | Exit::Unhandled { .. } => Next::End(VmEnd::Error(format!(
                 "{exit} at RIP {:#x}, which this hypervisor does not handle",
@@ -775,6 +778,9 @@ impl<M: GuestMemory> Vm<M> {
             } else {
                 self.pending_interrupts.push_back(vector);
             }
+        }
+        if let Some(target) = events.host_nmi {
+            (env.host_nmi)(target);
         }
         match (events.exit_status, events.power) {
             (Some(status), _) => Next::End(VmEnd::DebugExit(status)),

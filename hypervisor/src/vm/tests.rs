@@ -155,6 +155,7 @@ fn test_env<'a>(console: &'a mut dyn FnMut(&str, bool), supported_xcr0: u64) -> 
         input: None,
         raw_console: None,
         kick: &|_| {},
+        host_nmi: &|_| {},
     }
 }
 
@@ -470,6 +471,17 @@ fn triple_fault_and_entry_failure_end_the_vm() {
     assert_eq!(end, VmEnd::Error("VM entry failed (code 0x7)".into()));
     let (end, _) = run(&mut vm(), &mut Mock::new(vec![Exit::Unhandled { reason: 0x99, info: 1 }]));
     assert!(matches!(end, VmEnd::Error(m) if m.contains("unhandled exit reason 0x99")));
+    let (end, _) = run(&mut vm(), &mut Mock::new(vec![Exit::BackendFailed { what: "a VMCS field failed" }]));
+    assert_eq!(end, VmEnd::Error("vCPU 0: a VMCS field failed".into()));
+}
+
+#[test]
+fn host_nmis_leave_the_guest_running_and_untouched() {
+    let (exit, gprs) = exit_with(0);
+    let mut vcpu = Mock::new(vec![Exit::HostNmi, Exit::HostNmi]).then(exit, gprs);
+    assert_eq!(run(&mut vm(), &mut vcpu).0, VmEnd::DebugExit(0));
+    // Nothing injected; only the OUT that ends the VM was skipped.
+    assert_eq!((vcpu.injected_nmis, vcpu.injected_exceptions.len(), vcpu.skips), (0, 0, 1));
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! bitmaps, and exit decoding into [`Exit`].
 
 use alloc::boxed::Box;
+use core::cell::Cell;
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -192,6 +193,9 @@ pub struct VmxVcpu {
     cpu: Option<usize>,
     /// The VPID is shared with other vCPUs (the pool ran out): flush it on every entry.
     shared_vpid: bool,
+    /// A VMREAD or VMWRITE failed since the last entry: what was read may be wrong (a failed
+    /// read gives 0, which would say "no event queued"), so the guest is not entered again.
+    vmcs_access_failed: Cell<bool>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -229,6 +233,7 @@ impl VmxVcpu {
             preemption_timer_shift: None,
             cpu: None,
             shared_vpid: vpid.shared,
+            vmcs_access_failed: Cell::new(false),
             _not_send: PhantomData,
         };
         // On error, Drop clears the VMCS and frees the frames.
@@ -597,14 +602,17 @@ impl VmxVcpu {
         unsafe { vmx::write(field, value) }
     }
 
-    /// VMWRITE that logs failures (they mean a bug in a field encoding, not a guest problem).
+    /// VMWRITE whose failure (a bug in a field encoding, not a guest problem) is logged and
+    /// keeps the guest from being entered again.
     fn set<W: Width>(&self, field: Field<W>, value: W::Value) {
         if let Err(e) = self.put(field, value) {
             log::error!("vmx: writing VMCS field {:#x}: {e}", field.encoding());
+            self.vmcs_access_failed.set(true);
         }
     }
 
-    /// VMREAD from this vCPU's VMCS; failures are logged and read as 0.
+    /// VMREAD from this vCPU's VMCS. A failure is logged, reads as 0 and keeps the guest from
+    /// being entered again (fail closed: nothing decided on a wrong value reaches the guest).
     fn get<W: Width>(&self, field: impl Readable<W>) -> W::Value {
         self.activate();
         // SAFETY: VMX is on and our VMCS is current; reading has no side effects.
@@ -612,6 +620,7 @@ impl VmxVcpu {
             Ok(value) => value,
             Err(e) => {
                 log::error!("vmx: reading VMCS field {:#x}: {e}", field.encoding());
+                self.vmcs_access_failed.set(true);
                 W::Value::default()
             }
         }
@@ -793,6 +802,9 @@ impl VmxVcpu {
 
     /// One VM entry and exit; `None` when the backend handled the exit and the guest continues.
     fn run_once(&mut self, clock: &mut GuestClock) -> Option<Exit> {
+        if self.vmcs_access_failed.get() {
+            return Some(Exit::BackendFailed { what: "a VMCS field could not be read or written (logged above)" });
+        }
         self.activate();
         let cpu = this_cpu();
         if self.cpu != Some(cpu) {
@@ -864,26 +876,25 @@ impl VmxVcpu {
         } else {
             0
         };
-        let exit = exit_decode::vmx::decode(reason, qualification, gpa);
+        let interruption = if basic == REASON_EXCEPTION_OR_NMI || basic == exit_decode::vmx::EXTERNAL_INTERRUPT {
+            self.get(w32::EXIT_INTERRUPTION_INFO)
+        } else {
+            0
+        };
+        let exit = exit_decode::vmx::decode(reason, qualification, gpa, interruption);
         match exit {
             Exit::InterruptWindow => self.set_interrupt_window_exiting(false),
             Exit::ExternalInterrupt => {
-                let info = self.get(w32::EXIT_INTERRUPTION_INFO);
-                let vector = (info & INTR_VALID != 0).then_some(info as u8);
+                let vector = (interruption & INTR_VALID != 0).then_some(interruption as u8);
                 // Acknowledged on exit: the host APIC timer (the only host interrupt) needs its
                 // EOI here, as its handler never runs; spurious interrupts take none.
                 if vector != Some(crate::platform::apic::SPURIOUS_VECTOR) {
                     crate::platform::apic::eoi();
                 }
             }
-            // Not requested (empty exception bitmap), but NMIs exit here: the interruption
-            // information says which.
-            Exit::Unhandled { .. } if basic == REASON_EXCEPTION_OR_NMI => {
-                return Some(Exit::Unhandled {
-                    reason: basic.into(),
-                    info: self.get(w32::EXIT_INTERRUPTION_INFO).into(),
-                });
-            }
+            // The exit consumed the NMI (VMX leaves NMIs unblocked): count it as the host's
+            // handler would have.
+            Exit::HostNmi => crate::platform::idt::count_platform_nmi(),
             Exit::Unhandled { .. } if basic == REASON_EPT_MISCONFIG => {
                 log::error!("vmx: EPT misconfiguration at gpa {gpa:#x}");
             }
