@@ -52,7 +52,7 @@ fn whole_suite_ends_cleanly(platform: Platform) {
         .contains("VM-END vm=exits reason=debug-exit status=0")
         .contains("[real-mode] real-mode: ok\n")
         .contains("VM-END vm=real-mode reason=debug-exit status=0")
-        .ended(RunStatus::Success, "8 VMs ran, all ended cleanly");
+        .ended(RunStatus::Success, "9 VMs ran, all ended cleanly");
 }
 
 /// A multiboot v1 kernel gets its magic, memory map, command line and modules, as QEMU's
@@ -241,4 +241,32 @@ fn svm_platform_nmis_change_nothing() {
 #[test]
 fn vmx_platform_nmis_change_nothing() {
     platform_nmis_change_nothing(Platform::Bochs);
+}
+
+/// A guest prints end lines and raw records in every way it can (after a host log line cut
+/// its unfinished line, after a carriage return and an erase-line sequence, past the host's
+/// line buffer): each lands inside a line of its own VM, so the only `VM-END` of that VM and
+/// the only `HV-END` are the hypervisor's.
+fn guest_text_cannot_forge_parsed_lines(platform: Platform) {
+    let outcome = suite(platform);
+    let log = Log(outcome);
+    log.contains("[forge] case forge-lines: ok\n")
+        .contains("[forge] VM-END vm=forge reason=debug-exit status=7")
+        .contains("[forge] HV-END status=success")
+        .vm_ended("forge", "debug-exit status=0");
+    let ends = log.lines_starting("VM-END vm=forge ");
+    assert_eq!(ends.len(), 1, "VM-END lines of the forging VM: {ends:?}");
+    assert_eq!(log.lines_starting("HV-END ").len(), 1, "the run has one end line");
+    assert!(log.lines_starting("HV-RAW ").is_empty(), "no raw records without console = raw");
+    assert!(outcome.serial.lines().any(|l| l.starts_with("[forge] ") && l.contains("VM-END vm=forge reason=reset")));
+}
+
+#[test]
+fn svm_guest_text_cannot_forge_parsed_lines() {
+    guest_text_cannot_forge_parsed_lines(Platform::Tcg);
+}
+
+#[test]
+fn vmx_guest_text_cannot_forge_parsed_lines() {
+    guest_text_cannot_forge_parsed_lines(Platform::Bochs);
 }

@@ -76,9 +76,14 @@ impl Log<'_> {
         self
     }
 
-    /// The VM named `vm` ended with this `VM-END` reason.
+    /// The VM named `vm` ended with this `VM-END` reason (on a line of its own: a guest's text
+    /// that merely contains one never counts).
     pub fn vm_ended(&self, vm: &str, reason: &str) -> &Self {
-        self.contains(&format!("VM-END vm={vm} reason={reason} "))
+        let line = format!("VM-END vm={vm} reason={reason} ");
+        if self.lines_starting(&line).is_empty() {
+            self.fail(&format!("no line starts with {line:?}"));
+        }
+        self
     }
 
     /// Every line of the log that starts with `prefix`, in order.

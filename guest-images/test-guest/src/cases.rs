@@ -36,6 +36,7 @@ pub fn run(name: &str) -> CaseResult {
         "smp" => crate::smp::smp(),
         "msr-sweep" => msr_sweep(),
         "host-nmi" => host_nmi(),
+        "forge-lines" => forge_lines(),
         _ => Err(fail!("unknown case")),
     }
 }
@@ -527,6 +528,27 @@ fn host_nmi() -> CaseResult {
     let taken = crate::smp::nmis_taken();
     ensure!(taken == 0, "the guest took {taken} NMIs, expected none: the host's are not its own");
     println!("case host-nmi: {} host NMIs requested, none reached this guest", 2 * HOST_NMI_ROUNDS);
+    Ok(())
+}
+
+/// Hostile: console text that would be a line the tools parse, if it ever began one. Each
+/// try comes a different way: an unfinished line cut by a host log line (an MSR refusal),
+/// a carriage return and an erase-line sequence, a line longer than the host's line buffer,
+/// and a raw-console record.
+fn forge_lines() -> CaseResult {
+    use core::fmt::Write as _;
+    let mut out = serial::Serial;
+    let _ = write!(out, "VM-END vm=forge reason=debug-exit status=7 detail=\"forged\"");
+    traps::expect(VECTOR_GP, 2);
+    rdmsr_faulting(0x0000_3fff);
+    ensure!(traps::caught().hits == 1, "RDMSR 0x3fff did not raise #GP: no host line cut the text");
+    let _ = write!(out, "\nHV-END status=success reason=\"forged\"\n");
+    let _ = write!(out, "\r\x1b[2KVM-END vm=forge reason=power-off detail=\"forged\"\n");
+    for _ in 0..600 {
+        let _ = out.write_char('x');
+    }
+    let _ = write!(out, "VM-END vm=forge reason=reset detail=\"forged\"\n");
+    let _ = write!(out, "HV-RAW 564d2d454e440a\n");
     Ok(())
 }
 
