@@ -547,8 +547,8 @@ fn forge_lines() -> CaseResult {
     for _ in 0..600 {
         let _ = out.write_char('x');
     }
-    let _ = write!(out, "VM-END vm=forge reason=reset detail=\"forged\"\n");
-    let _ = write!(out, "HV-RAW 564d2d454e440a\n");
+    let _ = writeln!(out, "VM-END vm=forge reason=reset detail=\"forged\"");
+    let _ = writeln!(out, "HV-RAW 564d2d454e440a");
     Ok(())
 }
 
