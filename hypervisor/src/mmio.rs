@@ -12,7 +12,7 @@ use core::fmt;
 
 use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
-use crate::vcpu::{Gprs, GuestMode};
+use crate::vcpu::GuestMode;
 
 /// A general-purpose register operand: which register and how wide the access is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,14 +61,14 @@ pub enum Operand {
 /// What the instruction does with the MMIO location.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MmioKind {
-    /// Reads `size` bytes into `reg` (see [`apply_load`]).
+    /// Reads `size` bytes into `reg` (see [`loaded`]).
     Load {
         /// Destination register.
         reg: Gpr,
         /// Widening from `size` to the register width.
         extend: Extend,
     },
-    /// Writes `size` bytes from `src` (see [`read_operand`]).
+    /// Writes `size` bytes from `src` (see [`store_value`]).
     Store {
         /// Source register or immediate.
         src: Operand,
@@ -106,8 +106,6 @@ pub enum MmioError {
         /// The instruction.
         mnemonic: Mnemonic,
     },
-    /// The register operand is RSP, which is not part of [`Gprs`].
-    StackPointer,
 }
 
 /// Writes a `Debug` rendering in lower case (`Movzx` -> `movzx`).
@@ -141,7 +139,6 @@ impl fmt::Display for MmioError {
                 write_mnemonic(f, mnemonic)?;
                 f.write_str("` without a memory operand cannot access MMIO")
             }
-            MmioError::StackPointer => f.write_str("MMIO access through RSP is not supported"),
         }
     }
 }
@@ -245,17 +242,13 @@ fn gpr(reg: Register) -> Option<Gpr> {
     None
 }
 
-/// The register operand `op` of `insn`, refusing RSP.
+/// The register operand `op` of `insn`.
 fn reg_operand(insn: &Instruction, op: u32) -> Result<Gpr, MmioError> {
     let reg = match op {
         0 => insn.op0_register(),
         _ => insn.op1_register(),
     };
-    let g = gpr(reg).ok_or(MmioError::Invalid)?;
-    if g.num == 4 && !g.high_byte {
-        return Err(MmioError::StackPointer);
-    }
-    Ok(g)
+    gpr(reg).ok_or(MmioError::Invalid)
 }
 
 /// Decodes the instruction at `rip` that made an MMIO access. `bytes` are the instruction bytes
@@ -334,11 +327,11 @@ fn mask(size: u8) -> u64 {
     }
 }
 
-/// Completes a load: `value` holds the `size` bytes read from the device; it is widened per
-/// `extend` to `reg.width` and written with x86 semantics (a 32-bit write zeroes bits 63:32, 8-
-/// and 16-bit writes keep the other bits, AH/CH/DH/BH write bits 15:8). RSP (not in [`Gprs`]) and
-/// invalid register numbers are ignored; [`decode`] never produces them.
-pub fn apply_load(gprs: &mut Gprs, reg: Gpr, size: u8, extend: Extend, value: u64) {
+/// Completes a load: the register that held `old` holds the result. `value` holds the
+/// `size` bytes read from the device; it is widened per `extend` to `reg.width` and written
+/// with x86 semantics (a 32-bit write zeroes bits 63:32, 8- and 16-bit writes keep the other
+/// bits, AH/CH/DH/BH write bits 15:8).
+pub fn loaded(old: u64, reg: Gpr, size: u8, extend: Extend, value: u64) -> u64 {
     let size = size.min(8);
     let value = value & mask(size);
     let value = match extend {
@@ -350,25 +343,23 @@ pub fn apply_load(gprs: &mut Gprs, reg: Gpr, size: u8, extend: Extend, value: u6
     };
     let width = if reg.high_byte { 1 } else { reg.width.min(8) };
     let value = value & mask(width);
-    let Some(r) = gprs.slot(reg.num) else { return };
-    *r = if reg.high_byte {
-        (*r & !0xff00) | (value << 8)
+    if reg.high_byte {
+        (old & !0xff00) | (value << 8)
     } else {
         match width {
             4 | 8 => value,
-            w => (*r & !mask(w)) | value,
+            w => (old & !mask(w)) | value,
         }
-    };
+    }
 }
 
-/// The value a store writes: the register (or bits 15:8 for AH..BH) or immediate, masked to
-/// `size` bytes. RSP reads as 0.
-pub fn read_operand(gprs: &Gprs, op: Operand, size: u8) -> u64 {
+/// The value a store writes: the register (or bits 15:8 for AH..BH; `register` reads one by
+/// number) or immediate, masked to `size` bytes.
+pub fn store_value(op: Operand, size: u8, register: impl FnOnce(u8) -> u64) -> u64 {
     let value = match op {
         Operand::Imm(v) => v,
         Operand::Reg(reg) => {
-            let mut copy = *gprs;
-            let full = copy.slot(reg.num).map_or(0, |r| *r);
+            let full = register(reg.num);
             if reg.high_byte {
                 (full >> 8) & 0xff
             } else {
@@ -386,8 +377,21 @@ mod tests {
     use crate::loader::elf::tests::{build_elf, Ph};
     use crate::loader::guest_walk::{read_virt_access, translate, Access};
     use crate::loader::SliceMemory;
+    use crate::vcpu::Gprs;
     use alloc::string::ToString;
     use alloc::vec;
+
+    /// A load into `g` (RSP and invalid numbers have no slot there and are left alone).
+    fn apply_load(g: &mut Gprs, reg: Gpr, size: u8, extend: Extend, value: u64) {
+        if let Some(r) = g.slot(reg.num) {
+            *r = loaded(*r, reg, size, extend, value);
+        }
+    }
+
+    fn read_operand(g: &Gprs, op: Operand, size: u8) -> u64 {
+        let mut copy = *g;
+        store_value(op, size, |num| copy.slot(num).map_or(0, |r| *r))
+    }
     use alloc::vec::Vec;
 
     const M64: GuestMode =
@@ -542,9 +546,9 @@ mod tests {
         let e = decode(&[0x89, 0xd8], &M64, 0).unwrap_err();
         assert_eq!(e, MmioError::NoMemoryOperand { mnemonic: Mnemonic::Mov });
         assert_eq!(e.to_string(), "`mov` without a memory operand cannot access MMIO");
-        assert_eq!(decode(&[0x8b, 0x20], &M64, 0), Err(MmioError::StackPointer));
-        assert_eq!(decode(&[0x89, 0x20], &M64, 0), Err(MmioError::StackPointer));
-        // RSP as an address register is fine.
+        // RSP as the register operand, and as an address register.
+        assert_eq!(decode(&[0x8b, 0x20], &M64, 0).unwrap(), load_op(2, 4, Gpr::new(4, 4), Extend::None));
+        assert_eq!(decode(&[0x48, 0x89, 0x20], &M64, 0).unwrap(), store_op(3, 8, Operand::Reg(Gpr::new(4, 8))));
         assert_eq!(decode(&[0x89, 0x04, 0x24], &M64, 0).unwrap(), store_op(3, 4, Operand::Reg(Gpr::new(0, 4))));
         assert_eq!(decode(&[0x06, 0x90, 0x90], &M64, 0), Err(MmioError::Invalid));
     }
@@ -563,11 +567,10 @@ mod tests {
         let mut g = Gprs { rax: ONES, ..Default::default() };
         apply_load(&mut g, Gpr::new(0, 2), 2, Extend::None, 0xffff_0000_1234);
         assert_eq!(g.rax, 0xffff_ffff_ffff_1234, "value masked to size");
-        apply_load(&mut g, Gpr::new(4, 8), 8, Extend::None, 1); // RSP: ignored
         apply_load(&mut g, Gpr::new(200, 8), 8, Extend::None, 1); // invalid: ignored
         apply_load(&mut g, Gpr::new(0, 0), 0, Extend::Sign, 1);
         assert_eq!(g.rax, 0xffff_ffff_ffff_1234, "a zero-width write changes nothing");
-        assert_eq!(read_operand(&g, Operand::Reg(Gpr::new(4, 8)), 8), 0);
+        assert_eq!(store_value(Operand::Reg(Gpr::new(4, 4)), 4, |n| u64::from(n) << 32 | 0x55), 0x55);
         assert_eq!(read_operand(&g, Operand::Imm(ONES), 2), 0xffff);
         assert_eq!(read_operand(&g, Operand::Imm(ONES), 200), ONES);
     }

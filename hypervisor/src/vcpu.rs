@@ -121,6 +121,9 @@ pub struct IoExit {
     pub rep: bool,
 }
 
+/// RSP's number in instruction encodings: it lives in the control structure, not in [`Gprs`].
+const RSP_INDEX: u8 = 4;
+
 /// Why the guest stopped running, independent of VMX or SVM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
@@ -233,6 +236,18 @@ pub struct GuestMode {
     pub cs_base: u64,
 }
 
+impl GuestMode {
+    /// The linear address of the instruction at `rip`: CS-relative outside 64-bit code, where
+    /// linear addresses have 32 bits.
+    pub fn code_address(&self, rip: u64) -> u64 {
+        if self.long_code {
+            rip
+        } else {
+            self.cs_base.wrapping_add(rip) & 0xffff_ffff
+        }
+    }
+}
+
 /// One virtual CPU on one hardware backend. Not `Send`: a VMCS/VMCB is bound to the physical
 /// CPU that loaded it.
 pub trait Vcpu {
@@ -250,6 +265,23 @@ pub trait Vcpu {
     fn rsp(&self) -> u64;
     /// Sets guest RSP.
     fn set_rsp(&mut self, rsp: u64);
+    /// General-purpose register `index` in encoding order (0 = RAX ... 4 = RSP ... 15 = R15);
+    /// other indexes read as 0.
+    fn register(&mut self, index: u8) -> u64 {
+        if index == RSP_INDEX {
+            self.rsp()
+        } else {
+            self.gprs().slot(index).map_or(0, |r| *r)
+        }
+    }
+    /// Sets general-purpose register `index` (as [`Vcpu::register`]; other indexes are ignored).
+    fn set_register(&mut self, index: u8, value: u64) {
+        if index == RSP_INDEX {
+            self.set_rsp(value);
+        } else if let Some(r) = self.gprs().slot(index) {
+            *r = value;
+        }
+    }
     /// Guest RFLAGS.
     fn rflags(&self) -> u64;
     /// Control registers, EFER and code-segment mode.

@@ -507,9 +507,8 @@ impl<M: GuestMemory> Vm<M> {
     /// MOV to or from CR8 (VMX exits on both): CR8 is the local APIC's TPR[7:4], never the
     /// host's own TPR. Bits 63:4 of a written value are reserved (#GP).
     fn handle_cr8(&mut self, cpu: usize, vcpu: &mut dyn Vcpu, write: bool, gpr: u8) -> Next {
-        const RSP: u8 = 4;
         if write {
-            let value = if gpr == RSP { vcpu.rsp() } else { vcpu.gprs().slot(gpr).map_or(0, |r| *r) };
+            let value = vcpu.register(gpr);
             if value >> 4 != 0 {
                 vcpu.inject_exception(VECTOR_GP, Some(0));
                 return Next::Continue;
@@ -517,11 +516,7 @@ impl<M: GuestMemory> Vm<M> {
             self.router.set_tpr(cpu, (value as u8) << 4);
         } else {
             let cr8 = u64::from(self.router.lapic(cpu).tpr() >> 4);
-            if gpr == RSP {
-                vcpu.set_rsp(cr8);
-            } else if let Some(register) = vcpu.gprs().slot(gpr) {
-                *register = cr8;
-            }
+            vcpu.set_register(gpr, cr8);
         }
         vcpu.skip_instruction();
         Next::Continue
@@ -717,10 +712,11 @@ impl<M: GuestMemory> Vm<M> {
                 } else {
                     self.bus.mmio_read(gpa, op.size, now, &mut events).unwrap_or(devices::ones(op.size))
                 };
-                mmio::apply_load(vcpu.gprs(), reg, op.size, extend, value);
+                let loaded = mmio::loaded(vcpu.register(reg.num), reg, op.size, extend, value);
+                vcpu.set_register(reg.num, loaded);
             }
             MmioKind::Store { src } => {
-                let value = mmio::read_operand(vcpu.gprs(), src, op.size);
+                let value = mmio::store_value(src, op.size, |num| vcpu.register(num));
                 if self.router.claims_mmio(gpa) {
                     self.router.mmio_write(cpu, gpa, op.size, value, now, &mut events);
                 } else {
@@ -959,15 +955,22 @@ fn slice<M: GuestMemory>(
     }
 }
 
-/// Reads as many of the 15 instruction bytes at `rip` as are mapped.
+/// Reads as many of the 15 instruction bytes at `rip` (CS-relative) as are mapped.
 fn fetch_instruction(memory: &impl GuestMemory, mode: &GuestMode, rip: u64, bytes: &mut [u8; 15]) -> usize {
+    let start = mode.code_address(rip);
     // The instruction may end before an unmapped page: fetch up to the page end first.
-    let to_page_end = (0x1000 - (rip & 0xfff)).min(15) as usize;
-    if guest_walk::read_virt(memory, mode, rip, &mut bytes[..to_page_end]).is_err() {
+    let to_page_end = (0x1000 - (start & 0xfff)).min(15) as usize;
+    if guest_walk::read_virt(memory, mode, start, &mut bytes[..to_page_end]).is_err() {
         return 0;
     }
     if to_page_end < 15
-        && guest_walk::read_virt(memory, mode, rip.wrapping_add(to_page_end as u64), &mut bytes[to_page_end..]).is_ok()
+        && guest_walk::read_virt(
+            memory,
+            mode,
+            mode.code_address(rip.wrapping_add(to_page_end as u64)),
+            &mut bytes[to_page_end..],
+        )
+        .is_ok()
     {
         return 15;
     }

@@ -12,6 +12,7 @@ struct Mock {
     script: VecDeque<(Exit, Option<Gprs>)>,
     gprs: Gprs,
     rip: u64,
+    rsp: u64,
     rflags: u64,
     mode: GuestMode,
     injected_exceptions: Vec<(u8, Option<u32>)>,
@@ -30,6 +31,7 @@ impl Mock {
             script: script.into_iter().map(|e| (e, None)).collect(),
             gprs: Gprs::default(),
             rip: START_RIP,
+            rsp: 0,
             rflags: 0x2,
             mode: long_mode(),
             injected_exceptions: Vec::new(),
@@ -78,9 +80,11 @@ impl Vcpu for Mock {
         self.rip = rip;
     }
     fn rsp(&self) -> u64 {
-        0
+        self.rsp
     }
-    fn set_rsp(&mut self, _rsp: u64) {}
+    fn set_rsp(&mut self, rsp: u64) {
+        self.rsp = rsp;
+    }
     fn rflags(&self) -> u64 {
         self.rflags
     }
@@ -453,6 +457,44 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
     vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     assert_eq!(vcpu.rip, START_RIP + 5);
     assert_eq!(vm.bus.mmio_read(MMIO_BASE + 8, 8, 0, &mut Events::default()), Some(0x1122_3344_5566_7788));
+}
+
+/// RSP is a register operand like any other (it lives outside `Gprs`), and outside 64-bit
+/// code the instruction is fetched at CS base + RIP.
+#[test]
+fn mmio_through_rsp_and_from_a_code_segment_with_a_base() {
+    let mut vm = vm();
+    let mut cx = cx(&vm);
+    vm.bus.add(Box::new(TestDevice::default())).unwrap();
+    // mov [rbx], rsp; mov rsp, [rbx] (REX.W 89 23, REX.W 8b 23)
+    vm.memory.write(START_RIP, &[0x48, 0x89, 0x23, 0x48, 0x8b, 0x23]).unwrap();
+    let mut console = |_: &str, _: bool| {};
+    let mut env = test_env(&mut console, 1);
+    let scratch = Exit::NestedFault { gpa: MMIO_BASE + 8, write: true, fetch: false };
+    let mut vcpu = Mock::new(vec![]).then(scratch, Gprs { rbx: MMIO_BASE + 8, ..Gprs::default() });
+    vcpu.rsp = 0x7e57_5000;
+    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    vm.handle(&mut cx, &mut vcpu, exit, &mut env);
+    assert_eq!(vm.bus.mmio_read(MMIO_BASE + 8, 8, 0, &mut Events::default()), Some(0x7e57_5000));
+    vcpu.rsp = 0;
+    let load = Exit::NestedFault { gpa: MMIO_BASE + 8, write: false, fetch: false };
+    vcpu = vcpu.then(load, Gprs { rbx: MMIO_BASE + 8, ..Gprs::default() });
+    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    vm.handle(&mut cx, &mut vcpu, exit, &mut env);
+    assert_eq!((vcpu.rsp, vcpu.rip), (0x7e57_5000, START_RIP + 6));
+
+    // 32-bit protected mode without paging, CS base 1 MiB: mov eax, [ebx] at linear START_RIP + 0x10.
+    vm.memory.write(START_RIP + 0x10, &[0x8b, 0x03]).unwrap();
+    vcpu.mode =
+        GuestMode { cr0: 0x11, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: true, cs_base: 0x10_0000 };
+    vcpu.rip = START_RIP + 0x10 - 0x10_0000;
+    vcpu = vcpu.then(
+        Exit::NestedFault { gpa: MMIO_BASE, write: false, fetch: false },
+        Gprs { rbx: MMIO_BASE, ..Gprs::default() },
+    );
+    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    vm.handle(&mut cx, &mut vcpu, exit, &mut env);
+    assert_eq!((vcpu.gprs.rax, vcpu.rip), (0x1234_5678, START_RIP + 0x12 - 0x10_0000));
 }
 
 #[test]
