@@ -12,6 +12,7 @@ pub mod vmx {
     pub const EXTERNAL_INTERRUPT: u32 = 1;
     pub const TRIPLE_FAULT: u32 = 2;
     pub const INTERRUPT_WINDOW: u32 = 7;
+    pub const NMI_WINDOW: u32 = 8;
     pub const CPUID: u32 = 10;
     pub const HLT: u32 = 12;
     pub const INVD: u32 = 13;
@@ -54,7 +55,7 @@ pub mod vmx {
                 write: qualification & (1 << 1) != 0,
                 fetch: qualification & (1 << 2) != 0,
             },
-            INTERRUPT_WINDOW => Exit::InterruptWindow,
+            INTERRUPT_WINDOW | NMI_WINDOW => Exit::InterruptWindow,
             EXTERNAL_INTERRUPT => Exit::ExternalInterrupt,
             PAUSE => Exit::Pause,
             INVD => Exit::Invd,

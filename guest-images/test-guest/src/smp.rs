@@ -331,6 +331,11 @@ pub fn smp() -> CaseResult {
     if !wait_for(|| nmis() == [0, 0, 0, 1]) {
         return Err(fail!("NMI to APIC 3: taken {:?} times by APIC IDs 0-3", nmis()));
     }
+    // A second one: the first handler's IRET must have made room for it.
+    send_ipi(3, 0x4400);
+    if !wait_for(|| nmis() == [0, 0, 0, 2]) {
+        return Err(fail!("second NMI to APIC 3: NMIs taken {:?} times by APIC IDs 0-3", nmis()));
+    }
     // Self-IPIs on every CPU at once; the APs start when this IPI wakes them.
     SELF_IPIS_GO.store(true, Ordering::SeqCst);
     send_ipi(0, 0x000c_4000 | v(7));

@@ -124,11 +124,6 @@ const NMI_VECTOR: u8 = 2;
 /// host took since it started.
 static PLATFORM_NMIS: AtomicU64 = AtomicU64::new(0);
 
-/// Counts an NMI that only meant "something happened" to the host: nothing in it is a VM's.
-pub fn count_platform_nmi() {
-    PLATFORM_NMIS.fetch_add(1, Ordering::Relaxed);
-}
-
 /// How many platform NMIs the host took (and ignored).
 pub fn platform_nmis() -> u64 {
     PLATFORM_NMIS.load(Ordering::Relaxed)
@@ -136,11 +131,12 @@ pub fn platform_nmis() -> u64 {
 
 /// An NMI is either the stop signal of a CPU that is ending the run or the platform's: the
 /// latter is counted (no logging here: the interrupted code may hold the console's lock).
+/// VMX calls it with `int 2` for the NMIs that exited a guest.
 extern "x86-interrupt" fn nmi(_frame: InterruptStackFrame) {
     if exit::ending() {
         exit::park();
     }
-    count_platform_nmi();
+    PLATFORM_NMIS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Spurious APIC interrupts need no EOI.

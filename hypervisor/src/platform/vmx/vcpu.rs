@@ -27,9 +27,11 @@ use crate::virt::msr::IA32_VMX_BASIC;
 // Pin-based controls.
 const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
 const PIN_NMI_EXITING: u32 = 1 << 3;
+const PIN_VIRTUAL_NMIS: u32 = 1 << 5;
 const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 // Primary processor-based controls.
 const PRIMARY_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
+const PRIMARY_NMI_WINDOW_EXITING: u32 = 1 << 22;
 const PRIMARY_USE_TSC_OFFSETTING: u32 = 1 << 3;
 const PRIMARY_HLT_EXITING: u32 = 1 << 7;
 /// MOV to/from CR8 exit: without them the guest would read and write the host's own TPR.
@@ -185,6 +187,9 @@ pub struct VmxVcpu {
     /// would move to whichever vCPU this CPU runs next.
     guest_cr2: u64,
     interrupt_window_allowed: bool,
+    /// NMI-window exiting may be set (needs virtual NMIs): the exit when the guest's NMI
+    /// handler has returned and the next NMI can go in.
+    nmi_window_allowed: bool,
     /// PAUSE-loop exiting may be set (for [`Vcpu::exit_on_spin_loops`]).
     pause_loop_exiting_allowed: bool,
     /// The VMX-preemption timer counts TSC >> this; `None` if the CPU has no such timer.
@@ -229,6 +234,7 @@ impl VmxVcpu {
             debug: DebugRegs::new(true),
             guest_cr2: 0,
             interrupt_window_allowed: false,
+            nmi_window_allowed: false,
             pause_loop_exiting_allowed: false,
             preemption_timer_shift: None,
             cpu: None,
@@ -270,13 +276,21 @@ impl VmxVcpu {
         // to a guest spinning with interrupts off).
         let preemption = (pin_cap >> 32) as u32 & PIN_PREEMPTION_TIMER;
         self.preemption_timer_shift = (preemption != 0).then(|| rdmsr(cap_msr::MISC) as u32 & 0x1f);
+        // Virtual NMIs: with NMI exiting and without them, an NMI injected into the guest blocks
+        // the CPU's real NMIs, and the guest's IRET never unblocks them (SDM Vol. 3, 25.3):
+        // the vCPU would take one NMI ever and block the host's on every CPU it runs on.
+        let virtual_nmis = (pin_cap >> 32) as u32 & PIN_VIRTUAL_NMIS;
+        if virtual_nmis == 0 {
+            log::warn!("vmx: no virtual NMIs on this CPU: each vCPU takes at most one NMI");
+        }
         let pin = adjust(
             pin_cap,
-            PIN_EXTERNAL_INTERRUPT_EXITING | PIN_NMI_EXITING | preemption,
+            PIN_EXTERNAL_INTERRUPT_EXITING | PIN_NMI_EXITING | virtual_nmis | preemption,
             &[(PIN_EXTERNAL_INTERRUPT_EXITING, "external-interrupt exiting"), (PIN_NMI_EXITING, "NMI exiting")],
         )?;
         let primary_cap = pick(cap_msr::PROCBASED_CTLS, cap_msr::TRUE_PROCBASED_CTLS);
         self.interrupt_window_allowed = (primary_cap >> 32) as u32 & PRIMARY_INTERRUPT_WINDOW_EXITING != 0;
+        self.nmi_window_allowed = virtual_nmis != 0 && (primary_cap >> 32) as u32 & PRIMARY_NMI_WINDOW_EXITING != 0;
         let primary = adjust(
             primary_cap,
             PRIMARY_HLT_EXITING
@@ -883,7 +897,11 @@ impl VmxVcpu {
         };
         let exit = exit_decode::vmx::decode(reason, qualification, gpa, interruption);
         match exit {
-            Exit::InterruptWindow => self.set_interrupt_window_exiting(false),
+            // Either window: the run loop offers what is pending again, and asks anew.
+            Exit::InterruptWindow => {
+                self.set_interrupt_window_exiting(false);
+                self.set_nmi_window_exiting(false);
+            }
             Exit::ExternalInterrupt => {
                 let vector = (interruption & INTR_VALID != 0).then_some(interruption as u8);
                 // Acknowledged on exit: the host APIC timer (the only host interrupt) needs its
@@ -892,15 +910,33 @@ impl VmxVcpu {
                     crate::platform::apic::eoi();
                 }
             }
-            // The exit consumed the NMI (VMX leaves NMIs unblocked): count it as the host's
-            // handler would have.
-            Exit::HostNmi => crate::platform::idt::count_platform_nmi(),
+            // The exit consumed the NMI and left NMIs blocked until the next IRET (which the
+            // host, taking no interrupts through its IDT while guests run, might never
+            // execute): the host's handler runs now, counts it and unblocks them.
+            // SAFETY: `idt::init` installed the NMI gate (DPL 0) on every CPU; the handler
+            // returns with IRET and touches no state of this code.
+            Exit::HostNmi => unsafe { core::arch::asm!("int 2", options(nomem)) },
             Exit::Unhandled { .. } if basic == REASON_EPT_MISCONFIG => {
                 log::error!("vmx: EPT misconfiguration at gpa {gpa:#x}");
             }
             _ => {}
         }
         Some(exit)
+    }
+}
+
+impl VmxVcpu {
+    /// Asks for an exit once the guest can take an NMI (where the CPU offers it; otherwise
+    /// the NMI waits for the next exit).
+    fn set_nmi_window_exiting(&mut self, on: bool) {
+        if !self.nmi_window_allowed {
+            return;
+        }
+        let primary = self.get(w32::PRIMARY_PROCESSOR_CONTROLS);
+        let wanted = if on { primary | PRIMARY_NMI_WINDOW_EXITING } else { primary & !PRIMARY_NMI_WINDOW_EXITING };
+        if wanted != primary {
+            self.set(w32::PRIMARY_PROCESSOR_CONTROLS, wanted);
+        }
     }
 }
 
@@ -984,6 +1020,7 @@ impl Vcpu for VmxVcpu {
         // cannot be injected under MOV-SS blocking (26.2.1.5).
         let blocked = self.get(w32::GUEST_INTERRUPTIBILITY) & (BLOCKING_NMI | BLOCKING_MOVSS) != 0;
         if blocked || self.get(w32::ENTRY_INTERRUPTION_INFO) & INTR_VALID != 0 {
+            self.set_nmi_window_exiting(true);
             return false;
         }
         self.queue_event(NMI_VECTOR | INTR_TYPE_NMI << 8, None);
