@@ -39,6 +39,21 @@ const LEAF7_EBX_AVX512: u32 =
     (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
 /// AVX-512 VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ.
 const LEAF7_ECX_AVX512: u32 = (1 << 1) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14);
+/// Leaf 7 EBX: SGX (its MSRs and leaf 0x12), MPX (BNDCFGS, and XCR0 state not switched),
+/// Intel PT (its MSRs).
+const LEAF7_EBX_UNMODELLED: u32 = (1 << 2) | (1 << 14) | (1 << 25);
+/// Leaf 7 ECX: PKU and OSPKE (PKRU is not switched), WAITPKG (UMWAIT_CONTROL), CET shadow
+/// stacks (their MSRs), SGX launch control.
+const LEAF7_ECX_UNMODELLED: u32 = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 7) | (1 << 30);
+/// Leaf 7 EDX: speculation-control MSRs (SPEC_CTRL 0x48, PRED_CMD 0x49, FLUSH_CMD 0x10b,
+/// ARCH_CAPABILITIES 0x10a, CORE_CAPABILITIES 0xcf: IBRS/IBPB, STIBP, L1D_FLUSH, the two
+/// capability MSRs, SSBD), CET IBT, AVX-512 VP2INTERSECT.
+const LEAF7_EDX_UNMODELLED: u32 =
+    (1 << 8) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 29) | (1 << 30) | (1 << 31);
+/// Leaf 0x8000_0008 EBX (AMD): IBPB, IBRS, STIBP and their always-on/preferred/same-mode
+/// hints, SSBD and VIRT_SSBD: the same speculation-control MSRs (and 0xc001_011f).
+const EXT8_EBX_SPECULATION_CONTROL: u32 =
+    (1 << 12) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 17) | (1 << 18) | (1 << 19) | (1 << 24) | (1 << 25);
 /// XSAVE area size for the legacy region, header and AVX's upper halves.
 const XSAVE_SIZE_SSE: u32 = 576;
 const XSAVE_SIZE_AVX: u32 = 832;
@@ -120,7 +135,12 @@ pub fn guest_cpuid(
         0x8000_0008 if amd(host) => {
             let [eax, ebx, ecx, edx] = host(leaf, subleaf);
             let cores = model.vcpus.max(1) - 1;
-            [eax, ebx, (ecx & !0xf0ff) | (model.core_bits() << 12) | (cores & 0xff), edx]
+            let ecx = (ecx & !0xf0ff) | (model.core_bits() << 12) | (cores & 0xff);
+            [eax, ebx & !EXT8_EBX_SPECULATION_CONTROL, ecx, edx]
+        }
+        0x8000_0008 => {
+            let [eax, ebx, ecx, edx] = host(leaf, subleaf);
+            [eax, ebx & !EXT8_EBX_SPECULATION_CONTROL, ecx, edx]
         }
         0x8000_001e if amd(host) => [model.apic_id, model.apic_id & 0xff, 0, 0],
         // Leaves the host does not have but the raised maximum now covers.
@@ -155,12 +175,13 @@ pub fn guest_cpuid(
         }
         7 if subleaf == 0 => {
             let [eax, mut ebx, ecx, edx] = host(7, 0);
-            // TSC_ADJUST is not modelled: the TSC is the host's.
-            ebx &= !(LEAF7_EBX_AVX512 | LEAF7_EBX_TSC_ADJUST);
+            // TSC_ADJUST is not modelled: the TSC is the host's. Nothing whose MSRs or state
+            // the hypervisor does not model is offered.
+            ebx &= !(LEAF7_EBX_AVX512 | LEAF7_EBX_TSC_ADJUST | LEAF7_EBX_UNMODELLED);
             if !avx {
                 ebx &= !LEAF7_EBX_AVX2;
             }
-            [eax, ebx, ecx & !LEAF7_ECX_AVX512, edx]
+            [eax, ebx, ecx & !(LEAF7_ECX_AVX512 | LEAF7_ECX_UNMODELLED), edx & !LEAF7_EDX_UNMODELLED]
         }
         0xd => match subleaf {
             0 => {
@@ -308,11 +329,33 @@ mod tests {
         assert_eq!(guest_cpuid(7, 0, &generous_host, false, &model)[1] & LEAF7_EBX_TSC_ADJUST, 0);
     }
 
+    /// Every MSR that an offered feature implies exists: features whose MSRs or state the
+    /// hypervisor does not model are not offered.
+    #[test]
+    fn features_without_modelled_msrs_are_hidden() {
+        let m = model(X87_SSE_AVX, 0);
+        let everything = |leaf: u32, subleaf: u32| match leaf {
+            7 | 0x8000_0008 => [0, u32::MAX, u32::MAX, u32::MAX],
+            _ => generous_host(leaf, subleaf),
+        };
+        let leaf7 = guest_cpuid(7, 0, &everything, true, &m);
+        assert_eq!(leaf7[3] & (0xf << 26), 0, "IBRS/IBPB, STIBP, L1D_FLUSH, ARCH_CAPABILITIES");
+        assert_eq!(leaf7[3] & (1 << 31), 0, "SSBD");
+        assert_eq!(leaf7[2] & (1 << 3), 0, "PKU");
+        assert_eq!(leaf7[1] & (1 << 2), 0, "SGX");
+        let ext8 = guest_cpuid(0x8000_0008, 0, &everything, true, &m);
+        assert_eq!(ext8[1] & EXT8_EBX_SPECULATION_CONTROL, 0, "Intel host");
+        let amd = |leaf: u32, subleaf: u32| if leaf == 0 { amd_host(0, 0) } else { everything(leaf, subleaf) };
+        assert_eq!(guest_cpuid(0x8000_0008, 0, &amd, true, &m)[1] & EXT8_EBX_SPECULATION_CONTROL, 0, "AMD host");
+        assert_ne!(leaf7[1] & LEAF7_EBX_AVX2, 0, "what is modelled stays");
+    }
+
     #[test]
     fn other_leaves_pass_through() {
         let model = model(X87_SSE_AVX, 0);
         assert_eq!(guest_cpuid(2, 3, &generous_host, false, &model), [2, 3, 0x1111, 0x2222]);
         assert_eq!(guest_cpuid(0x8000_0008, 0, &generous_host, false, &model), [0x8000_0008, 0, 0x1111, 0x2222]);
+        assert_eq!(guest_cpuid(0x8000_0007, 0, &generous_host, false, &model), [0x8000_0007, 0, 0x1111, 0x2222]);
         assert_eq!(guest_cpuid(0x16, 0, &generous_host, false, &model), [0; 4], "above the maximum without a TSC rate");
     }
 }
