@@ -40,19 +40,21 @@ macro_rules! cases {
 
 cases!(Platform::Tcg, svm:
     cpuid => "cpuid", msr => "msr", io => "io", hlt_and_interrupt_window => "hlt", mmio => "mmio",
-    control_registers => "cr", xsetbv => "xsetbv", exceptions => "exceptions");
+    control_registers => "cr", xsetbv => "xsetbv", exceptions => "exceptions",
+    redundant_prefixes_at_exits => "prefixed-exits");
 cases!(Platform::Bochs, vmx:
     cpuid => "cpuid", msr => "msr", io => "io", hlt_and_interrupt_window => "hlt", mmio => "mmio",
-    control_registers => "cr", xsetbv => "xsetbv", exceptions => "exceptions");
+    control_registers => "cr", xsetbv => "xsetbv", exceptions => "exceptions",
+    redundant_prefixes_at_exits => "prefixed-exits");
 
 fn whole_suite_ends_cleanly(platform: Platform) {
     Log(suite(platform))
         .contains("[exits] rep-outsb-ok\n")
-        .contains("[exits] guest: 8 passed, 0 failed\n")
+        .contains("[exits] guest: 9 passed, 0 failed\n")
         .contains("VM-END vm=exits reason=debug-exit status=0")
         .contains("[real-mode] real-mode: ok\n")
         .contains("VM-END vm=real-mode reason=debug-exit status=0")
-        .ended(RunStatus::Success, "9 VMs ran, all ended cleanly");
+        .ended(RunStatus::Success, "10 VMs ran, all ended cleanly");
 }
 
 /// A multiboot v1 kernel gets its magic, memory map, command line and modules, as QEMU's
@@ -269,4 +271,33 @@ fn svm_guest_text_cannot_forge_parsed_lines() {
 #[test]
 fn vmx_guest_text_cannot_forge_parsed_lines() {
     guest_text_cannot_forge_parsed_lines(Platform::Bochs);
+}
+
+/// A hostile VM writes random values to every port but the few that end it by design, reads
+/// them all back, then storms the host with CPUID and port exits: it ends cleanly, and so
+/// does every VM beside it.
+fn port_sweeps_and_exit_storms_change_nothing_outside(platform: Platform) {
+    let outcome = suite(platform);
+    Log(outcome)
+        .line_with_all(&["[port-sweep] case port-sweep: ", " ports written and read, "])
+        .contains("[port-sweep] case port-sweep: ok\n")
+        .line_with_all(&["[port-sweep] case exit-storm: 400000 exits, "])
+        .contains("[port-sweep] case exit-storm: ok\n")
+        .vm_ended("port-sweep", "debug-exit status=0")
+        .line_with_all(&["accesses to ports without a device: "])
+        .contains("[smp] case smp: ok\n");
+    let logged =
+        outcome.serial.lines().filter(|l| l.contains("vm port-sweep: port ") && l.contains("has no device")).count();
+    // `vm::msr::LOGGED_REFUSALS` (16) ports, then one line saying the rest are counted.
+    assert!((1..=17).contains(&logged), "{logged} log lines for ports without a device: the log must stay bounded");
+}
+
+#[test]
+fn svm_port_sweeps_and_exit_storms_change_nothing_outside() {
+    port_sweeps_and_exit_storms_change_nothing_outside(Platform::Tcg);
+}
+
+#[test]
+fn vmx_port_sweeps_and_exit_storms_change_nothing_outside() {
+    port_sweeps_and_exit_storms_change_nothing_outside(Platform::Bochs);
 }

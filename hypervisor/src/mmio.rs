@@ -251,6 +251,13 @@ fn reg_operand(insn: &Instruction, op: u32) -> Result<Gpr, MmioError> {
     gpr(reg).ok_or(MmioError::Invalid)
 }
 
+/// The length of the instruction in `bytes` (fetched at the guest's RIP), prefixes included;
+/// `None` if they hold no valid instruction.
+pub fn instruction_length(bytes: &[u8], mode: &GuestMode) -> Option<usize> {
+    let insn = Decoder::new(bitness(mode), bytes, DecoderOptions::NONE).decode();
+    (!insn.is_invalid()).then(|| insn.len())
+}
+
 /// Decodes the instruction at `rip` that made an MMIO access. `bytes` are the instruction bytes
 /// fetched from the guest (up to 15; fewer near the end of a mapping).
 pub fn decode(bytes: &[u8], mode: &GuestMode, rip: u64) -> Result<MmioOp, MmioError> {
@@ -551,6 +558,17 @@ mod tests {
         assert_eq!(decode(&[0x48, 0x89, 0x20], &M64, 0).unwrap(), store_op(3, 8, Operand::Reg(Gpr::new(4, 8))));
         assert_eq!(decode(&[0x89, 0x04, 0x24], &M64, 0).unwrap(), store_op(3, 4, Operand::Reg(Gpr::new(0, 4))));
         assert_eq!(decode(&[0x06, 0x90, 0x90], &M64, 0), Err(MmioError::Invalid));
+    }
+
+    #[test]
+    fn instruction_lengths_count_redundant_prefixes() {
+        assert_eq!(instruction_length(&[0x0f, 0xa2, 0x90], &M64), Some(2), "cpuid");
+        assert_eq!(instruction_length(&[0x2e, 0x3e, 0x0f, 0xa2], &M64), Some(4), "cpuid with two segment prefixes");
+        assert_eq!(instruction_length(&[0x66, 0x0f, 0x32], &M64), Some(3), "rdmsr with an operand-size prefix");
+        assert_eq!(instruction_length(&[0x3e, 0xf4], &M32), Some(2), "hlt with a segment prefix");
+        assert_eq!(instruction_length(&[0x0f, 0x01, 0xd1], &M16), Some(3), "xsetbv");
+        assert_eq!(instruction_length(&[0x2e; 15], &M64), None, "prefixes only");
+        assert_eq!(instruction_length(&[], &M64), None);
     }
 
     #[test]

@@ -286,8 +286,16 @@ pub trait Vcpu {
     fn rflags(&self) -> u64;
     /// Control registers, EFER and code-segment mode.
     fn mode(&self) -> GuestMode;
-    /// Moves RIP past the instruction that caused the last exit (the backend knows its length).
-    fn skip_instruction(&mut self);
+    /// Moves RIP past the instruction that caused the last exit and returns true, or returns
+    /// false when the backend does not know the instruction's length (SVM without NRIP-save,
+    /// where a redundant prefix makes it longer than its opcode): the run loop then decodes it.
+    fn skip_instruction(&mut self) -> bool;
+    /// Loads a guest EFER the run loop validated ([`crate::vm::control_regs::efer_write`]); the
+    /// backend adds what it needs underneath (SVME on SVM, the IA-32e entry control on VMX).
+    fn set_efer(&mut self, efer: u64);
+    /// The MSR model accepted a guest's write of `value` to `msr`: a backend that keeps that MSR
+    /// in its control structure or loads it into the CPU itself (SVM: PAT, TSC_AUX) takes it.
+    fn msr_written(&mut self, _msr: u32, _value: u64) {}
     /// Queues an exception for the next entry.
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
     /// Whether an external interrupt can be injected now (RFLAGS.IF set, no interrupt shadow,

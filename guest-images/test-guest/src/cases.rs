@@ -13,7 +13,7 @@ use crate::serial::{self, println};
 use crate::traps::{self, Caught, VECTOR_BP, VECTOR_GP, VECTOR_TEST_IRQ, VECTOR_UD};
 
 /// What `cases=all` runs, in order. `triple-fault` is left out: it ends the VM.
-pub const ALL: [&str; 8] = ["cpuid", "msr", "io", "hlt", "mmio", "cr", "xsetbv", "exceptions"];
+pub const ALL: [&str; 9] = ["cpuid", "msr", "io", "hlt", "mmio", "cr", "xsetbv", "exceptions", "prefixed-exits"];
 
 pub type CaseResult = Result<(), Msg>;
 
@@ -37,6 +37,9 @@ pub fn run(name: &str) -> CaseResult {
         "msr-sweep" => msr_sweep(),
         "host-nmi" => host_nmi(),
         "forge-lines" => forge_lines(),
+        "port-sweep" => port_sweep(),
+        "prefixed-exits" => prefixed_exits(),
+        "exit-storm" => exit_storm(),
         _ => Err(fail!("unknown case")),
     }
 }
@@ -528,6 +531,110 @@ fn host_nmi() -> CaseResult {
     let taken = crate::smp::nmis_taken();
     ensure!(taken == 0, "the guest took {taken} NMIs, expected none: the host's are not its own");
     println!("case host-nmi: {} host NMIs requested, none reached this guest", 2 * HOST_NMI_ROUNDS);
+    Ok(())
+}
+
+/// Ports the sweep leaves alone because using them ends this VM by design (debug exit, the
+/// i8042's reset command, ACPI power-off, the reset register) or is its own console.
+const SWEEP_SKIPPED: [core::ops::RangeInclusive<u16>; 5] =
+    [0x64..=0x64, 0xf4..=0xf7, 0x3f8..=0x3ff, 0x604..=0x605, 0xcf9..=0xcf9];
+
+fn outb(port: u16, value: u8) {
+    // SAFETY: port writes reach only this VM's devices (or nothing); interrupts stay off.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) };
+}
+
+fn outl(port: u16, value: u32) {
+    // SAFETY: as in `outb`.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) };
+}
+
+fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as in `outb`.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) };
+    value
+}
+
+/// Hostile: every port 0..0xffff written with a random byte and read back, every 64th also
+/// as a doubleword, with interrupts off. Whatever the devices make of it, the VM runs on.
+fn port_sweep() -> CaseResult {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut swept, mut all_ones) = (0u32, 0u32);
+    for port in 0..=u16::MAX {
+        if SWEEP_SKIPPED.iter().any(|r| r.contains(&port)) {
+            continue;
+        }
+        outb(port, random() as u8);
+        all_ones += u32::from(serial::inb(port) == 0xff);
+        if port % 64 == 0 && port <= u16::MAX - 3 {
+            outl(port, random() as u32);
+            let _ = inl(port);
+        }
+        swept += 1;
+    }
+    println!("case port-sweep: {swept} ports written and read, {all_ones} read 0xff");
+    ensure!(all_ones > 60_000, "only {all_ones} ports read as unclaimed (0xff)");
+    Ok(())
+}
+
+/// Instructions that exit, each with redundant prefixes in front (CS/DS overrides, an
+/// operand-size prefix): the hypervisor must resume after the whole instruction (on SVM
+/// without NRIP-save it decodes the length) and give the same results as without them.
+fn prefixed_exits() -> CaseResult {
+    let plain = cpu::cpuid(0, 0);
+    let eax: u32;
+    // SAFETY: CPUID with three segment-override prefixes; RBX (reserved by the compiler) is
+    // saved around it by hand.
+    unsafe {
+        asm!(
+            "mov {save}, rbx",
+            ".byte 0x2e, 0x3e, 0x26, 0x0f, 0xa2",
+            "mov rbx, {save}",
+            save = out(reg) _,
+            inout("eax") 0u32 => eax,
+            inout("ecx") 0u32 => _,
+            out("edx") _,
+            options(nomem, nostack, preserves_flags),
+        )
+    };
+    ensure!(eax == plain.eax, "prefixed CPUID: EAX {eax:#x}, plain {:#x}", plain.eax);
+    let pat = cpu::rdmsr(0x277);
+    let (low, high): (u32, u32);
+    // SAFETY: RDMSR of IA32_PAT with an operand-size prefix; reading has no effect.
+    unsafe {
+        asm!(".byte 0x66, 0x0f, 0x32", in("ecx") 0x277u32, out("eax") low, out("edx") high,
+             options(nomem, nostack, preserves_flags))
+    };
+    ensure!(u64::from(high) << 32 | u64::from(low) == pat, "prefixed RDMSR of PAT: {high:#x}:{low:#x}, plain {pat:#x}");
+    // SAFETY: WRMSR of IA32_PAT with a DS prefix, writing back the value it holds.
+    unsafe {
+        asm!(".byte 0x3e, 0x0f, 0x30", in("ecx") 0x277u32, in("eax") low, in("edx") high,
+             options(nomem, nostack, preserves_flags))
+    };
+    // SAFETY: OUT to the POST port with a CS prefix: a write-only sink.
+    unsafe { asm!(".byte 0x2e, 0xe6, 0x80", in("al") 0u8, options(nomem, nostack, preserves_flags)) };
+    ensure!(cpu::rdmsr(0x277) == pat, "PAT changed");
+    Ok(())
+}
+
+/// Hostile: an exit storm. CPUID and reads of an unclaimed port, as fast as the guest can.
+const STORM_EXITS: u32 = 200_000;
+
+fn exit_storm() -> CaseResult {
+    let start = cpu::rdtsc();
+    for i in 0..STORM_EXITS {
+        let _ = cpu::cpuid(i & 0xf, 0);
+        let _ = serial::inb(0x2f0);
+    }
+    let cycles = cpu::rdtsc() - start;
+    println!("case exit-storm: {} exits, {} TSC cycles each", 2 * STORM_EXITS, cycles / u64::from(2 * STORM_EXITS));
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! bare-metal layer supplies the real vCPU, guest memory, clock and console.
 
 pub mod config;
+pub mod control_regs;
 pub mod cpuid;
 pub mod interrupts;
 pub mod ipi;
@@ -35,6 +36,7 @@ const VECTOR_GP: u8 = 13;
 const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_DF: u64 = 1 << 10;
 const CR4_OSXSAVE: u64 = 1 << 18;
+const CR0_PG: u64 = 1 << 31;
 /// Longest console line before it is flushed without a newline.
 const MAX_CONSOLE_LINE: usize = 512;
 /// Interrupts queued beyond this are dropped (and reported): a guest cannot grow our memory.
@@ -201,7 +203,9 @@ pub struct Vm<M: GuestMemory> {
     console_mid_line: bool,
     last_input_poll: u64,
     console_input: VecDeque<u8>,
-    warned_ports: Vec<u16>,
+    warned_ports: msr::FirstFew,
+    /// An instruction whose length had to be decoded could not be (logged once).
+    undecodable_logged: bool,
 }
 
 enum Next {
@@ -273,7 +277,8 @@ impl<M: GuestMemory> Vm<M> {
             console_mid_line: false,
             last_input_poll: 0,
             console_input: VecDeque::new(),
-            warned_ports: Vec::new(),
+            warned_ports: msr::FirstFew::default(),
+            undecodable_logged: false,
         }
     }
 
@@ -443,6 +448,59 @@ impl<M: GuestMemory> Vm<M> {
         Slice::Halted { wake_at_us: u64::MAX }
     }
 
+    /// Moves RIP past the instruction that exited, decoding its length where the backend does
+    /// not know it.
+    fn skip(&mut self, vcpu: &mut dyn Vcpu) {
+        if vcpu.skip_instruction() {
+            return;
+        }
+        let (mode, rip) = (vcpu.mode(), vcpu.rip());
+        let mut bytes = [0u8; 15];
+        let fetched = fetch_instruction(&self.memory, &mode, rip, &mut bytes);
+        match mmio::instruction_length(&bytes[..fetched], &mode) {
+            Some(len) => vcpu.set_rip(rip.wrapping_add(len as u64)),
+            // Its page went away (another vCPU unmapped it): the guest runs it again.
+            None if !self.undecodable_logged => {
+                self.undecodable_logged = true;
+                log::warn!("vm {}: the instruction at RIP {rip:#x} could not be read to skip it", self.name);
+            }
+            None => {}
+        }
+    }
+
+    /// The guest CPU's EFER features, from the CPUID it is shown.
+    fn efer_features(&self, cx: &VcpuContext, env: &Env<'_>) -> control_regs::EferFeatures {
+        let model = cpuid::CpuModel {
+            supported_xcr0: env.supported_xcr0,
+            tsc_hz: env.tsc_hz,
+            apic_id: cx.index as u32,
+            vcpus: self.vcpus() as u32,
+        };
+        let ext1 = cpuid::guest_cpuid(0x8000_0001, 0, env.cpuid, false, &model);
+        control_regs::EferFeatures::from_cpuid(ext1[3], cpuid::amd(env.cpuid))
+    }
+
+    /// RDMSR/WRMSR of EFER, validated here for both backends.
+    fn handle_efer(&mut self, cx: &VcpuContext, vcpu: &mut dyn Vcpu, write: bool, env: &Env<'_>) -> Next {
+        let mode = vcpu.mode();
+        let gprs = vcpu.gprs();
+        if !write {
+            (gprs.rax, gprs.rdx) = (mode.efer & 0xffff_ffff, mode.efer >> 32);
+        } else {
+            let value = (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff);
+            let paging = mode.cr0 & CR0_PG != 0;
+            match control_regs::efer_write(mode.efer, value, paging, self.efer_features(cx, env)) {
+                Some(efer) => vcpu.set_efer(efer),
+                None => {
+                    vcpu.inject_exception(VECTOR_GP, Some(0));
+                    return Next::Continue;
+                }
+            }
+        }
+        self.skip(vcpu);
+        Next::Continue
+    }
+
     fn handle(&mut self, cx: &mut VcpuContext, vcpu: &mut dyn Vcpu, exit: Exit, env: &mut Env<'_>) -> Next {
         match exit {
             Exit::Cpuid => {
@@ -458,7 +516,7 @@ impl<M: GuestMemory> Vm<M> {
                 let [a, b, c, d] = cpuid::guest_cpuid(leaf, subleaf, env.cpuid, osxsave, &model);
                 let gprs = vcpu.gprs();
                 (gprs.rax, gprs.rbx, gprs.rcx, gprs.rdx) = (a as u64, b as u64, c as u64, d as u64);
-                vcpu.skip_instruction();
+                self.skip(vcpu);
                 Next::Continue
             }
             Exit::Rdmsr | Exit::Wrmsr => self.handle_msr(cx, vcpu, exit == Exit::Wrmsr, env),
@@ -468,11 +526,11 @@ impl<M: GuestMemory> Vm<M> {
             // Dropping the cache without writing it back is no guest's business: a no-op,
             // as on KVM (the caches stay coherent with memory either way).
             Exit::Invd => {
-                vcpu.skip_instruction();
+                self.skip(vcpu);
                 Next::Continue
             }
             Exit::Hlt => {
-                vcpu.skip_instruction();
+                self.skip(vcpu);
                 if self.wakes_from_halt(cx.index, vcpu) {
                     return Next::Continue;
                 }
@@ -487,7 +545,7 @@ impl<M: GuestMemory> Vm<M> {
                     vcpu.inject_exception(VECTOR_GP, Some(0));
                 } else {
                     vcpu.set_xcr0(value);
-                    vcpu.skip_instruction();
+                    self.skip(vcpu);
                 }
                 Next::Continue
             }
@@ -518,7 +576,7 @@ impl<M: GuestMemory> Vm<M> {
             let cr8 = u64::from(self.router.lapic(cpu).tpr() >> 4);
             vcpu.set_register(gpr, cr8);
         }
-        vcpu.skip_instruction();
+        self.skip(vcpu);
         Next::Continue
     }
 
@@ -548,10 +606,13 @@ impl<M: GuestMemory> Vm<M> {
                 })
             };
             match result {
-                Ok(()) => vcpu.skip_instruction(),
+                Ok(()) => self.skip(vcpu),
                 Err(()) => vcpu.inject_exception(VECTOR_GP, Some(0)),
             }
             return Next::Continue;
+        }
+        if msr == msr::IA32_EFER {
+            return self.handle_efer(cx, vcpu, write, env);
         }
         let result = if msr::amd_legacy_perf_counter(msr) && cpuid::amd(env.cpuid) {
             if !write {
@@ -561,7 +622,12 @@ impl<M: GuestMemory> Vm<M> {
             }
             Ok(())
         } else if write {
-            cx.msrs.write(msr, (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff))
+            let value = (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff);
+            let written = cx.msrs.write(msr, value);
+            if written.is_ok() {
+                vcpu.msr_written(msr, value);
+            }
+            written
         } else {
             cx.msrs.read(msr, cx.clock.tsc((env.host_tsc)())).map(|value| {
                 let gprs = vcpu.gprs();
@@ -570,7 +636,7 @@ impl<M: GuestMemory> Vm<M> {
             })
         };
         match result {
-            Ok(()) => vcpu.skip_instruction(),
+            Ok(()) => self.skip(vcpu),
             Err(msr::Refused) => {
                 let access = if write { "wrmsr" } else { "rdmsr" };
                 match self.stats.msr_refusals.record(msr) {
@@ -612,7 +678,7 @@ impl<M: GuestMemory> Vm<M> {
                 _ => value as u64,
             };
         }
-        vcpu.skip_instruction();
+        self.skip(vcpu);
         self.apply(events, env)
     }
 
@@ -664,7 +730,7 @@ impl<M: GuestMemory> Vm<M> {
             }
         }
         if !io.rep || vcpu.gprs().rcx == 0 {
-            vcpu.skip_instruction();
+            self.skip(vcpu);
         }
         self.apply(events, env)
     }
@@ -820,9 +886,17 @@ impl<M: GuestMemory> Vm<M> {
     }
 
     fn warn_port(&mut self, port: u16) {
-        if !self.warned_ports.contains(&port) && self.warned_ports.len() < 64 {
-            self.warned_ports.push(port);
-            log::info!("vm {}: port {port:#x} has no device (reads float high); reported once", self.name);
+        self.stats.unclaimed_port_accesses += 1;
+        match self.warned_ports.note(u32::from(port)) {
+            msr::RefusalLog::First => {
+                log::info!("vm {}: port {port:#x} has no device (reads float high); reported once", self.name)
+            }
+            msr::RefusalLog::LimitReached => log::info!(
+                "vm {}: port {port:#x} has no device either; from now on such ports are only counted \
+                 (see the VM's end report)",
+                self.name
+            ),
+            msr::RefusalLog::Quiet => {}
         }
     }
 }

@@ -18,6 +18,8 @@ const IA32_MTRRCAP: u32 = 0xfe;
 const IA32_MISC_ENABLE: u32 = 0x1a0;
 const IA32_PAT: u32 = 0x277;
 const IA32_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// EFER: validated by the run loop ([`super::control_regs`]), held by the backend.
+pub const IA32_EFER: u32 = 0xc000_0080;
 
 /// The xAPIC at its reset base, bootstrap processor, (not yet enabled: no APIC is emulated).
 const APIC_BASE_RESET: u64 = 0xfee0_0000 | (1 << 8);
@@ -52,9 +54,7 @@ pub const LOGGED_REFUSALS: usize = 16;
 #[derive(Default)]
 pub struct MsrRefusals {
     counts: [u64; REFUSAL_RANGES.len() + 1],
-    logged: Vec<u32>,
-    /// The note that further refusals are only counted has been given.
-    limit_announced: bool,
+    logged: FirstFew,
 }
 
 /// Whether to log a refusal.
@@ -68,15 +68,22 @@ pub enum RefusalLog {
     Quiet,
 }
 
-impl MsrRefusals {
-    /// Counts a refusal of `msr`.
-    pub fn record(&mut self, msr: u32) -> RefusalLog {
-        let range = REFUSAL_RANGES.iter().position(|&(lo, hi)| (lo..=hi).contains(&msr));
-        self.counts[range.unwrap_or(REFUSAL_RANGES.len())] += 1;
-        if self.logged.contains(&msr) {
+/// The first [`LOGGED_REFUSALS`] distinct keys (MSRs, ports) a VM got wrong, so its log says
+/// what they were and stays short whatever the guest does.
+#[derive(Default)]
+pub struct FirstFew {
+    logged: Vec<u32>,
+    /// The note that further ones are only counted has been given.
+    limit_announced: bool,
+}
+
+impl FirstFew {
+    /// Whether and how to log `key`.
+    pub fn note(&mut self, key: u32) -> RefusalLog {
+        if self.logged.contains(&key) {
             RefusalLog::Quiet
         } else if self.logged.len() < LOGGED_REFUSALS {
-            self.logged.push(msr);
+            self.logged.push(key);
             RefusalLog::First
         } else if !self.limit_announced {
             self.limit_announced = true;
@@ -84,6 +91,15 @@ impl MsrRefusals {
         } else {
             RefusalLog::Quiet
         }
+    }
+}
+
+impl MsrRefusals {
+    /// Counts a refusal of `msr`.
+    pub fn record(&mut self, msr: u32) -> RefusalLog {
+        let range = REFUSAL_RANGES.iter().position(|&(lo, hi)| (lo..=hi).contains(&msr));
+        self.counts[range.unwrap_or(REFUSAL_RANGES.len())] += 1;
+        self.logged.note(msr)
     }
 
     /// `refused MSR accesses (#GP): N in LO-HI, ...`, or `None` if there were none.
@@ -133,10 +149,15 @@ impl MsrModel {
     /// WRMSR.
     pub fn write(&mut self, msr: u32, value: u64) -> Result<(), Refused> {
         let valid = match msr {
-            IA32_PAT => (0..8).all(|i| matches!((value >> (i * 8)) & 0xff, 0 | 1 | 4 | 5 | 6 | 7)),
+            IA32_PAT => valid_pat(value),
             // Moving or enabling the APIC needs an emulated APIC: keep the reset value only.
             IA32_APIC_BASE => value == APIC_BASE_RESET,
             IA32_TSC => true,
+            // TSC_AUX: bits 63:32 are reserved.
+            0xc000_0103 => value >> 32 == 0,
+            // Addresses the CPU uses as they are: FS/GS/KERNEL_GS base, LSTAR, CSTAR,
+            // SYSENTER_ESP/EIP must be canonical.
+            0xc000_0100..=0xc000_0102 | 0xc000_0082 | 0xc000_0083 | 0x175 | 0x176 => is_canonical(value),
             _ => is_storage_msr(msr),
         };
         if !valid {
@@ -147,6 +168,17 @@ impl MsrModel {
         }
         Ok(())
     }
+}
+
+/// Bits 63:47 all equal (48-bit virtual addresses).
+fn is_canonical(value: u64) -> bool {
+    ((value as i64) << 16 >> 16) as u64 == value
+}
+
+/// Whether `value` is a PAT the CPU accepts: every entry a defined memory type (UC, WC, WT,
+/// WP, WB, UC-).
+pub fn valid_pat(value: u64) -> bool {
+    (0..8).all(|i| matches!((value >> (i * 8)) & 0xff, 0 | 1 | 4 | 5 | 6 | 7))
 }
 
 fn reset_value(msr: u32) -> u64 {
@@ -210,7 +242,7 @@ mod tests {
             }
         }
         assert_eq!((logged, limit_notes), (LOGGED_REFUSALS, 1));
-        assert_eq!(refusals.logged.len(), LOGGED_REFUSALS);
+        assert_eq!(refusals.logged.logged.len(), LOGGED_REFUSALS, "memory stays bounded");
         assert_eq!(
             refusals.summary().unwrap(),
             "refused MSR accesses (#GP): 16384 in 0x0-0x1fff, 8192 in 0x40000000-0x4000ffff, \

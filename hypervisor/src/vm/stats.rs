@@ -17,6 +17,8 @@ pub struct ExitStats {
     pub ended_us: Option<u64>,
     /// MSR accesses refused with #GP, reported after the table.
     pub msr_refusals: super::msr::MsrRefusals,
+    /// Accesses to ports no device claims (reads float high), reported after the table.
+    pub unclaimed_port_accesses: u64,
 }
 
 struct Row {
@@ -77,6 +79,9 @@ impl ExitStats {
         }
         if let Some(summary) = self.msr_refusals.summary() {
             let _ = writeln!(out, "  {summary}");
+        }
+        if self.unclaimed_port_accesses > 0 {
+            let _ = writeln!(out, "  accesses to ports without a device: {}", self.unclaimed_port_accesses);
         }
         out
     }

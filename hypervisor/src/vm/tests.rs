@@ -91,9 +91,13 @@ impl Vcpu for Mock {
     fn mode(&self) -> GuestMode {
         self.mode
     }
-    fn skip_instruction(&mut self) {
+    fn skip_instruction(&mut self) -> bool {
         self.skips += 1;
         self.rip += 2;
+        true
+    }
+    fn set_efer(&mut self, efer: u64) {
+        self.mode.efer = efer;
     }
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
         self.injected_exceptions.push((vector, error_code));
@@ -132,6 +136,8 @@ fn memory() -> SliceMemory<'static> {
 fn host_cpuid(leaf: u32, subleaf: u32) -> cpuid::Regs {
     match leaf {
         0 => [0xd, 0, 0, 0],
+        // SYSCALL, NX, long mode.
+        0x8000_0001 => [0, 0, 0, 1 << 11 | 1 << 20 | 1 << 29],
         _ => [leaf, subleaf, 0x5, 0x6],
     }
 }
@@ -254,6 +260,30 @@ fn unknown_msrs_get_gp_and_allowed_ones_round_trip() {
     assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0xffff_8000, 0x1000));
     step(&mut vm, &mut cx, &mut vcpu);
     assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0, 42), "TSC reads the guest TSC");
+}
+
+/// EFER follows the guest CPU's rules on either backend: reserved bits and LME under paging
+/// raise #GP; what is taken reaches the backend with LMA kept; PAT and TSC_AUX writes the model
+/// accepts are handed to the backend too.
+#[test]
+fn efer_writes_are_validated_above_the_backend() {
+    let mut vm = vm();
+    let mut cx = cx(&vm);
+    let efer = |value: u64| Gprs { rcx: 0xc000_0080, rax: value & 0xffff_ffff, rdx: value >> 32, ..Gprs::default() };
+    // Long mode with paging (EFER LME|LMA); the host CPUID offers NX and SYSCALL.
+    let mut vcpu = Mock::new(vec![])
+        .then(Exit::Wrmsr, efer(0x100 | 0x1 | 0x800))
+        .then(Exit::Wrmsr, efer(1 << 12))
+        .then(Exit::Wrmsr, efer(0x1))
+        .then(Exit::Rdmsr, efer(0));
+    assert_eq!(step(&mut vm, &mut cx, &mut vcpu), None);
+    assert_eq!(vcpu.mode.efer, 0x500 | 0x1 | 0x800, "SCE and NXE taken, LMA kept");
+    assert_eq!(step(&mut vm, &mut cx, &mut vcpu), None);
+    assert_eq!(vcpu.injected_exceptions, [(VECTOR_GP, Some(0))], "SVME is not offered");
+    assert_eq!(step(&mut vm, &mut cx, &mut vcpu), None);
+    assert_eq!(vcpu.injected_exceptions.len(), 2, "LME cleared under paging");
+    assert_eq!(step(&mut vm, &mut cx, &mut vcpu), None);
+    assert_eq!((vcpu.gprs.rax, vcpu.skips), (0xd01, 2), "RDMSR reads LMA too");
 }
 
 /// A vCPU whose first exits write `text` to COM1, one byte per OUT.

@@ -26,8 +26,6 @@ const MSR_PAT: u32 = 0x277;
 /// Read by RDTSCP and RDPID without an exit; not in the VMCB, so switched by hand.
 const MSR_TSC_AUX: u32 = 0xc000_0103;
 const EFER_SVME: u64 = 1 << 12;
-/// EFER bits a guest may write: SCE, LME, LMA (ignored on write), NXE, FFXSR.
-const EFER_GUEST_WRITABLE: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11) | (1 << 14);
 const EFER_LMA: u64 = 1 << 10;
 
 /// MSRs the guest reads and writes directly: all of them live in the VMCB (switched by
@@ -166,14 +164,6 @@ mod attrib {
     pub const DEFAULT_32: u16 = 1 << 10;
 }
 
-/// What the last exit needs to skip its instruction without NRIP-save.
-#[derive(Clone, Copy)]
-enum LastExit {
-    Other,
-    Fixed(u64),
-    NextRip(u64),
-}
-
 /// A vCPU on SVM. Not `Send`: its VMCB state and host save area belong to this CPU.
 pub struct SvmVcpu {
     vmcb: Page,
@@ -184,7 +174,9 @@ pub struct SvmVcpu {
     xstate: XState,
     /// The guest's DR0-DR3 (DR6 and DR7 live in the VMCB), swapped around every entry.
     debug: DebugRegs,
-    last_exit: LastExit,
+    /// Where the instruction of the last exit ends when the exit itself says so (I/O: EXITINFO2),
+    /// for CPUs without NRIP-save.
+    io_next_rip: Option<u64>,
     /// The host CPU this vCPU ran on last: elsewhere, its ASID's TLB entries may be stale.
     last_cpu: Option<usize>,
     /// The ASID is shared with other vCPUs (the pool ran out): flush it on every entry.
@@ -402,7 +394,7 @@ impl SvmVcpu {
             gprs,
             xstate: XState::new().ok_or(SvmError::OutOfMemory)?,
             debug: DebugRegs::new(false),
-            last_exit: LastExit::Other,
+            io_next_rip: None,
             last_cpu: None,
             shared_asid: asid.shared,
             nmi_blocked: false,
@@ -471,31 +463,24 @@ impl SvmVcpu {
         let info1: u64 = self.vmcb.read(control::EXIT_INFO1);
         let info2: u64 = self.vmcb.read(control::EXIT_INFO2);
         let exit = exit_decode::svm::decode(code, info1, info2);
-        // Without NRIP-save the instruction length must be known from the exit itself.
-        self.last_exit = match exit {
-            Exit::Cpuid | Exit::Rdmsr | Exit::Wrmsr | Exit::Pause | Exit::Invd => LastExit::Fixed(2),
-            Exit::Hlt => LastExit::Fixed(1),
-            Exit::Xsetbv => LastExit::Fixed(3),
-            Exit::Io(_) => LastExit::NextRip(info2),
-            _ => LastExit::Other,
-        };
+        // Without NRIP-save only I/O exits say where their instruction ends.
+        self.io_next_rip = matches!(exit, Exit::Io(_)).then_some(info2);
         match exit {
             Exit::ExternalInterrupt => {
                 // The host interrupt that caused the exit is still pending: take it now.
                 super::apic::take_pending_interrupt();
                 Some(exit)
             }
-            Exit::Rdmsr | Exit::Wrmsr if self.handle_msr_here(exit == Exit::Wrmsr) => None,
             // Past it: without the pause filter every PAUSE exits, and one re-run would exit
             // again at once.
             Exit::Pause => {
-                self.skip_instruction();
+                self.skip_one_byte_opcode(2);
                 Some(exit)
             }
             // `STI; HLT` with an interrupt still in V_IRQ: the interrupt ends the halt at once,
             // as it would on a CPU that had delivered it before the HLT.
             Exit::Hlt if self.virq_vector.is_some() && self.rflags() & RFLAGS_IF != 0 => {
-                self.skip_instruction();
+                self.skip_one_byte_opcode(1);
                 None
             }
             Exit::InterruptWindow => {
@@ -524,45 +509,13 @@ impl SvmVcpu {
         }
     }
 
-    /// EFER and PAT live in the VMCB: emulate them here. Returns true if handled.
-    fn handle_msr_here(&mut self, write: bool) -> bool {
-        let msr = self.gprs.rcx as u32;
-        let value = (self.gprs.rdx << 32) | (self.gprs.rax & 0xffff_ffff);
-        if msr == MSR_TSC_AUX && FEATURES.get().is_some_and(|f| f.tsc_aux) {
-            return self.handle_tsc_aux(write, value);
+    /// Moves past PAUSE (`len` 2) or HLT (1) where the CPU does not say where they end: a
+    /// redundant prefix before them makes the skip land on a shorter form of the same
+    /// instruction (each prefix is one byte), which exits again and is skipped in turn.
+    fn skip_one_byte_opcode(&mut self, len: u64) {
+        if !self.skip_instruction() {
+            self.set_rip(self.rip().wrapping_add(len));
         }
-        let field = match msr {
-            MSR_EFER => save::EFER,
-            MSR_PAT => save::G_PAT,
-            _ => return false,
-        };
-        if !write {
-            let mut current: u64 = self.vmcb.read(field);
-            if msr == MSR_EFER {
-                current &= !EFER_SVME;
-            }
-            self.gprs.rax = current & 0xffff_ffff;
-            self.gprs.rdx = current >> 32;
-            self.skip_instruction();
-            return true;
-        }
-        let valid = match msr {
-            MSR_EFER => value & !EFER_GUEST_WRITABLE == 0,
-            _ => (0..8).all(|i| matches!((value >> (i * 8)) & 0xff, 0 | 1 | 4 | 5 | 6 | 7)),
-        };
-        if !valid {
-            self.inject_exception(13, Some(0));
-            return true;
-        }
-        let stored = if msr == MSR_EFER {
-            let lma: u64 = self.vmcb.read::<u64>(save::EFER) & EFER_LMA;
-            (value & !EFER_LMA) | lma | EFER_SVME
-        } else {
-            value
-        };
-        self.vmcb.write(field, stored);
-        self.skip_instruction();
-        true
     }
 
     /// Hands an external interrupt to the CPU as a virtual interrupt (V_IRQ with its vector,
@@ -586,21 +539,6 @@ impl SvmVcpu {
     fn intercept(&mut self, bits: u32, on: bool) {
         let intercepts: u32 = self.vmcb.read(control::INTERCEPT_MISC1);
         self.vmcb.write(control::INTERCEPT_MISC1, if on { intercepts | bits } else { intercepts & !bits });
-    }
-
-    /// RDMSR/WRMSR of TSC_AUX: the value lives here (bits 63:32 are reserved).
-    fn handle_tsc_aux(&mut self, write: bool, value: u64) -> bool {
-        if !write {
-            self.gprs.rax = self.tsc_aux;
-            self.gprs.rdx = 0;
-        } else if value >> 32 != 0 {
-            self.inject_exception(13, Some(0));
-            return true;
-        } else {
-            self.tsc_aux = value;
-        }
-        self.skip_instruction();
-        true
     }
 
     /// Puts this vCPU's TSC_AUX into the CPU if the last guest there left another value.
@@ -724,20 +662,31 @@ impl Vcpu for SvmVcpu {
         }
     }
 
-    fn skip_instruction(&mut self) {
+    fn skip_instruction(&mut self) -> bool {
         let next = if FEATURES.get().is_some_and(|f| f.nrip_save) {
             self.vmcb.read(control::NEXT_RIP)
+        } else if let Some(next) = self.io_next_rip {
+            next
         } else {
-            match self.last_exit {
-                LastExit::Fixed(len) => self.rip().wrapping_add(len),
-                LastExit::NextRip(rip) => rip,
-                LastExit::Other => {
-                    log::error!("svm: skip_instruction after an exit without a known instruction length");
-                    return;
-                }
-            }
+            return false;
         };
         self.set_rip(next);
+        true
+    }
+
+    fn set_efer(&mut self, efer: u64) {
+        // LMA is the CPU's; SVME must stay set under the guest for VMRUN.
+        let lma = self.vmcb.read::<u64>(save::EFER) & EFER_LMA;
+        self.vmcb.write(save::EFER, (efer & !EFER_LMA) | lma | EFER_SVME);
+    }
+
+    fn msr_written(&mut self, msr: u32, value: u64) {
+        match msr {
+            MSR_PAT => self.vmcb.write(save::G_PAT, value),
+            // RDTSCP reads it without an exit: loaded before each entry.
+            MSR_TSC_AUX => self.tsc_aux = value,
+            _ => {}
+        }
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {

@@ -74,10 +74,8 @@ const CR0_NE: u64 = 1 << 5;
 const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const CR4_VMXE: u64 = 1 << 13;
-const EFER_SCE: u64 = 1 << 0;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
 const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_RESERVED_1: u64 = 1 << 1;
 
@@ -103,8 +101,6 @@ const AR_UNUSABLE: u32 = 1 << 16;
 // Basic exit reasons (Intel SDM Vol. 3, Appendix C).
 const REASON_EXCEPTION_OR_NMI: u32 = exit_decode::vmx::EXCEPTION_OR_NMI;
 const REASON_CR_ACCESS: u32 = exit_decode::vmx::CR_ACCESS;
-const REASON_RDMSR: u32 = exit_decode::vmx::RDMSR;
-const REASON_WRMSR: u32 = exit_decode::vmx::WRMSR;
 const REASON_INVALID_GUEST_STATE: u32 = 33;
 const REASON_MSR_LOADING: u32 = 34;
 const REASON_MACHINE_CHECK: u32 = 41;
@@ -692,22 +688,9 @@ impl VmxVcpu {
         *slot = value;
     }
 
-    /// Handles exits the backend owns (IA32_EFER, CR3 moves, CR4.VMXE); `true` if handled.
+    /// Handles exits the backend owns (CR3 moves, CR4.VMXE); `true` if handled.
     fn handle_internally(&mut self, reason: u32, qualification: u64) -> bool {
-        let msr_number = self.state.gprs.rcx as u32;
         match reason {
-            REASON_RDMSR if msr_number == msr::IA32_EFER => {
-                let efer = self.get(w64::GUEST_IA32_EFER);
-                self.state.gprs.rax = efer & 0xffff_ffff;
-                self.state.gprs.rdx = efer >> 32;
-                self.skip_instruction();
-                true
-            }
-            REASON_WRMSR if msr_number == msr::IA32_EFER => {
-                let value = (self.state.gprs.rdx << 32) | (self.state.gprs.rax & 0xffff_ffff);
-                self.write_efer(value);
-                true
-            }
             REASON_CR_ACCESS => {
                 let cr = (qualification & 0xf) as u8;
                 let access = (qualification >> 4) & 3;
@@ -737,25 +720,6 @@ impl VmxVcpu {
             }
             _ => false,
         }
-    }
-
-    /// WRMSR to IA32_EFER: reserved bits and LME changes under paging raise #GP(0); LMA is
-    /// kept by the CPU, and the IA-32e entry control follows it.
-    fn write_efer(&mut self, value: u64) {
-        let nx = cpuid!(0x8000_0001).edx & (1 << 20) != 0;
-        let writable = EFER_SCE | EFER_LME | EFER_LMA | if nx { EFER_NXE } else { 0 };
-        let old = self.get(w64::GUEST_IA32_EFER);
-        let paging = self.get(natural::GUEST_CR0) & CR0_PG != 0;
-        if value & !writable != 0 || (paging && (value ^ old) & EFER_LME != 0) {
-            self.inject_exception(GP, Some(0));
-            return;
-        }
-        let efer = (value & !EFER_LMA) | (old & EFER_LMA);
-        self.set(w64::GUEST_IA32_EFER, efer);
-        let entry = self.get(w32::ENTRY_CONTROLS);
-        let entry = if efer & EFER_LMA != 0 { entry | ENTRY_IA32E_MODE_GUEST } else { entry & !ENTRY_IA32E_MODE_GUEST };
-        self.set(w32::ENTRY_CONTROLS, entry);
-        self.skip_instruction();
     }
 
     /// An event cut short by the exit (IDT-vectoring information) is delivered again.
@@ -986,7 +950,7 @@ impl Vcpu for VmxVcpu {
         }
     }
 
-    fn skip_instruction(&mut self) {
+    fn skip_instruction(&mut self) -> bool {
         let length = u64::from(self.get(w32::EXIT_INSTRUCTION_LENGTH));
         self.set(natural::GUEST_RIP, self.get(natural::GUEST_RIP).wrapping_add(length));
         // The emulated instruction ends any STI/MOV SS interrupt shadow, as executing it would.
@@ -994,6 +958,17 @@ impl Vcpu for VmxVcpu {
         if interruptibility & BLOCKING_STI_MOVSS != 0 {
             self.set(w32::GUEST_INTERRUPTIBILITY, interruptibility & !BLOCKING_STI_MOVSS);
         }
+        true
+    }
+
+    fn set_efer(&mut self, efer: u64) {
+        // LMA is the CPU's (the run loop keeps it); the IA-32e entry control follows it.
+        let lma = self.get(w64::GUEST_IA32_EFER) & EFER_LMA;
+        let efer = (efer & !EFER_LMA) | lma;
+        self.set(w64::GUEST_IA32_EFER, efer);
+        let entry = self.get(w32::ENTRY_CONTROLS);
+        let entry = if lma != 0 { entry | ENTRY_IA32E_MODE_GUEST } else { entry & !ENTRY_IA32E_MODE_GUEST };
+        self.set(w32::ENTRY_CONTROLS, entry);
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
