@@ -41,16 +41,16 @@ macro_rules! cases {
 cases!(Platform::Tcg, svm:
     cpuid => "cpuid", msr => "msr", io => "io", hlt_and_interrupt_window => "hlt", mmio => "mmio",
     control_registers => "cr", xsetbv => "xsetbv", exceptions => "exceptions",
-    redundant_prefixes_at_exits => "prefixed-exits");
+    redundant_prefixes_at_exits => "prefixed-exits", control_register_bit_patterns => "cr-patterns");
 cases!(Platform::Bochs, vmx:
     cpuid => "cpuid", msr => "msr", io => "io", hlt_and_interrupt_window => "hlt", mmio => "mmio",
     control_registers => "cr", xsetbv => "xsetbv", exceptions => "exceptions",
-    redundant_prefixes_at_exits => "prefixed-exits");
+    redundant_prefixes_at_exits => "prefixed-exits", control_register_bit_patterns => "cr-patterns");
 
 fn whole_suite_ends_cleanly(platform: Platform) {
     Log(suite(platform))
         .contains("[exits] rep-outsb-ok\n")
-        .contains("[exits] guest: 9 passed, 0 failed\n")
+        .contains("[exits] guest: 10 passed, 0 failed\n")
         .contains("VM-END vm=exits reason=debug-exit status=0")
         .contains("[real-mode] real-mode: ok\n")
         .contains("VM-END vm=real-mode reason=debug-exit status=0")

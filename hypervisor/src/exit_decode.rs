@@ -2,7 +2,7 @@
 //! so both backends' decoding is unit-tested on the host. Side effects (clearing a window
 //! request, handling an exit inside the backend) stay in the backends.
 
-use crate::vcpu::{Exit, IoExit};
+use crate::vcpu::{Exit, IoExit, CR_SOURCE_UNKNOWN};
 
 /// Intel VMX basic exit reasons (SDM Vol. 3, Appendix C).
 pub mod vmx {
@@ -59,10 +59,15 @@ pub mod vmx {
             EXTERNAL_INTERRUPT => Exit::ExternalInterrupt,
             PAUSE => Exit::Pause,
             INVD => Exit::Invd,
+            // Access type 0 MOV to CR, 1 MOV from CR, 2 CLTS, 3 LMSW (both write CR0; the run
+            // loop decodes them).
             CR_ACCESS => Exit::CrAccess {
                 cr: (qualification & 0xf) as u8,
-                write: (qualification >> 4) & 3 == 0,
-                gpr: ((qualification >> 8) & 0xf) as u8,
+                write: (qualification >> 4) & 3 != 1,
+                gpr: match (qualification >> 4) & 3 {
+                    0 | 1 => ((qualification >> 8) & 0xf) as u8,
+                    _ => CR_SOURCE_UNKNOWN,
+                },
             },
             TRIPLE_FAULT => Exit::TripleFault,
             EXCEPTION_OR_NMI if interruption & INTERRUPTION_VALID_AND_TYPE == INTERRUPTION_NMI => Exit::HostNmi,
@@ -95,7 +100,9 @@ pub mod svm {
     pub const SVM_INSTRUCTIONS: core::ops::RangeInclusive<u64> = 0x80..=0x86;
     pub const XSETBV: u64 = 0x8d;
     pub const NPF: u64 = 0x400;
+    /// VMEXIT_INVALID: -1, which some implementations (QEMU's TCG) store as 32 bits.
     pub const INVALID: u64 = u64::MAX;
+    const INVALID_32: u64 = u32::MAX as u64;
 
     /// Decodes an exit from EXITCODE, EXITINFO1 and EXITINFO2.
     pub fn decode(code: u64, info1: u64, info2: u64) -> Exit {
@@ -124,10 +131,14 @@ pub mod svm {
             PAUSE => Exit::Pause,
             INVD => Exit::Invd,
             SHUTDOWN => Exit::TripleFault,
-            CR0_READ..=CR15_WRITE => {
-                Exit::CrAccess { cr: (code & 0xf) as u8, write: code >= 0x10, gpr: (info1 & 0xf) as u8 }
-            }
-            INVALID => Exit::EntryFailed { code },
+            // With decode assists, EXITINFO1 bit 63 says a MOV CR gave its register in bits 3:0;
+            // otherwise (CLTS, LMSW, or no decode assists) the run loop decodes the instruction.
+            CR0_READ..=CR15_WRITE => Exit::CrAccess {
+                cr: (code & 0xf) as u8,
+                write: code >= 0x10,
+                gpr: if info1 & (1 << 63) != 0 { (info1 & 0xf) as u8 } else { CR_SOURCE_UNKNOWN },
+            },
+            INVALID | INVALID_32 => Exit::EntryFailed { code: INVALID },
             _ => Exit::Unhandled { reason: code, info: info1 },
         }
     }
@@ -168,6 +179,15 @@ mod tests {
         // MOV CR4, RCX: cr 4, access type 0 (to CR), register 1.
         assert_eq!(vmx::decode(vmx::CR_ACCESS, 0x104, 0, 0), Exit::CrAccess { cr: 4, write: true, gpr: 1 });
         assert_eq!(vmx::decode(vmx::CR_ACCESS, 0x13, 0, 0), Exit::CrAccess { cr: 3, write: false, gpr: 0 });
+        assert_eq!(
+            vmx::decode(vmx::CR_ACCESS, 0x20, 0, 0),
+            Exit::CrAccess { cr: 0, write: true, gpr: CR_SOURCE_UNKNOWN }
+        );
+        assert_eq!(
+            vmx::decode(vmx::CR_ACCESS, 0x0003_0030, 0, 0),
+            Exit::CrAccess { cr: 0, write: true, gpr: CR_SOURCE_UNKNOWN },
+            "LMSW"
+        );
         assert_eq!(vmx::decode(33 | vmx::ENTRY_FAILURE, 0, 0, 0), Exit::EntryFailed { code: 0x8000_0021 });
         assert_eq!(vmx::decode(vmx::TRIPLE_FAULT, 0, 0, 0), Exit::TripleFault);
         assert_eq!(vmx::decode(vmx::XSETBV, 0, 0, 0), Exit::Xsetbv);
@@ -209,7 +229,12 @@ mod tests {
         assert_eq!(svm::decode(svm::MSR, 0, 0), Exit::Rdmsr);
         assert_eq!(svm::decode(svm::MSR, 1, 0), Exit::Wrmsr);
         assert_eq!(svm::decode(0x14, 0x8000_0000_0000_0003, 0), Exit::CrAccess { cr: 4, write: true, gpr: 3 });
-        assert_eq!(svm::decode(0x03, 0, 0), Exit::CrAccess { cr: 3, write: false, gpr: 0 });
+        assert_eq!(svm::decode(0x03, 0, 0), Exit::CrAccess { cr: 3, write: false, gpr: CR_SOURCE_UNKNOWN });
+        assert_eq!(
+            svm::decode(0x10, 0, 0),
+            Exit::CrAccess { cr: 0, write: true, gpr: CR_SOURCE_UNKNOWN },
+            "CLTS, LMSW"
+        );
         assert_eq!(svm::decode(svm::SHUTDOWN, 0, 0), Exit::TripleFault);
         assert_eq!(svm::decode(svm::VINTR, 0, 0), Exit::InterruptWindow);
         assert_eq!(svm::decode(svm::PAUSE, 0, 0), Exit::Pause);
@@ -223,6 +248,7 @@ mod tests {
         assert_eq!(svm::decode(svm::NMI, 0, 0), Exit::HostNmi);
         assert_eq!((svm::decode(svm::INVD, 0, 0), vmx::decode(vmx::INVD, 0, 0, 0)), (Exit::Invd, Exit::Invd));
         assert_eq!(svm::decode(svm::INVALID, 0, 0), Exit::EntryFailed { code: u64::MAX });
+        assert_eq!(svm::decode(0xffff_ffff, 0, 0), Exit::EntryFailed { code: u64::MAX }, "stored as 32 bits");
         assert_eq!(svm::decode(0x81, 5, 0), Exit::Unhandled { reason: 0x81, info: 5 });
     }
 }

@@ -258,6 +258,31 @@ pub fn instruction_length(bytes: &[u8], mode: &GuestMode) -> Option<usize> {
     (!insn.is_invalid()).then(|| insn.len())
 }
 
+/// Where the value of a control-register write comes from (for backends that do not say).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrWriteSource {
+    /// `MOV CRn, reg`: the register (its width: 8 in 64-bit code, else 4).
+    Register(Gpr),
+    /// `CLTS`: CR0 with TS cleared.
+    Clts,
+    /// `LMSW reg`: CR0 bits 3:0 from the register's low word (PE cannot be cleared).
+    Lmsw(Gpr),
+}
+
+/// Decodes the control-register write in `bytes`; `None` if it is none or takes its operand
+/// from memory (`LMSW m16`, which no kernel of ours uses).
+pub fn cr_write_source(bytes: &[u8], mode: &GuestMode) -> Option<CrWriteSource> {
+    let insn = Decoder::new(bitness(mode), bytes, DecoderOptions::NONE).decode();
+    match insn.mnemonic() {
+        Mnemonic::Mov if matches!(insn.op0_register(), Register::CR0 | Register::CR4) => {
+            gpr(insn.op1_register()).map(CrWriteSource::Register)
+        }
+        Mnemonic::Clts => Some(CrWriteSource::Clts),
+        Mnemonic::Lmsw if insn.op_kind(0) == OpKind::Register => gpr(insn.op0_register()).map(CrWriteSource::Lmsw),
+        _ => None,
+    }
+}
+
 /// Decodes the instruction at `rip` that made an MMIO access. `bytes` are the instruction bytes
 /// fetched from the guest (up to 15; fewer near the end of a mapping).
 pub fn decode(bytes: &[u8], mode: &GuestMode, rip: u64) -> Result<MmioOp, MmioError> {
@@ -569,6 +594,18 @@ mod tests {
         assert_eq!(instruction_length(&[0x0f, 0x01, 0xd1], &M16), Some(3), "xsetbv");
         assert_eq!(instruction_length(&[0x2e; 15], &M64), None, "prefixes only");
         assert_eq!(instruction_length(&[], &M64), None);
+    }
+
+    #[test]
+    fn control_register_write_sources() {
+        // mov cr4, rax; mov cr0, r9; mov cr0, eax (32-bit); clts; lmsw dx; lmsw [rax]
+        assert_eq!(cr_write_source(&[0x0f, 0x22, 0xe0], &M64), Some(CrWriteSource::Register(Gpr::new(0, 8))));
+        assert_eq!(cr_write_source(&[0x41, 0x0f, 0x22, 0xc1], &M64), Some(CrWriteSource::Register(Gpr::new(9, 8))));
+        assert_eq!(cr_write_source(&[0x0f, 0x22, 0xc0], &M32), Some(CrWriteSource::Register(Gpr::new(0, 4))));
+        assert_eq!(cr_write_source(&[0x0f, 0x06], &M64), Some(CrWriteSource::Clts));
+        assert_eq!(cr_write_source(&[0x0f, 0x01, 0xf2], &M16), Some(CrWriteSource::Lmsw(Gpr::new(2, 2))));
+        assert_eq!(cr_write_source(&[0x0f, 0x01, 0x30], &M64), None);
+        assert_eq!(cr_write_source(&[0x0f, 0x20, 0xc0], &M64), None, "mov rax, cr0 reads");
     }
 
     #[test]

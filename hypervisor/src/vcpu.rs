@@ -121,6 +121,9 @@ pub struct IoExit {
     pub rep: bool,
 }
 
+/// [`Exit::CrAccess`] without the register: the instruction must be decoded.
+pub const CR_SOURCE_UNKNOWN: u8 = 0xff;
+
 /// RSP's number in instruction encodings: it lives in the control structure, not in [`Gprs`].
 const RSP_INDEX: u8 = 4;
 
@@ -167,7 +170,9 @@ pub enum Exit {
         cr: u8,
         /// MOV to CR (true) or from CR (false).
         write: bool,
-        /// The general-purpose register operand (0 = RAX ... 15 = R15).
+        /// The general-purpose register operand (0 = RAX ... 15 = R15), or
+        /// [`CR_SOURCE_UNKNOWN`]: the run loop decodes the instruction (SVM without decode
+        /// assists, CLTS, LMSW).
         gpr: u8,
     },
     /// Triple fault (VMX) or shutdown intercept (SVM): the VM cannot continue.
@@ -293,6 +298,12 @@ pub trait Vcpu {
     /// Loads a guest EFER the run loop validated ([`crate::vm::control_regs::efer_write`]); the
     /// backend adds what it needs underneath (SVME on SVM, the IA-32e entry control on VMX).
     fn set_efer(&mut self, efer: u64);
+    /// Loads a guest CR0 the run loop validated ([`crate::vm::control_regs::cr0_write`]) after a
+    /// [`Exit::CrAccess`] write; the backend keeps the bits it forces underneath (VMX: NE) and
+    /// moves EFER.LMA with PG as the CPU would.
+    fn set_cr0(&mut self, cr0: u64);
+    /// Loads a guest CR4 the run loop validated ([`crate::vm::control_regs::cr4_write`]).
+    fn set_cr4(&mut self, cr4: u64);
     /// The MSR model accepted a guest's write of `value` to `msr`: a backend that keeps that MSR
     /// in its control structure or loads it into the CPU itself (SVM: PAT, TSC_AUX) takes it.
     fn msr_written(&mut self, _msr: u32, _value: u64) {}

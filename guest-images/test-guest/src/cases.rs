@@ -13,7 +13,8 @@ use crate::serial::{self, println};
 use crate::traps::{self, Caught, VECTOR_BP, VECTOR_GP, VECTOR_TEST_IRQ, VECTOR_UD};
 
 /// What `cases=all` runs, in order. `triple-fault` is left out: it ends the VM.
-pub const ALL: [&str; 9] = ["cpuid", "msr", "io", "hlt", "mmio", "cr", "xsetbv", "exceptions", "prefixed-exits"];
+pub const ALL: [&str; 10] =
+    ["cpuid", "msr", "io", "hlt", "mmio", "cr", "xsetbv", "exceptions", "prefixed-exits", "cr-patterns"];
 
 pub type CaseResult = Result<(), Msg>;
 
@@ -39,6 +40,7 @@ pub fn run(name: &str) -> CaseResult {
         "forge-lines" => forge_lines(),
         "port-sweep" => port_sweep(),
         "prefixed-exits" => prefixed_exits(),
+        "cr-patterns" => cr_patterns(),
         "exit-storm" => exit_storm(),
         _ => Err(fail!("unknown case")),
     }
@@ -581,6 +583,113 @@ fn port_sweep() -> CaseResult {
     }
     println!("case port-sweep: {swept} ports written and read, {all_ones} read 0xff");
     ensure!(all_ones > 60_000, "only {all_ones} ports read as unclaimed (0xff)");
+    Ok(())
+}
+
+/// Writes CR0 (`cr` 0) or CR4 from RAX (3-byte encodings); returns whether it raised #GP.
+fn write_cr_faulting(cr: u8, value: u64) -> bool {
+    traps::expect(VECTOR_GP, 3);
+    // SAFETY: each value is either refused with #GP (skipped by the handler) or one the case
+    // restores right after; the bits it toggles do not change how this code runs.
+    unsafe {
+        if cr == 0 {
+            asm!("mov cr0, rax", in("rax") value, options(nostack))
+        } else {
+            asm!("mov cr4, rax", in("rax") value, options(nostack))
+        }
+    }
+    traps::caught().hits != 0
+}
+
+/// Hostile: CR0, CR4 and EFER written with reserved and illegal bit patterns, in 64-bit mode
+/// with paging on. Each must raise #GP exactly where the CPU the guest is shown does, and the
+/// legal ones (clearing CR0.NE, which VMX forces underneath) must be taken as written. The
+/// hypervisor intercepts these writes and checks them itself: the emulators in CI take many
+/// patterns real CPUs refuse (QEMU 7.2's TCG takes CR0[63:32] and any CR4 bit, Bochs takes
+/// CR0.NW without CD). CR3 is the CPU's alone (its loads do not exit) and is left out.
+fn cr_patterns() -> CaseResult {
+    let mut wrong = Msg::new(format_args!(""));
+    let mut failures = 0u32;
+    let mut check = |ok: bool, what: fmt::Arguments| {
+        if !ok {
+            failures += 1;
+            if failures <= 6 {
+                let _ = fmt::Write::write_fmt(&mut wrong, format_args!("{what}; "));
+            }
+        }
+    };
+    const CR0_ET: u64 = 1 << 4;
+    const CR0_NE: u64 = 1 << 5;
+    const CR0_WP: u64 = 1 << 16;
+    const CR0_NW: u64 = 1 << 29;
+    let cr0 = cpu::read_cr0();
+    for bit in 32..64 {
+        check(write_cr_faulting(0, cr0 | 1 << bit), format_args!("CR0 bit {bit} (reserved) was taken"));
+    }
+    check(write_cr_faulting(0, cr0 | CR0_NW), format_args!("CR0.NW without CD was taken"));
+    check(write_cr_faulting(0, cr0 & !cpu::CR0_PG), format_args!("CR0.PG cleared in 64-bit code was taken"));
+    check(write_cr_faulting(0, cr0 & !cpu::CR0_PE), format_args!("CR0.PE cleared under paging was taken"));
+    for (value, what) in [(cr0 & !CR0_NE, "NE cleared"), (cr0 ^ CR0_WP, "WP toggled")] {
+        check(!write_cr_faulting(0, value), format_args!("CR0 with {what} raised #GP"));
+        let seen = cpu::read_cr0();
+        // SAFETY: back to the value the case started with.
+        unsafe { cpu::write_cr0(cr0) };
+        check(seen == value, format_args!("CR0 with {what}: wrote {value:#x}, read {seen:#x}"));
+    }
+    check(!write_cr_faulting(0, cr0 & !CR0_ET), format_args!("CR0 with ET cleared raised #GP"));
+    check(cpu::read_cr0() == cr0 | CR0_ET, format_args!("CR0.ET must read as 1"));
+
+    let cr4 = cpu::read_cr4();
+    // Reserved, or features this guest's CPUID does not offer (VMX, SMX, key locker, PKS).
+    for bit in (32..64).chain([13, 14, 15, 19, 24]) {
+        check(write_cr_faulting(4, cr4 | 1 << bit), format_args!("CR4 bit {bit} was taken"));
+    }
+    let leaf7 = cpu::cpuid(7, 0);
+    if leaf7.ecx & (1 << 3) == 0 {
+        check(write_cr_faulting(4, cr4 | 1 << 22), format_args!("CR4.PKE without PKU was taken"));
+    }
+    check(write_cr_faulting(4, cr4 & !cpu::CR4_PAE), format_args!("CR4.PAE cleared in long mode was taken"));
+    check(cpu::read_cr4() == cr4, format_args!("a refused CR4 write changed CR4"));
+
+    let efer = cpu::rdmsr(0xc000_0080);
+    let ext1 = cpu::cpuid(0x8000_0001, 0);
+    let amd = cpu::cpuid(0, 0).ebx == 0x6874_7541;
+    let mut offered: u64 = 1 << 0 | 1 << 8 | 1 << 10; // SCE, LME (already set), LMA (ignored)
+    if ext1.edx & (1 << 20) != 0 {
+        offered |= 1 << 11; // NXE
+    }
+    if amd && ext1.edx & (1 << 25) != 0 {
+        offered |= 1 << 14; // FFXSR
+    }
+    for bit in 0..64 {
+        let value = efer | 1 << bit;
+        traps::expect(VECTOR_GP, 2);
+        // SAFETY: a refused write is skipped; a taken one sets an offered bit that changes
+        // nothing this code relies on and is undone at once.
+        unsafe {
+            asm!("wrmsr", in("ecx") 0xc000_0080u32, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack))
+        };
+        let refused = traps::caught().hits != 0;
+        // SAFETY: back to the EFER the case started with.
+        unsafe { cpu::wrmsr(0xc000_0080, efer) };
+        let expected = offered & (1 << bit) == 0;
+        check(
+            refused == expected,
+            format_args!(
+                "EFER bit {bit}: {} (expected {})",
+                if refused { "#GP" } else { "taken" },
+                if expected { "#GP" } else { "taken" }
+            ),
+        );
+    }
+    traps::expect(VECTOR_GP, 2);
+    // SAFETY: refused (LME cannot change under paging) and skipped.
+    unsafe {
+        asm!("wrmsr", in("ecx") 0xc000_0080u32, in("eax") (efer & !(1 << 8)) as u32, in("edx") 0u32, options(nostack))
+    };
+    check(traps::caught().hits == 1, format_args!("EFER.LME cleared under paging was taken"));
+    ensure!(failures == 0, "{failures} writes not as the CPU shown would take them: {wrong}");
+    println!("case cr-patterns: CR0, CR4 and EFER checked bit by bit");
     Ok(())
 }
 

@@ -25,7 +25,7 @@ use crate::guest_clock::GuestClock;
 use crate::loader::guest_walk::{self, WalkError};
 use crate::loader::GuestMemory;
 use crate::mmio::{self, MmioKind};
-use crate::vcpu::{valid_xcr0, Exit, GuestMode, IoExit, StartMode, Vcpu};
+use crate::vcpu::{valid_xcr0, Exit, GuestMode, IoExit, StartMode, Vcpu, CR_SOURCE_UNKNOWN};
 use interrupts::InterruptRouter;
 use msr::MsrModel;
 use spin::Mutex;
@@ -468,16 +468,70 @@ impl<M: GuestMemory> Vm<M> {
         }
     }
 
-    /// The guest CPU's EFER features, from the CPUID it is shown.
-    fn efer_features(&self, cx: &VcpuContext, env: &Env<'_>) -> control_regs::EferFeatures {
-        let model = cpuid::CpuModel {
+    /// The CPU vCPU `cx` is shown.
+    fn cpu_model(&self, cx: &VcpuContext, env: &Env<'_>) -> cpuid::CpuModel {
+        cpuid::CpuModel {
             supported_xcr0: env.supported_xcr0,
             tsc_hz: env.tsc_hz,
             apic_id: cx.index as u32,
             vcpus: self.vcpus() as u32,
-        };
-        let ext1 = cpuid::guest_cpuid(0x8000_0001, 0, env.cpuid, false, &model);
+        }
+    }
+
+    /// The guest CPU's EFER features, from the CPUID it is shown.
+    fn efer_features(&self, cx: &VcpuContext, env: &Env<'_>) -> control_regs::EferFeatures {
+        let ext1 = cpuid::guest_cpuid(0x8000_0001, 0, env.cpuid, false, &self.cpu_model(cx, env));
         control_regs::EferFeatures::from_cpuid(ext1[3], cpuid::amd(env.cpuid))
+    }
+
+    /// A `MOV CR0` or `MOV CR4` the backend intercepted, validated here for both backends.
+    fn handle_cr_write(&mut self, cx: &VcpuContext, vcpu: &mut dyn Vcpu, cr: u8, gpr: u8, env: &Env<'_>) -> Next {
+        let mode = vcpu.mode();
+        let value = if gpr == CR_SOURCE_UNKNOWN {
+            match self.decoded_cr_write(vcpu, &mode) {
+                Some(value) => value,
+                None => {
+                    return Next::End(VmEnd::Error(format!(
+                        "a write of CR{cr} at RIP {:#x} that this hypervisor cannot decode",
+                        vcpu.rip()
+                    )))
+                }
+            }
+        } else {
+            vcpu.register(gpr)
+        };
+        let accepted = if cr == 0 {
+            control_regs::cr0_write(value, mode.efer, mode.cr4, mode.long_code).map(|cr0| vcpu.set_cr0(cr0))
+        } else {
+            let model = self.cpu_model(cx, env);
+            let leaf1 = cpuid::guest_cpuid(1, 0, env.cpuid, false, &model);
+            let leaf7 = cpuid::guest_cpuid(7, 0, env.cpuid, false, &model);
+            let features = control_regs::Cr4Features::from_cpuid(leaf1, leaf7);
+            control_regs::cr4_write(mode.cr4, value, mode.efer, mode.cr3, features).map(|cr4| vcpu.set_cr4(cr4))
+        };
+        match accepted {
+            Some(()) => self.skip(vcpu),
+            None => vcpu.inject_exception(VECTOR_GP, Some(0)),
+        }
+        Next::Continue
+    }
+
+    /// The value a control-register write the backend did not decode (SVM without decode
+    /// assists) is writing, from the instruction at RIP.
+    fn decoded_cr_write(&self, vcpu: &mut dyn Vcpu, mode: &GuestMode) -> Option<u64> {
+        const CR0_TS: u64 = 1 << 3;
+        let mut bytes = [0u8; 15];
+        let fetched = fetch_instruction(&self.memory, mode, vcpu.rip(), &mut bytes);
+        let width_mask = |width: u8| if width >= 8 { u64::MAX } else { (1u64 << (width * 8)) - 1 };
+        Some(match mmio::cr_write_source(&bytes[..fetched], mode)? {
+            mmio::CrWriteSource::Register(reg) => vcpu.register(reg.num) & width_mask(reg.width),
+            mmio::CrWriteSource::Clts => mode.cr0 & !CR0_TS,
+            // LMSW loads PE, MP, EM and TS; it can set PE but not clear it.
+            mmio::CrWriteSource::Lmsw(reg) => {
+                let source = vcpu.register(reg.num) & 0xf;
+                (mode.cr0 & !0xe) | source | (mode.cr0 & 1)
+            }
+        })
     }
 
     /// RDMSR/WRMSR of EFER, validated here for both backends.
@@ -507,12 +561,7 @@ impl<M: GuestMemory> Vm<M> {
                 let gprs = vcpu.gprs();
                 let (leaf, subleaf) = (gprs.rax as u32, gprs.rcx as u32);
                 let osxsave = vcpu.mode().cr4 & CR4_OSXSAVE != 0;
-                let model = cpuid::CpuModel {
-                    supported_xcr0: env.supported_xcr0,
-                    tsc_hz: env.tsc_hz,
-                    apic_id: cx.index as u32,
-                    vcpus: self.vcpus() as u32,
-                };
+                let model = self.cpu_model(cx, env);
                 let [a, b, c, d] = cpuid::guest_cpuid(leaf, subleaf, env.cpuid, osxsave, &model);
                 let gprs = vcpu.gprs();
                 (gprs.rax, gprs.rbx, gprs.rcx, gprs.rdx) = (a as u64, b as u64, c as u64, d as u64);
@@ -555,6 +604,7 @@ impl<M: GuestMemory> Vm<M> {
             Exit::EntryFailed { code } => Next::End(VmEnd::Error(format!("VM entry failed (code {code:#x})"))),
             Exit::BackendFailed { what } => Next::End(VmEnd::Error(format!("vCPU {}: {what}", cx.index))),
             Exit::CrAccess { cr: 8, write, gpr } => self.handle_cr8(cx.index, vcpu, write, gpr),
+            Exit::CrAccess { cr: cr @ (0 | 4), write: true, gpr } => self.handle_cr_write(cx, vcpu, cr, gpr, env),
             Exit::CrAccess { .. } | Exit::Unhandled { .. } => Next::End(VmEnd::Error(format!(
                 "{exit} at RIP {:#x}, which this hypervisor does not handle",
                 vcpu.rip()

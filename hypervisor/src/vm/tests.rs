@@ -99,6 +99,12 @@ impl Vcpu for Mock {
     fn set_efer(&mut self, efer: u64) {
         self.mode.efer = efer;
     }
+    fn set_cr0(&mut self, cr0: u64) {
+        self.mode.cr0 = cr0;
+    }
+    fn set_cr4(&mut self, cr4: u64) {
+        self.mode.cr4 = cr4;
+    }
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
         self.injected_exceptions.push((vector, error_code));
     }

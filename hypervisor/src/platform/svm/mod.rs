@@ -27,6 +27,11 @@ const MSR_PAT: u32 = 0x277;
 const MSR_TSC_AUX: u32 = 0xc000_0103;
 const EFER_SVME: u64 = 1 << 12;
 const EFER_LMA: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const CR0_PG: u64 = 1 << 31;
+/// TLB_CONTROL: flush the TLB on the next VMRUN (1 works on every CPU; 3, this ASID only,
+/// needs FlushByAsid).
+const TLB_FLUSH_ALL: u8 = 1;
 
 /// MSRs the guest reads and writes directly: all of them live in the VMCB (switched by
 /// VMRUN/VMLOAD/VMSAVE), and the host never relies on them.
@@ -325,6 +330,10 @@ impl SvmVcpu {
             }
         }
 
+        // CR0 and CR4 writes: the run loop checks them against the CPU the guest is shown (the
+        // CPU underneath may take patterns the guest's would refuse; QEMU's TCG takes nearly
+        // any, and the next VMRUN then fails).
+        vmcb.write(control::INTERCEPT_CR, 1u32 << 16 | 1u32 << 20);
         vmcb.write(control::INTERCEPT_MISC1, {
             use misc1::*;
             INTR | NMI | CPUID | INVD | HLT | INVLPGA | IOIO_PROT | MSR_PROT | SHUTDOWN
@@ -575,12 +584,17 @@ impl SvmVcpu {
             && cs_attrib & attrib::DEFAULT_32 != 0
         {
             "CS.L and CS.D both set in long mode"
+        } else if self.vmcb.read::<u64>(save::CR3) >> 52 != 0 {
+            "CR3 bits 63:52 set"
         } else if asid == 0 {
             "guest ASID is 0"
         } else {
             "no known check matches (reserved bits in a control or state field?)"
         };
-        log::error!("svm: VMRUN failed with VMEXIT_INVALID: {check} (EFER {efer:#x}, CR0 {cr0:#x}, CR4 {cr4:#x})");
+        let cr3: u64 = self.vmcb.read(save::CR3);
+        log::error!(
+            "svm: VMRUN failed with VMEXIT_INVALID: {check} (EFER {efer:#x}, CR0 {cr0:#x}, CR3 {cr3:#x}, CR4 {cr4:#x})"
+        );
     }
 }
 
@@ -678,6 +692,24 @@ impl Vcpu for SvmVcpu {
         // LMA is the CPU's; SVME must stay set under the guest for VMRUN.
         let lma = self.vmcb.read::<u64>(save::EFER) & EFER_LMA;
         self.vmcb.write(save::EFER, (efer & !EFER_LMA) | lma | EFER_SVME);
+    }
+
+    fn set_cr0(&mut self, cr0: u64) {
+        self.vmcb.write(save::CR0, cr0);
+        // Long mode turns on or off with paging when LME is set, as the CPU does.
+        let efer: u64 = self.vmcb.read(save::EFER);
+        if efer & EFER_LME != 0 {
+            let lma = if cr0 & CR0_PG != 0 { EFER_LMA } else { 0 };
+            self.vmcb.write(save::EFER, (efer & !EFER_LMA) | lma);
+        }
+        // A CR0 write may change paging, WP or caching: drop this ASID's translations.
+        self.vmcb.write(control::TLB_CONTROL, TLB_FLUSH_ALL);
+    }
+
+    fn set_cr4(&mut self, cr4: u64) {
+        self.vmcb.write(save::CR4, cr4);
+        // PGE, PAE, PCIDE, SMEP, LA57 and others change what translations mean.
+        self.vmcb.write(control::TLB_CONTROL, TLB_FLUSH_ALL);
     }
 
     fn msr_written(&mut self, msr: u32, value: u64) {

@@ -3,6 +3,8 @@
 
 /// Control area.
 pub mod control {
+    /// CR read intercepts (bits 15:0) and write intercepts (bits 31:16).
+    pub const INTERCEPT_CR: usize = 0x000;
     pub const INTERCEPT_MISC1: usize = 0x00c;
     pub const INTERCEPT_MISC2: usize = 0x010;
     pub const PAUSE_FILTER_THRESHOLD: usize = 0x03c;

@@ -69,11 +69,11 @@ const CAP_INVVPID_SINGLE: u64 = 1 << 41;
 const CAP_INVVPID_ALL: u64 = 1 << 42;
 
 const CR0_PE: u64 = 1 << 0;
+const CR0_TS: u64 = 1 << 3;
 const CR0_ET: u64 = 1 << 4;
 const CR0_NE: u64 = 1 << 5;
 const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
-const CR4_VMXE: u64 = 1 << 13;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const RFLAGS_IF: u64 = 1 << 9;
@@ -92,7 +92,6 @@ const BLOCKING_MOVSS: u32 = 0b10;
 const BLOCKING_NMI: u32 = 1 << 3;
 const INTR_TYPE_NMI: u32 = 2;
 const NMI_VECTOR: u32 = 2;
-const GP: u8 = 13;
 /// A 64-bit-style reset PAT value (WB, WT, UC-, UC twice).
 const GUEST_PAT_RESET: u64 = 0x0007_0406_0007_0406;
 /// Segment access rights: unusable segment (bit 16).
@@ -178,6 +177,10 @@ pub struct VmxVcpu {
     xstate: XState,
     /// The guest's DR0-DR3 and DR6, swapped around every entry.
     debug: DebugRegs,
+    /// CR0 and CR4 bits VMX forces to 1 under the guest (NE; VMXE): the guest/host masks give
+    /// the guest its own view of them.
+    cr0_forced: u64,
+    cr4_forced: u64,
     /// The guest's CR2. The VMCS does not hold it: while the guest runs it is the CPU's, so it
     /// is loaded before every entry and saved after every exit, or a page fault's address
     /// would move to whichever vCPU this CPU runs next.
@@ -229,6 +232,8 @@ impl VmxVcpu {
             xstate,
             debug: DebugRegs::new(true),
             guest_cr2: 0,
+            cr0_forced: 0,
+            cr4_forced: 0,
             interrupt_window_allowed: false,
             nmi_window_allowed: false,
             pause_loop_exiting_allowed: false,
@@ -473,6 +478,7 @@ impl VmxVcpu {
             self.state.gprs.rax = u64::from(eax);
             self.state.gprs.rbx = u64::from(ebx);
         }
+        let cr0_wanted = cr0;
         let cr0 = (cr0 | cr0_forced) & cr0_fixed1;
         let cr4_wanted = cr4;
         let cr4 = (cr4 | cr4_fixed0) & cr4_fixed1;
@@ -483,12 +489,16 @@ impl VmxVcpu {
         self.put(natural::GUEST_CR0, cr0)?;
         self.put(natural::GUEST_CR3, cr3)?;
         self.put(natural::GUEST_CR4, cr4)?;
-        // CR0: the guest sees and owns it (NE stays forced to 1).
-        self.put(natural::CR0_GUEST_HOST_MASK, 0)?;
-        self.put(natural::CR0_READ_SHADOW, cr0)?;
-        // CR4 bits VMX forces (VMXE) belong to the host: the guest reads its own value.
-        self.put(natural::CR4_GUEST_HOST_MASK, cr4_fixed0)?;
-        self.put(natural::CR4_READ_SHADOW, cr4_wanted & cr4_fixed0)?;
+        // CR0 and CR4 belong to the host: the guest reads its own values from the shadows, and
+        // every write that changes one exits, so the run loop checks it against the CPU the
+        // guest is shown (the CPU underneath forces NE and VMXE, and may take patterns the
+        // guest's would refuse). CR0.TS stays the guest's: CLTS need not exit.
+        self.cr0_forced = cr0_forced;
+        self.cr4_forced = cr4_fixed0;
+        self.put(natural::CR0_GUEST_HOST_MASK, !CR0_TS)?;
+        self.put(natural::CR0_READ_SHADOW, cr0_wanted)?;
+        self.put(natural::CR4_GUEST_HOST_MASK, u64::MAX)?;
+        self.put(natural::CR4_READ_SHADOW, cr4_wanted)?;
         self.put(w64::GUEST_IA32_EFER, efer)?;
         self.put(w64::GUEST_IA32_PAT, GUEST_PAT_RESET)?;
         self.put(w64::GUEST_IA32_DEBUGCTL, 0)?;
@@ -637,6 +647,11 @@ impl VmxVcpu {
     }
 
     /// The guest's view of CR4 (read shadow for host-owned bits).
+    fn guest_cr0(&self) -> u64 {
+        let mask = self.get(natural::CR0_GUEST_HOST_MASK);
+        (self.get(natural::GUEST_CR0) & !mask) | (self.get(natural::CR0_READ_SHADOW) & mask)
+    }
+
     fn guest_cr4(&self) -> u64 {
         let mask = self.get(natural::CR4_GUEST_HOST_MASK);
         (self.get(natural::GUEST_CR4) & !mask) | (self.get(natural::CR4_READ_SHADOW) & mask)
@@ -688,7 +703,7 @@ impl VmxVcpu {
         *slot = value;
     }
 
-    /// Handles exits the backend owns (CR3 moves, CR4.VMXE); `true` if handled.
+    /// Handles exits the backend owns (CR3 moves); `true` if handled.
     fn handle_internally(&mut self, reason: u32, qualification: u64) -> bool {
         match reason {
             REASON_CR_ACCESS => {
@@ -707,12 +722,6 @@ impl VmxVcpu {
                         let value = self.get(natural::GUEST_CR3);
                         self.set_gpr(gpr, value);
                         self.skip_instruction();
-                        true
-                    }
-                    // MOV to CR4 exits only when it touches a host-owned bit; setting VMXE is
-                    // refused as on a CPU without VMX (CPUID does not offer it to guests).
-                    (4, 0) if self.gpr(gpr) & CR4_VMXE != 0 => {
-                        self.inject_exception(GP, Some(0));
                         true
                     }
                     _ => false,
@@ -890,6 +899,14 @@ impl VmxVcpu {
 }
 
 impl VmxVcpu {
+    /// Writes the guest's EFER; the IA-32e entry control follows its LMA.
+    fn load_efer(&mut self, efer: u64) {
+        self.set(w64::GUEST_IA32_EFER, efer);
+        let entry = self.get(w32::ENTRY_CONTROLS);
+        let entry = if efer & EFER_LMA != 0 { entry | ENTRY_IA32E_MODE_GUEST } else { entry & !ENTRY_IA32E_MODE_GUEST };
+        self.set(w32::ENTRY_CONTROLS, entry);
+    }
+
     /// Asks for an exit once the guest can take an NMI (where the CPU offers it; otherwise
     /// the NMI waits for the next exit).
     fn set_nmi_window_exiting(&mut self, on: bool) {
@@ -940,7 +957,7 @@ impl Vcpu for VmxVcpu {
     fn mode(&self) -> GuestMode {
         let cs_ar = self.get(w32::GUEST_CS_ACCESS_RIGHTS);
         GuestMode {
-            cr0: self.get(natural::GUEST_CR0),
+            cr0: self.guest_cr0(),
             cr3: self.get(natural::GUEST_CR3),
             cr4: self.guest_cr4(),
             efer: self.get(w64::GUEST_IA32_EFER),
@@ -962,13 +979,30 @@ impl Vcpu for VmxVcpu {
     }
 
     fn set_efer(&mut self, efer: u64) {
-        // LMA is the CPU's (the run loop keeps it); the IA-32e entry control follows it.
+        // LMA is the CPU's (the run loop keeps it).
         let lma = self.get(w64::GUEST_IA32_EFER) & EFER_LMA;
-        let efer = (efer & !EFER_LMA) | lma;
-        self.set(w64::GUEST_IA32_EFER, efer);
-        let entry = self.get(w32::ENTRY_CONTROLS);
-        let entry = if lma != 0 { entry | ENTRY_IA32E_MODE_GUEST } else { entry & !ENTRY_IA32E_MODE_GUEST };
-        self.set(w32::ENTRY_CONTROLS, entry);
+        self.load_efer((efer & !EFER_LMA) | lma);
+    }
+
+    fn set_cr0(&mut self, cr0: u64) {
+        self.set(natural::GUEST_CR0, cr0 | self.cr0_forced);
+        self.set(natural::CR0_READ_SHADOW, cr0);
+        // A CR0 write may change paging or WP: drop this guest's translations.
+        self.flush_translations();
+        // Long mode turns on or off with paging when LME is set, as the CPU does for the
+        // CR0 writes that do not exit.
+        let efer = self.get(w64::GUEST_IA32_EFER);
+        if efer & EFER_LME != 0 {
+            let lma = if cr0 & CR0_PG != 0 { EFER_LMA } else { 0 };
+            self.load_efer((efer & !EFER_LMA) | lma);
+        }
+    }
+
+    fn set_cr4(&mut self, cr4: u64) {
+        self.set(natural::GUEST_CR4, cr4 | self.cr4_forced);
+        self.set(natural::CR4_READ_SHADOW, cr4);
+        // PGE, PCIDE, SMEP, LA57 and others change what translations mean.
+        self.flush_translations();
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
