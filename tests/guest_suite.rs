@@ -6,6 +6,26 @@ use std::sync::OnceLock;
 
 use integration_tests::{boot_vms, Firmware, Log, Platform, RunOutcome, RunStatus};
 
+/// Tests `NAME::svm` (QEMU TCG) and `NAME::vmx` (Bochs) that run the check `NAME` on each
+/// backend.
+macro_rules! on_both_backends {
+    ($check:ident) => {
+        mod $check {
+            use super::*;
+
+            #[test]
+            fn svm() {
+                super::$check(Platform::Tcg);
+            }
+
+            #[test]
+            fn vmx() {
+                super::$check(Platform::Bochs);
+            }
+        }
+    };
+}
+
 fn suite(platform: Platform) -> &'static RunOutcome {
     static SVM: OnceLock<RunOutcome> = OnceLock::new();
     static VMX: OnceLock<RunOutcome> = OnceLock::new();
@@ -72,15 +92,7 @@ fn multiboot_kernel_gets_its_boot_information(platform: Platform) {
         .contains("VM-END vm=multiboot reason=debug-exit status=0");
 }
 
-#[test]
-fn svm_multiboot_kernel_gets_its_boot_information() {
-    multiboot_kernel_gets_its_boot_information(Platform::Tcg);
-}
-
-#[test]
-fn vmx_multiboot_kernel_gets_its_boot_information() {
-    multiboot_kernel_gets_its_boot_information(Platform::Bochs);
-}
+on_both_backends!(multiboot_kernel_gets_its_boot_information);
 
 fn exit_table_is_printed(platform: Platform, reasons: &[&str]) {
     let log = Log(suite(platform));
@@ -123,15 +135,7 @@ fn vmx_exit_table_is_printed() {
     Log(suite(Platform::Bochs)).line_with_all(&["  xsetbv ", " s "]);
 }
 
-#[test]
-fn svm_triple_fault_stops_only_that_vm() {
-    triple_fault_stops_only_that_vm(Platform::Tcg);
-}
-
-#[test]
-fn vmx_triple_fault_stops_only_that_vm() {
-    triple_fault_stops_only_that_vm(Platform::Bochs);
-}
+on_both_backends!(triple_fault_stops_only_that_vm);
 
 #[test]
 fn malformed_and_oversized_images_end_only_their_vm_with_the_reason() {
@@ -158,15 +162,7 @@ fn registers_do_not_leak_between_vms_on_one_cpu(platform: Platform) {
         .vm_ended("no-traces", "debug-exit status=0");
 }
 
-#[test]
-fn svm_registers_do_not_leak_between_vms_on_one_cpu() {
-    registers_do_not_leak_between_vms_on_one_cpu(Platform::Tcg);
-}
-
-#[test]
-fn vmx_registers_do_not_leak_between_vms_on_one_cpu() {
-    registers_do_not_leak_between_vms_on_one_cpu(Platform::Bochs);
-}
+on_both_backends!(registers_do_not_leak_between_vms_on_one_cpu);
 
 /// Four vCPUs: INIT-SIPI-SIPI starts the three APs in real mode, then fixed (physical and
 /// logical), lowest-priority, NMI, self and broadcast IPIs each land exactly where they should;
@@ -180,15 +176,7 @@ fn application_processors_start_and_ipis_land(platform: Platform) {
         .vm_ended("smp", "debug-exit status=0");
 }
 
-#[test]
-fn svm_application_processors_start_and_ipis_land() {
-    application_processors_start_and_ipis_land(Platform::Tcg);
-}
-
-#[test]
-fn vmx_application_processors_start_and_ipis_land() {
-    application_processors_start_and_ipis_land(Platform::Bochs);
-}
+on_both_backends!(application_processors_start_and_ipis_land);
 
 /// A hostile VM reads every MSR of the probed ranges (and writes those that refused the read):
 /// each access works or raises #GP, the host logs at most a few of them and counts the rest in
@@ -210,15 +198,7 @@ fn an_msr_sweep_is_refused_quietly_and_counted(platform: Platform) {
     );
 }
 
-#[test]
-fn svm_an_msr_sweep_is_refused_quietly_and_counted() {
-    an_msr_sweep_is_refused_quietly_and_counted(Platform::Tcg);
-}
-
-#[test]
-fn vmx_an_msr_sweep_is_refused_quietly_and_counted() {
-    an_msr_sweep_is_refused_quietly_and_counted(Platform::Bochs);
-}
+on_both_backends!(an_msr_sweep_is_refused_quietly_and_counted);
 
 /// Real NMIs of the host's platform, on the CPU that asked and on the others (wherever they
 /// are: in a guest, in the host, halted), are taken by the host and counted: no guest sees
@@ -235,15 +215,7 @@ fn platform_nmis_change_nothing(platform: Platform) {
     assert!(counted.is_some_and(|n| n >= 50), "host's NMI count: {line:?}\n{}", outcome.serial);
 }
 
-#[test]
-fn svm_platform_nmis_change_nothing() {
-    platform_nmis_change_nothing(Platform::Tcg);
-}
-
-#[test]
-fn vmx_platform_nmis_change_nothing() {
-    platform_nmis_change_nothing(Platform::Bochs);
-}
+on_both_backends!(platform_nmis_change_nothing);
 
 /// A guest prints end lines and raw records in every way it can (after a host log line cut
 /// its unfinished line, after a carriage return and an erase-line sequence, past the host's
@@ -263,15 +235,7 @@ fn guest_text_cannot_forge_parsed_lines(platform: Platform) {
     assert!(outcome.serial.lines().any(|l| l.starts_with("[forge] ") && l.contains("VM-END vm=forge reason=reset")));
 }
 
-#[test]
-fn svm_guest_text_cannot_forge_parsed_lines() {
-    guest_text_cannot_forge_parsed_lines(Platform::Tcg);
-}
-
-#[test]
-fn vmx_guest_text_cannot_forge_parsed_lines() {
-    guest_text_cannot_forge_parsed_lines(Platform::Bochs);
-}
+on_both_backends!(guest_text_cannot_forge_parsed_lines);
 
 /// A hostile VM writes random values to every port but the few that end it by design, reads
 /// them all back, then storms the host with CPUID and port exits: it ends cleanly, and so
@@ -292,12 +256,4 @@ fn port_sweeps_and_exit_storms_change_nothing_outside(platform: Platform) {
     assert!((1..=17).contains(&logged), "{logged} log lines for ports without a device: the log must stay bounded");
 }
 
-#[test]
-fn svm_port_sweeps_and_exit_storms_change_nothing_outside() {
-    port_sweeps_and_exit_storms_change_nothing_outside(Platform::Tcg);
-}
-
-#[test]
-fn vmx_port_sweeps_and_exit_storms_change_nothing_outside() {
-    port_sweeps_and_exit_storms_change_nothing_outside(Platform::Bochs);
-}
+on_both_backends!(port_sweeps_and_exit_storms_change_nothing_outside);
