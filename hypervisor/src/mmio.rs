@@ -12,7 +12,7 @@ use core::fmt;
 
 use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
-use crate::vcpu::GuestMode;
+use crate::vcpu::{GuestMode, Segment};
 
 /// A general-purpose register operand: which register and how wide the access is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -281,6 +281,42 @@ pub fn cr_write_source(bytes: &[u8], mode: &GuestMode) -> Option<CrWriteSource> 
         Mnemonic::Lmsw if insn.op_kind(0) == OpKind::Register => gpr(insn.op0_register()).map(CrWriteSource::Lmsw),
         _ => None,
     }
+}
+
+/// The memory operand of a string I/O instruction (INS, OUTS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StringIoOperand {
+    /// Address size in bits (16, 32, 64): the width of (R/E)SI or (R/E)DI and of (R/E)CX.
+    pub address_bits: u32,
+    /// The segment of the buffer: ES for INS, DS or an override for OUTS.
+    pub segment: Segment,
+}
+
+/// Decodes the string I/O instruction in `bytes`; `None` if it is none.
+pub fn string_io_operand(bytes: &[u8], mode: &GuestMode) -> Option<StringIoOperand> {
+    let insn = Decoder::new(bitness(mode), bytes, DecoderOptions::NONE).decode();
+    let (memory, input) = match insn.mnemonic() {
+        Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd => (insn.op_kind(0), true),
+        Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd => (insn.op_kind(1), false),
+        _ => return None,
+    };
+    let address_bits = match memory {
+        OpKind::MemoryESDI | OpKind::MemorySegSI => 16,
+        OpKind::MemoryESEDI | OpKind::MemorySegESI => 32,
+        OpKind::MemoryESRDI | OpKind::MemorySegRSI => 64,
+        _ => return None,
+    };
+    // INS always stores through ES; OUTS reads through DS unless a prefix says otherwise.
+    let segment = match insn.memory_segment() {
+        _ if input => Segment::Es,
+        Register::ES => Segment::Es,
+        Register::CS => Segment::Cs,
+        Register::SS => Segment::Ss,
+        Register::FS => Segment::Fs,
+        Register::GS => Segment::Gs,
+        _ => Segment::Ds,
+    };
+    Some(StringIoOperand { address_bits, segment })
 }
 
 /// Decodes the instruction at `rip` that made an MMIO access. `bytes` are the instruction bytes
@@ -606,6 +642,17 @@ mod tests {
         assert_eq!(cr_write_source(&[0x0f, 0x01, 0xf2], &M16), Some(CrWriteSource::Lmsw(Gpr::new(2, 2))));
         assert_eq!(cr_write_source(&[0x0f, 0x01, 0x30], &M64), None);
         assert_eq!(cr_write_source(&[0x0f, 0x20, 0xc0], &M64), None, "mov rax, cr0 reads");
+    }
+
+    #[test]
+    fn string_io_operands() {
+        let op = |address_bits, segment| Some(StringIoOperand { address_bits, segment });
+        assert_eq!(string_io_operand(&[0xf3, 0x6c], &M64), op(64, Segment::Es), "rep insb");
+        assert_eq!(string_io_operand(&[0x67, 0xf3, 0x6e], &M64), op(32, Segment::Ds), "rep outsb, 32-bit addresses");
+        assert_eq!(string_io_operand(&[0x64, 0x6f], &M32), op(32, Segment::Fs), "outsd with FS");
+        assert_eq!(string_io_operand(&[0xf3, 0x6d], &M16), op(16, Segment::Es), "rep insw");
+        assert_eq!(string_io_operand(&[0x67, 0x6e], &M16), op(32, Segment::Ds));
+        assert_eq!(string_io_operand(&[0xee], &M64), None, "out dx, al");
     }
 
     #[test]

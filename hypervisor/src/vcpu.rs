@@ -121,6 +121,17 @@ pub struct IoExit {
     pub rep: bool,
 }
 
+/// A segment register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Segment {
+    Es,
+    Cs,
+    Ss,
+    Ds,
+    Fs,
+    Gs,
+}
+
 /// [`Exit::CrAccess`] without the register: the instruction must be decoded.
 pub const CR_SOURCE_UNKNOWN: u8 = 0xff;
 
@@ -302,6 +313,11 @@ pub trait Vcpu {
     /// [`Exit::CrAccess`] write; the backend keeps the bits it forces underneath (VMX: NE) and
     /// moves EFER.LMA with PG as the CPU would.
     fn set_cr0(&mut self, cr0: u64);
+    /// Sets the guest's CR2 (for a page fault the run loop injects).
+    fn set_cr2(&mut self, cr2: u64);
+    /// The base address of a data segment register (for string I/O outside 64-bit mode, and
+    /// FS/GS in it).
+    fn segment_base(&self, segment: Segment) -> u64;
     /// Loads a guest CR4 the run loop validated ([`crate::vm::control_regs::cr4_write`]).
     fn set_cr4(&mut self, cr4: u64);
     /// The MSR model accepted a guest's write of `value` to `msr`: a backend that keeps that MSR

@@ -25,7 +25,7 @@ use crate::guest_clock::GuestClock;
 use crate::loader::guest_walk::{self, WalkError};
 use crate::loader::GuestMemory;
 use crate::mmio::{self, MmioKind};
-use crate::vcpu::{valid_xcr0, Exit, GuestMode, IoExit, StartMode, Vcpu, CR_SOURCE_UNKNOWN};
+use crate::vcpu::{valid_xcr0, Exit, GuestMode, IoExit, Segment, StartMode, Vcpu, CR_SOURCE_UNKNOWN};
 use interrupts::InterruptRouter;
 use msr::MsrModel;
 use spin::Mutex;
@@ -33,6 +33,7 @@ use stats::ExitStats;
 
 const VECTOR_UD: u8 = 6;
 const VECTOR_GP: u8 = 13;
+const VECTOR_PF: u8 = 14;
 const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_DF: u64 = 1 << 10;
 const CR4_OSXSAVE: u64 = 1 << 18;
@@ -733,17 +734,49 @@ impl<M: GuestMemory> Vm<M> {
     }
 
     /// INS/OUTS with or without REP, in 64-bit mode with flat segments.
+    /// INS/OUTS in any mode: the buffer is (R/E)DI in ES or (R/E)SI in DS (or an override) at
+    /// the instruction's address size, with (R/E)CX counting. A buffer page the guest has not
+    /// mapped raises #PF in the guest after the iterations before it, as on the CPU.
     fn handle_string_io(&mut self, cx: &VcpuContext, vcpu: &mut dyn Vcpu, io: IoExit, env: &mut Env<'_>) -> Next {
-        let mode = vcpu.mode();
-        if !mode.long_code {
+        let (mode, rip) = (vcpu.mode(), vcpu.rip());
+        let mut bytes = [0u8; 15];
+        let fetched = fetch_instruction(&self.memory, &mode, rip, &mut bytes);
+        let Some(operand) = mmio::string_io_operand(&bytes[..fetched], &mode) else {
             return Next::End(VmEnd::Error(format!(
-                "string I/O on port {:#x} outside 64-bit mode at RIP {:#x} is not supported",
-                io.port,
-                vcpu.rip()
+                "string I/O on port {:#x} at RIP {rip:#x}: the instruction could not be decoded",
+                io.port
             )));
-        }
+        };
+        let width = match operand.address_bits {
+            16 => 0xffff,
+            32 => 0xffff_ffff,
+            _ => u64::MAX,
+        };
+        // In 64-bit mode only FS and GS have bases; elsewhere linear addresses have 32 bits.
+        let base = match operand.segment {
+            Segment::Fs | Segment::Gs => vcpu.segment_base(operand.segment),
+            _ if mode.long_code => 0,
+            segment => vcpu.segment_base(segment),
+        };
+        let linear = |offset: u64| {
+            let address = base.wrapping_add(offset & width);
+            if mode.long_code {
+                address
+            } else {
+                address & 0xffff_ffff
+            }
+        };
+        // A register at the address size: the rest of it keeps its bits (a 32-bit result
+        // zeroes the upper half, as any 32-bit write does).
+        let with = |register: u64, value: u64| {
+            if width == 0xffff {
+                (register & !width) | (value & width)
+            } else {
+                value & width
+            }
+        };
         let step = if vcpu.rflags() & RFLAGS_DF != 0 { (io.size as u64).wrapping_neg() } else { io.size as u64 };
-        let count = if io.rep { vcpu.gprs().rcx } else { 1 };
+        let count = if io.rep { vcpu.gprs().rcx & width } else { 1 };
         let batch = count.min(MAX_STRING_ITERATIONS);
         let mut events = Events::default();
         let now = self.now_of(cx, env);
@@ -752,34 +785,52 @@ impl<M: GuestMemory> Vm<M> {
             let bytes = &mut buf[..io.size as usize];
             let gprs = *vcpu.gprs();
             let result = if io.write {
-                let read = guest_walk::read_virt(&self.memory, &mode, gprs.rsi, bytes);
+                let read = guest_walk::read_virt(&self.memory, &mode, linear(gprs.rsi), bytes);
                 if read.is_ok() && !self.port_write(io.port, io.size, u32::from_le_bytes(buf), now, &mut events) {
                     self.warn_port(io.port);
                 }
                 read
             } else {
                 let value = self.port_read(io.port, io.size, now, &mut events).unwrap_or(devices::ones(io.size) as u32);
-                guest_walk::write_virt(&mut self.memory, &mode, gprs.rdi, &value.to_le_bytes()[..io.size as usize])
+                guest_walk::write_virt(
+                    &mut self.memory,
+                    &mode,
+                    linear(gprs.rdi),
+                    &value.to_le_bytes()[..io.size as usize],
+                )
             };
-            if let Err(e) = result {
-                return Next::End(VmEnd::Error(format!(
-                    "string I/O on port {:#x} at RIP {:#x}: guest buffer not accessible ({})",
-                    io.port,
-                    vcpu.rip(),
-                    walk_error(&e)
-                )));
+            match result {
+                Ok(()) => {}
+                // The guest's own fault: delivered with the iterations so far done, RIP still at
+                // the instruction.
+                Err(WalkError::PageFault { gva, error_code }) => {
+                    vcpu.set_cr2(gva);
+                    vcpu.inject_exception(VECTOR_PF, Some(error_code));
+                    return self.apply(events, env);
+                }
+                Err(WalkError::NonCanonical { .. }) => {
+                    vcpu.inject_exception(VECTOR_GP, Some(0));
+                    return self.apply(events, env);
+                }
+                Err(e) => {
+                    return Next::End(VmEnd::Error(format!(
+                        "string I/O on port {:#x} at RIP {rip:#x}: guest buffer not accessible ({})",
+                        io.port,
+                        walk_error(&e)
+                    )))
+                }
             }
             let gprs = vcpu.gprs();
             if io.write {
-                gprs.rsi = gprs.rsi.wrapping_add(step);
+                gprs.rsi = with(gprs.rsi, gprs.rsi.wrapping_add(step));
             } else {
-                gprs.rdi = gprs.rdi.wrapping_add(step);
+                gprs.rdi = with(gprs.rdi, gprs.rdi.wrapping_add(step));
             }
             if io.rep {
-                gprs.rcx -= 1;
+                gprs.rcx = with(gprs.rcx, gprs.rcx.wrapping_sub(1));
             }
         }
-        if !io.rep || vcpu.gprs().rcx == 0 {
+        if !io.rep || vcpu.gprs().rcx & width == 0 {
             self.skip(vcpu);
         }
         self.apply(events, env)

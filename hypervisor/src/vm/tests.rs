@@ -4,7 +4,7 @@ use super::*;
 use crate::devices::test_device::{TestDevice, IRQ_PORT, MMIO_BASE};
 use crate::guest_clock::GuestClock;
 use crate::loader::{page_tables, SliceMemory};
-use crate::vcpu::{Gprs, GuestMode, XCR0_AVX, XCR0_SSE, XCR0_X87};
+use crate::vcpu::{Gprs, GuestMode, Segment, XCR0_AVX, XCR0_SSE, XCR0_X87};
 use alloc::vec;
 
 /// A vCPU that replays a script of exits and records what the run loop did to it.
@@ -13,6 +13,8 @@ struct Mock {
     gprs: Gprs,
     rip: u64,
     rsp: u64,
+    cr2: u64,
+    ds_base: u64,
     rflags: u64,
     mode: GuestMode,
     injected_exceptions: Vec<(u8, Option<u32>)>,
@@ -32,6 +34,8 @@ impl Mock {
             gprs: Gprs::default(),
             rip: START_RIP,
             rsp: 0,
+            cr2: 0,
+            ds_base: 0,
             rflags: 0x2,
             mode: long_mode(),
             injected_exceptions: Vec::new(),
@@ -104,6 +108,16 @@ impl Vcpu for Mock {
     }
     fn set_cr4(&mut self, cr4: u64) {
         self.mode.cr4 = cr4;
+    }
+    fn set_cr2(&mut self, cr2: u64) {
+        self.cr2 = cr2;
+    }
+    fn segment_base(&self, segment: Segment) -> u64 {
+        if segment == Segment::Ds {
+            self.ds_base
+        } else {
+            0
+        }
     }
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
         self.injected_exceptions.push((vector, error_code));
@@ -568,6 +582,8 @@ fn rep_string_io_moves_guest_memory() {
     let mut cx = cx(&vm);
     vm.memory.write(0x3000, b"ok\n").unwrap();
     vm.memory.write(0x4000, &[0xaa; 4]).unwrap();
+    // rep outsb; rep insb
+    vm.memory.write(START_RIP, &[0xf3, 0x6e, 0xf3, 0x6c]).unwrap();
     let outs = Exit::Io(IoExit { port: 0x3f8, size: 1, write: true, string: true, rep: true });
     let ins = Exit::Io(IoExit { port: 0x3fd, size: 1, write: false, string: true, rep: true });
     let mut vcpu = Mock::new(vec![])
@@ -591,6 +607,54 @@ fn rep_string_io_moves_guest_memory() {
     assert_eq!((vcpu.gprs.rcx, vcpu.gprs.rdi), (0, 0x4004));
     assert_eq!(vcpu.skips, 2);
     assert_eq!(lines.concat(), "[t] ok\n");
+}
+
+/// String I/O outside 64-bit mode: 16-bit addresses in a data segment with a base, SI and CX
+/// wrapping at 16 bits; and a buffer that runs into an unmapped page raises #PF in the guest
+/// after the iterations before it, with CR2 at the page and RIP still at the instruction.
+#[test]
+fn string_io_in_real_mode_and_into_an_unmapped_page() {
+    let mut vm = vm();
+    let mut cx = cx(&vm);
+    let mut console = |_: &str, _: bool| {};
+    let mut env = test_env(&mut console, 1);
+    // Real mode, CS base 0x1000, RIP 0x10: rep outsb from DS:SI, DS base 0x5000, SI 0xffff.
+    vm.memory.write(0x1010, &[0xf3, 0x6e]).unwrap();
+    vm.memory.write(0x5000 + 0xffff, b"a").unwrap();
+    vm.memory.write(0x5000, b"b").unwrap();
+    let outs = Exit::Io(IoExit { port: 0x3f8, size: 1, write: true, string: true, rep: true });
+    let mut vcpu = Mock::new(vec![]).then(outs, Gprs { rsi: 0x7_ffff, rcx: 0x1_0002, ..Gprs::default() });
+    vcpu.mode = GuestMode { cr0: 0x10, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: false, cs_base: 0x1000 };
+    vcpu.rip = 0x10;
+    vcpu.ds_base = 0x5000;
+    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    vm.handle(&mut cx, &mut vcpu, exit, &mut env);
+    assert_eq!((vcpu.gprs.rsi, vcpu.gprs.rcx, vcpu.skips), (0x7_0001, 0x1_0000, 1), "SI and CX wrap at 16 bits");
+    assert_eq!(vm.console_line, b"ab");
+
+    // Long mode on 4 KiB pages mapping 0-0x3fff only: rep insb at 0x1000 into 0x3ffe.., which
+    // runs into the unmapped page at 0x4000.
+    let mut vm = self::vm();
+    let mut cx = self::cx(&vm);
+    let (pml4, pdpt, pd, pt) = (0x20_0000u64, 0x20_1000u64, 0x20_2000u64, 0x20_3000u64);
+    for (table, next) in [(pml4, pdpt), (pdpt, pd), (pd, pt)] {
+        vm.memory.write(table, &(next | 0b111).to_le_bytes()).unwrap();
+    }
+    for page in 0..4u64 {
+        vm.memory.write(pt + page * 8, &(page << 12 | 0b111).to_le_bytes()).unwrap();
+    }
+    vm.memory.write(0x1000, &[0xf3, 0x6c]).unwrap();
+    let ins = Exit::Io(IoExit { port: 0x3fd, size: 1, write: false, string: true, rep: true });
+    let mut vcpu = Mock::new(vec![]).then(ins, Gprs { rdi: 0x3ffe, rcx: 4, ..Gprs::default() });
+    vcpu.mode.cr3 = pml4;
+    vcpu.rip = 0x1000;
+    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    vm.handle(&mut cx, &mut vcpu, exit, &mut env);
+    assert_eq!(vcpu.injected_exceptions, [(14, Some(0b10))], "#PF, not present, write");
+    assert_eq!((vcpu.cr2, vcpu.gprs.rdi, vcpu.gprs.rcx, vcpu.rip), (0x4000, 0x4000, 2, 0x1000));
+    let mut stored = [0u8; 2];
+    vm.memory.read(0x3ffe, &mut stored).unwrap();
+    assert_eq!(stored, [0x60, 0x60], "the iterations before the fault are done");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Real-mode test guest: 16-bit code at 0x7C00, started with CS=0 and IP=0x7C00.
 //!
-//! Checks that CR0.PE is clear, prints `real-mode: ok` (or `real-mode: FAIL ...`) to COM1 and
+//! Checks that CR0.PE is clear, prints `real-mode: ok` (or `real-mode: FAIL ...`) to COM1, then
+//! `real-mode: rep outsb ok` through string I/O from a segment with a base, and
 //! reports the result through the exit port (0 = ok, 1 = failed). It is pure assembly: Rust only
 //! supplies the panic handler that `no_std` requires.
 
@@ -32,6 +33,15 @@ real_mode_start:
     jnz 2f
     movw $real_mode_ok, %si
     callw puts
+    // String I/O in real mode: REP OUTSB from DS:SI with a segment base (DS = 0x0700).
+    movw $0x0700, %ax
+    movw %ax, %ds
+    movw $(real_mode_outsb - 0x7000), %si
+    movw $(real_mode_outsb_end - real_mode_outsb), %cx
+    movw $0x3f8, %dx
+    rep outsb
+    xorw %ax, %ax
+    movw %ax, %ds
     xorl %ebx, %ebx
     jmp 3f
 2:
@@ -96,6 +106,9 @@ put_hex16:
 
 real_mode_ok:
     .asciz "real-mode: ok\n"
+real_mode_outsb:
+    .ascii "real-mode: rep outsb ok\n"
+real_mode_outsb_end:
 real_mode_fail:
     .asciz "real-mode: FAIL CR0.PE is set, MSW=0x"
     .code64

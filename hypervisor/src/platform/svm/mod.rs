@@ -18,7 +18,7 @@ use crate::exit_decode;
 use crate::guest_clock::GuestClock;
 use crate::mm::frames::FRAME_SIZE;
 use crate::mm::tlb_tags::Tag;
-use crate::vcpu::{Exit, Gprs, GuestMode, StartMode, Vcpu};
+use crate::vcpu::{Exit, Gprs, GuestMode, Segment, StartMode, Vcpu};
 
 const MSR_EFER: u32 = 0xc000_0080;
 const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
@@ -704,6 +704,23 @@ impl Vcpu for SvmVcpu {
         }
         // A CR0 write may change paging, WP or caching: drop this ASID's translations.
         self.vmcb.write(control::TLB_CONTROL, TLB_FLUSH_ALL);
+    }
+
+    fn set_cr2(&mut self, cr2: u64) {
+        self.vmcb.write(save::CR2, cr2);
+    }
+
+    fn segment_base(&self, segment: Segment) -> u64 {
+        let selector_area = match segment {
+            Segment::Es => save::ES,
+            Segment::Cs => save::CS,
+            Segment::Ss => save::SS,
+            Segment::Ds => save::DS,
+            Segment::Fs => save::FS,
+            Segment::Gs => save::GS,
+        };
+        // A segment's VMCB entry: selector, attributes, limit, then the base at offset 8.
+        self.vmcb.read(selector_area + 8)
     }
 
     fn set_cr4(&mut self, cr4: u64) {

@@ -49,6 +49,7 @@ pub mod save {
     pub const RIP: usize = 0x578;
     pub const RSP: usize = 0x5d8;
     pub const RAX: usize = 0x5f8;
+    pub const CR2: usize = 0x640;
     pub const G_PAT: usize = 0x668;
 }
 

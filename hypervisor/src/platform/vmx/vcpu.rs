@@ -21,7 +21,7 @@ use crate::mm::tlb_tags::Tag;
 use crate::platform::debug_regs::DebugRegs;
 use crate::platform::xstate::XState;
 use crate::platform::{gdt, memory};
-use crate::vcpu::{valid_xcr0, Exit, Gprs, GuestMode, StartMode, Vcpu};
+use crate::vcpu::{valid_xcr0, Exit, Gprs, GuestMode, Segment, StartMode, Vcpu};
 use crate::virt::msr::IA32_VMX_BASIC;
 
 // Pin-based controls.
@@ -996,6 +996,21 @@ impl Vcpu for VmxVcpu {
             let lma = if cr0 & CR0_PG != 0 { EFER_LMA } else { 0 };
             self.load_efer((efer & !EFER_LMA) | lma);
         }
+    }
+
+    fn set_cr2(&mut self, cr2: u64) {
+        self.guest_cr2 = cr2;
+    }
+
+    fn segment_base(&self, segment: Segment) -> u64 {
+        self.get(match segment {
+            Segment::Es => natural::GUEST_ES_BASE,
+            Segment::Cs => natural::GUEST_CS_BASE,
+            Segment::Ss => natural::GUEST_SS_BASE,
+            Segment::Ds => natural::GUEST_DS_BASE,
+            Segment::Fs => natural::GUEST_FS_BASE,
+            Segment::Gs => natural::GUEST_GS_BASE,
+        })
     }
 
     fn set_cr4(&mut self, cr4: u64) {
