@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check and test: formatting, lints (host and bare-metal), host unit tests, and the
-# integration tests that boot the real images under QEMU TCG (SVM) and Bochs (VMX).
+# Runs every check and test: formatting, lints (host and bare-metal), a short fuzzing run of
+# every fuzz target, host unit tests, and the integration tests that boot the real images under
+# QEMU TCG (SVM) and Bochs (VMX).
 set -euo pipefail
 SCRIPT_NAME=test.sh
 cd "$(dirname "$0")/.."
@@ -20,6 +21,8 @@ step "Linux guest images (built once, cached in ${HV_CACHE:-$HOME/.cache/hypervi
 guest-images/linux/small-kernel.sh >/dev/null
 guest-images/linux/distro-kernel.sh >/dev/null
 guest-images/linux/initramfs.sh >/dev/null
+step "fuzzing: every fuzz target for 30000 executions (scripts/fuzz.sh)"
+scripts/fuzz.sh --runs 30000
 step "tests"
 cargo test --workspace
 say "all checks passed"

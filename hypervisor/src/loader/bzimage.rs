@@ -254,7 +254,8 @@ pub enum LinuxError {
         /// Command-line length including the NUL.
         cmdline_len: u64,
     },
-    /// No RAM range has room for the kernel's `init_size` area at an allowed address.
+    /// No RAM range has room for the kernel's `init_size` area at an allowed address (at or
+    /// above 1 MiB, for a fixed kernel too).
     KernelDoesNotFit {
         /// Bytes needed from the load address: max(`init_size`, protected-mode kernel length).
         need: u64,
@@ -616,8 +617,13 @@ pub fn load_bzimage(
         // it would sit on the BIOS area and the real-mode trampoline.
         lowest_fit(&kernel_ram, pref_address.max(MIB), need, u64::from(alignment), &[zp, cl]).ok_or(no_fit)?
     } else {
+        // Not below 1 MiB either: the caller keeps low memory for itself (the identity-map page
+        // tables of a 64-bit start, for one), besides the BIOS area and the real-mode trampoline.
         let end = pref_address.checked_add(need).ok_or(no_fit)?;
-        if !in_ram(&kernel_ram, pref_address, end) || overlaps(pref_address, end, zp) || overlaps(pref_address, end, cl)
+        if pref_address < MIB
+            || !in_ram(&kernel_ram, pref_address, end)
+            || overlaps(pref_address, end, zp)
+            || overlaps(pref_address, end, cl)
         {
             return Err(no_fit);
         }
@@ -900,6 +906,11 @@ mod tests {
         let h = Hdr { pref_address: 0, alignment: 0x1000, ..Hdr::default() };
         let (l, _) = load(&h.build(), None, "", &layout()).unwrap();
         assert_eq!(l.kernel_start, 0x10_0000);
+        // A fixed kernel cannot go there: low memory holds what the caller put there (the
+        // setup's page tables at 0x10000 would overwrite it).
+        let h = Hdr { relocatable: false, pref_address: 0x1_0f00, init_size: 0x1000, ..Hdr::default() };
+        let e = load(&h.build(), None, "", &layout()).unwrap_err();
+        assert!(matches!(e, LinuxError::KernelDoesNotFit { alignment: None, pref_address: 0x1_0f00, .. }), "{e:?}");
     }
 
     #[test]

@@ -127,6 +127,17 @@ pub enum ElfError {
         /// Guest memory size in bytes.
         mem_size: u64,
     },
+    /// A segment overlaps a range the caller keeps for itself ([`Reserved`]).
+    OverlapsReserved {
+        /// Program header index.
+        index: u16,
+        /// `p_paddr`.
+        paddr: u64,
+        /// `p_paddr + p_memsz`.
+        end: u64,
+        /// The range it overlaps.
+        area: Reserved,
+    },
     /// Two segments overlap in guest-physical memory.
     Overlap {
         /// Index of the segment that starts lower.
@@ -182,6 +193,11 @@ impl fmt::Display for ElfError {
             ElfError::SegmentOutsideMemory { index, paddr, memsz, mem_size } => {
                 write!(f, "segment {index} at {paddr:#x}+{memsz:#x} lies outside guest memory ({})", Size(mem_size))
             }
+            ElfError::OverlapsReserved { index, paddr, end, area } => write!(
+                f,
+                "segment {index} at {paddr:#x}..{end:#x} overlaps the {} at {:#x}..{:#x}",
+                area.what, area.start, area.end
+            ),
             ElfError::Overlap { first, second, at } => {
                 write!(f, "segments {first} and {second} overlap at guest-physical {at:#x}")
             }
@@ -226,11 +242,32 @@ struct Segment {
     file_end: usize,
 }
 
+/// A guest-physical range `[start, end)` the caller fills itself (page tables, command line,
+/// ACPI tables): no segment may overlap it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reserved {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// What it holds, for the error.
+    pub what: &'static str,
+}
+
 /// Loads a static x86-64 ELF64 executable into guest memory at the segments' physical addresses.
 ///
 /// Everything in `image` is treated as untrusted. The image is fully validated before guest
 /// memory is touched.
 pub fn load_elf64(image: &[u8], mem: &mut impl GuestMemory) -> Result<LoadedElf, ElfError> {
+    load_elf64_around(image, mem, &[])
+}
+
+/// [`load_elf64`], refusing any segment that overlaps one of `reserved`.
+pub fn load_elf64_around(
+    image: &[u8],
+    mem: &mut impl GuestMemory,
+    reserved: &[Reserved],
+) -> Result<LoadedElf, ElfError> {
     let hdr = image.get(..EHDR_SIZE).ok_or(ElfError::TooShort { len: image.len() })?;
     let magic = [hdr[0], hdr[1], hdr[2], hdr[3]];
     if magic != *b"\x7fELF" {
@@ -327,6 +364,11 @@ pub fn load_elf64(image: &[u8], mem: &mut impl GuestMemory) -> Result<LoadedElf,
                 let (first, second) = if a.index < b.index { (a.index, b.index) } else { (b.index, a.index) };
                 return Err(ElfError::Overlap { first, second, at: b.paddr });
             }
+        }
+    }
+    for s in &sorted {
+        if let Some(&area) = reserved.iter().find(|r| r.start < r.end && s.paddr < r.end && r.start < s.end) {
+            return Err(ElfError::OverlapsReserved { index: s.index, paddr: s.paddr, end: s.end, area });
         }
     }
 
@@ -524,6 +566,21 @@ pub(crate) mod tests {
             load(&exec(&phs, 0x200), 0x10000).unwrap_err(),
             ElfError::Overlap { first: 0, second: 1, at: 0x1000 }
         );
+    }
+
+    #[test]
+    fn refuses_segments_over_reserved_ranges_before_writing() {
+        let tables = Reserved { start: 0x1_0000, end: 0x1_6000, what: "page tables" };
+        let phs = [Ph::load(0x100, 0x8000, 0x10, 0x10), Ph::load(0x100, 0x1_5000, 0x10, 0x2000)];
+        let mut backing = vec![0xccu8; 0x20000];
+        let e = load_elf64_around(&exec(&phs, 0x200), &mut SliceMemory(&mut backing), &[tables]).unwrap_err();
+        assert_eq!(e, ElfError::OverlapsReserved { index: 1, paddr: 0x1_5000, end: 0x1_7000, area: tables });
+        assert_eq!(e.to_string(), "segment 1 at 0x15000..0x17000 overlaps the page tables at 0x10000..0x16000");
+        assert!(backing.iter().all(|&b| b == 0xcc), "nothing written on refusal");
+        // Touching is not overlapping, and an empty range reserves nothing.
+        let phs = [Ph::load(0x100, 0x1_6000, 0x10, 0x10), Ph::load(0x100, 0xf000, 0x10, 0x1000)];
+        let empty = Reserved { start: 0x1_6008, end: 0x1_6008, what: "nothing" };
+        load_elf64_around(&exec(&phs, 0x200), &mut SliceMemory(&mut backing), &[tables, empty]).unwrap();
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! PDPTEs are read from memory at walk time rather than from the CPU's PDPTE registers loaded at
 //! the last MOV to CR3.
 
+use alloc::vec::Vec;
 use core::fmt;
 
 use super::{GuestMemory, MemError};
@@ -340,27 +341,30 @@ pub fn read_virt_access(
 }
 
 /// Writes `data` at guest-virtual `gva` as a supervisor data write, across page boundaries. Every
-/// page is translated before anything is written, so a fault leaves memory unchanged.
+/// page is translated before anything is written, so a fault leaves memory unchanged, and the
+/// write goes where those translations point even when its first bytes rewrite the page tables
+/// that map the rest.
 pub fn write_virt(mem: &mut impl GuestMemory, mode: &GuestMode, gva: u64, data: &[u8]) -> Result<(), WalkError> {
-    for pass in 0..2 {
-        let mut va = gva;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let n = chunk(va, rest.len());
-            let gpa = translate(mem, mode, va, Access::WRITE)?;
-            let (now, later) = rest.split_at(n);
-            if pass == 1 {
-                mem.write(gpa, now)?;
-            } else {
-                // Check the physical range too, so the write pass cannot fail half-way.
-                let end = gpa.checked_add(n as u64).ok_or(MemError::OutOfRange { gpa, len: n as u64 })?;
-                if end > mem.size() {
-                    return Err(MemError::OutOfRange { gpa, len: n as u64 }.into());
-                }
-            }
-            rest = later;
-            va = advance(mode, va, n);
+    let mut pieces: Vec<(u64, usize)> = Vec::new();
+    let mut va = gva;
+    let mut left = data.len();
+    while left > 0 {
+        let n = chunk(va, left);
+        let gpa = translate(mem, mode, va, Access::WRITE)?;
+        // Check the physical range too, so the writes cannot fail half-way.
+        let end = gpa.checked_add(n as u64).ok_or(MemError::OutOfRange { gpa, len: n as u64 })?;
+        if end > mem.size() {
+            return Err(MemError::OutOfRange { gpa, len: n as u64 }.into());
         }
+        pieces.push((gpa, n));
+        left -= n;
+        va = advance(mode, va, n);
+    }
+    let mut rest = data;
+    for (gpa, n) in pieces {
+        let (now, later) = rest.split_at(n);
+        mem.write(gpa, now)?;
+        rest = later;
     }
     Ok(())
 }
@@ -703,6 +707,28 @@ mod tests {
         flat.resize(0x1000, 0);
         let pm = GuestMode { default_32: true, ..Default::default() };
         read_virt(&SliceMemory(&mut flat), &pm, 0xfff, &mut buf).unwrap_err();
+    }
+
+    #[test]
+    fn a_write_that_rewrites_the_tables_of_its_second_page_still_lands_whole() {
+        let mut t = Tables::new(0x20000);
+        let root = t.alloc();
+        // 0x5ff000 is the last entry of its page table; 0x5fe000 maps that page table itself.
+        t.map(root, 0x5f_f000, 0xa000, 1, P | RW, P | RW);
+        let pt = 0x4000;
+        assert_eq!(t.get64(pt + 511 * 8), 0xa000 | P | RW);
+        t.map(root, 0x5f_e000, pt, 1, P | RW, P | RW);
+        let m = long_mode(root);
+        let mut mem = SliceMemory(&mut t.mem);
+        // The first 8 bytes clear the entry that maps the last 4: they still go to 0xa000.
+        let data = [0, 0, 0, 0, 0, 0, 0, 0, b't', b'a', b'i', b'l'];
+        assert_eq!(write_virt(&mut mem, &m, 0x5f_eff8, &data), Ok(()));
+        assert_eq!(&mem.0[0x4ff8..0x5000], &[0; 8]);
+        assert_eq!(&mem.0[0xa000..0xa004], b"tail");
+        assert_eq!(
+            translate(&mem, &m, 0x5f_f000, Access::WRITE),
+            Err(WalkError::PageFault { gva: 0x5f_f000, error_code: PF_WRITE })
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use alloc::vec::Vec;
 use crate::acpi::{self, AcpiLayout};
 use crate::devices::{acpi_pm, ioapic};
 use crate::loader::bzimage::{self, E820Entry, LinuxLayout, E820_RAM, E820_RESERVED};
+use crate::loader::elf::Reserved;
 use crate::loader::multiboot::{self, MultibootLayout};
 use crate::loader::{elf, page_tables, GuestMemory};
 use crate::vcpu::StartMode;
@@ -127,6 +128,9 @@ pub fn prepare(
     if acpi.end > layout::HIGH_RAM {
         return Err(format!("ACPI tables end at {:#x}, beyond the BIOS area", acpi.end));
     }
+    // The other loaders place nothing there (it is not RAM in their memory map); an ELF64
+    // image says where it goes, so it is told what is taken.
+    let acpi_area = Reserved { start: layout::RSDP, end: acpi.end, what: "ACPI tables" };
     let format = detect(kernel).ok_or_else(|| {
         format!(
             "kernel {}: not a bzImage, multiboot or ELF64 image (first bytes {:02x?})",
@@ -189,7 +193,21 @@ pub fn prepare(
             })
         }
         (KernelFormat::Elf64, Entry::Long64) => {
-            let loaded = elf::load_elf64(kernel, mem).map_err(|e| format!("kernel {}: {e}", config.kernel))?;
+            let reserved = [
+                acpi_area,
+                Reserved {
+                    start: layout::PAGE_TABLES,
+                    end: layout::PAGE_TABLES + page_tables::identity_map_size(layout::IDENTITY_LIMIT),
+                    what: "identity-map page tables",
+                },
+                Reserved {
+                    start: layout::CMDLINE,
+                    end: layout::CMDLINE + config.cmdline.len() as u64 + 1,
+                    what: "command line",
+                },
+            ];
+            let loaded =
+                elf::load_elf64_around(kernel, mem, &reserved).map_err(|e| format!("kernel {}: {e}", config.kernel))?;
             let cr3 = identity_map(mem)?;
             write_cmdline(mem, &config.cmdline)?;
             Ok(Prepared {
@@ -199,7 +217,8 @@ pub fn prepare(
             })
         }
         (KernelFormat::Elf64, Entry::Real) => {
-            let loaded = elf::load_elf64(kernel, mem).map_err(|e| format!("kernel {}: {e}", config.kernel))?;
+            let loaded = elf::load_elf64_around(kernel, mem, &[acpi_area])
+                .map_err(|e| format!("kernel {}: {e}", config.kernel))?;
             if loaded.entry >= 0x10_0000 {
                 return Err(format!("entry = real, but the kernel's entry {:#x} is above 1 MiB", loaded.entry));
             }
@@ -292,6 +311,26 @@ mod tests {
         assert!(e.starts_with("kernel vmlinuz: "), "loader errors name the kernel: {e}");
         let e = prepare(&config("vmlinuz", Entry::Long64), &bz, None, &[("m.bin", b"x")], &mut mem).unwrap_err();
         assert!(e.contains("only multiboot kernels take modules"), "{e}");
+    }
+
+    #[test]
+    fn elf_segments_over_the_page_tables_command_line_or_acpi_tables_are_refused() {
+        use crate::loader::elf::tests::{build_elf, Ph};
+        let mut bytes = vec![0u8; 16 << 20];
+        let mut mem = SliceMemory(&mut bytes);
+        let at = |paddr: u64| build_elf(2, 62, paddr, &[Ph::load(0x100, paddr, 0x10, 0x1000)], 0x200);
+        let e = prepare(&config("k.elf", Entry::Long64), &at(0x1_5000), None, &[], &mut mem).unwrap_err();
+        assert_eq!(
+            e,
+            "kernel k.elf: segment 0 at 0x15000..0x16000 overlaps the identity-map page tables at 0x10000..0x16000"
+        );
+        let e = prepare(&config("k.elf", Entry::Long64), &at(0x1_f010), None, &[], &mut mem).unwrap_err();
+        assert!(e.contains("overlaps the command line at 0x20000..0x2000e"), "{e}");
+        let e = prepare(&config("k.elf", Entry::Real), &at(0xe_0000), None, &[], &mut mem).unwrap_err();
+        assert!(e.contains("overlaps the ACPI tables at 0xe0000.."), "{e}");
+        // Right after the command line, and in real mode where no page tables are built, is fine.
+        prepare(&config("k.elf", Entry::Long64), &at(0x2_1000), None, &[], &mut mem).unwrap();
+        prepare(&config("k.elf", Entry::Real), &at(0x1_0000), None, &[], &mut mem).unwrap();
     }
 
     #[test]
