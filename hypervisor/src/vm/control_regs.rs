@@ -69,6 +69,7 @@ pub fn efer_write(current: u64, value: u64, paging: bool, features: EferFeatures
 
 /// CR0 bits (Intel SDM Vol. 3, 2.5).
 pub const CR0_PE: u64 = 1 << 0;
+pub const CR0_TS: u64 = 1 << 3;
 pub const CR0_ET: u64 = 1 << 4;
 pub const CR0_NE: u64 = 1 << 5;
 pub const CR0_NW: u64 = 1 << 29;

@@ -37,7 +37,6 @@ const VECTOR_PF: u8 = 14;
 const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_DF: u64 = 1 << 10;
 const CR4_OSXSAVE: u64 = 1 << 18;
-const CR0_PG: u64 = 1 << 31;
 /// Longest console line before it is flushed without a newline.
 const MAX_CONSOLE_LINE: usize = 512;
 /// Interrupts queued beyond this are dropped (and reported): a guest cannot grow our memory.
@@ -520,13 +519,13 @@ impl<M: GuestMemory> Vm<M> {
     /// The value a control-register write the backend did not decode (SVM without decode
     /// assists) is writing, from the instruction at RIP.
     fn decoded_cr_write(&self, vcpu: &mut dyn Vcpu, mode: &GuestMode) -> Option<u64> {
-        const CR0_TS: u64 = 1 << 3;
         let mut bytes = [0u8; 15];
         let fetched = fetch_instruction(&self.memory, mode, vcpu.rip(), &mut bytes);
-        let width_mask = |width: u8| if width >= 8 { u64::MAX } else { (1u64 << (width * 8)) - 1 };
         Some(match mmio::cr_write_source(&bytes[..fetched], mode)? {
-            mmio::CrWriteSource::Register(reg) => vcpu.register(reg.num) & width_mask(reg.width),
-            mmio::CrWriteSource::Clts => mode.cr0 & !CR0_TS,
+            mmio::CrWriteSource::Register(reg) => {
+                mmio::store_value(mmio::Operand::Reg(reg), reg.width, |num| vcpu.register(num))
+            }
+            mmio::CrWriteSource::Clts => mode.cr0 & !control_regs::CR0_TS,
             // LMSW loads PE, MP, EM and TS; it can set PE but not clear it.
             mmio::CrWriteSource::Lmsw(reg) => {
                 let source = vcpu.register(reg.num) & 0xf;
@@ -543,7 +542,7 @@ impl<M: GuestMemory> Vm<M> {
             (gprs.rax, gprs.rdx) = (mode.efer & 0xffff_ffff, mode.efer >> 32);
         } else {
             let value = (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff);
-            let paging = mode.cr0 & CR0_PG != 0;
+            let paging = mode.cr0 & control_regs::CR0_PG != 0;
             match control_regs::efer_write(mode.efer, value, paging, self.efer_features(cx, env)) {
                 Some(efer) => vcpu.set_efer(efer),
                 None => {
