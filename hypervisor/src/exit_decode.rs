@@ -16,6 +16,9 @@ pub mod vmx {
     pub const CPUID: u32 = 10;
     pub const HLT: u32 = 12;
     pub const INVD: u32 = 13;
+    pub const RDPMC: u32 = 15;
+    pub const MWAIT: u32 = 36;
+    pub const MONITOR: u32 = 39;
     pub const CR_ACCESS: u32 = 28;
     pub const IO: u32 = 30;
     pub const PAUSE: u32 = 40;
@@ -59,6 +62,8 @@ pub mod vmx {
             EXTERNAL_INTERRUPT => Exit::ExternalInterrupt,
             PAUSE => Exit::Pause,
             INVD => Exit::Invd,
+            MONITOR | MWAIT => Exit::MonitorMwait,
+            RDPMC => Exit::Rdpmc,
             // Access type 0 MOV to CR, 1 MOV from CR, 2 CLTS, 3 LMSW (both write CR0; the run
             // loop decodes them).
             CR_ACCESS => Exit::CrAccess {
@@ -87,6 +92,7 @@ pub mod svm {
     pub const INTR: u64 = 0x60;
     pub const NMI: u64 = 0x61;
     pub const VINTR: u64 = 0x64;
+    pub const RDPMC: u64 = 0x6f;
     pub const CPUID: u64 = 0x72;
     pub const IRET: u64 = 0x74;
     pub const INVD: u64 = 0x76;
@@ -98,6 +104,8 @@ pub mod svm {
     pub const SHUTDOWN: u64 = 0x7f;
     /// VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT.
     pub const SVM_INSTRUCTIONS: core::ops::RangeInclusive<u64> = 0x80..=0x86;
+    /// MONITOR, MWAIT, MWAIT conditional (MONITORX/MWAITX exit as MONITOR/MWAIT).
+    pub const MONITOR_MWAIT: core::ops::RangeInclusive<u64> = 0x8a..=0x8c;
     pub const XSETBV: u64 = 0x8d;
     pub const NPF: u64 = 0x400;
     /// VMEXIT_INVALID: -1, which some implementations (QEMU's TCG) store as 32 bits.
@@ -130,6 +138,8 @@ pub mod svm {
             NMI => Exit::HostNmi,
             PAUSE => Exit::Pause,
             INVD => Exit::Invd,
+            RDPMC => Exit::Rdpmc,
+            code if MONITOR_MWAIT.contains(&code) => Exit::MonitorMwait,
             SHUTDOWN => Exit::TripleFault,
             // With decode assists, EXITINFO1 bit 63 says a MOV CR gave its register in bits 3:0;
             // otherwise (CLTS, LMSW, or no decode assists) the run loop decodes the instruction.
@@ -247,6 +257,13 @@ mod tests {
         );
         assert_eq!(svm::decode(svm::NMI, 0, 0), Exit::HostNmi);
         assert_eq!((svm::decode(svm::INVD, 0, 0), vmx::decode(vmx::INVD, 0, 0, 0)), (Exit::Invd, Exit::Invd));
+        assert_eq!((svm::decode(0x6f, 0, 0), vmx::decode(15, 0, 0, 0)), (Exit::Rdpmc, Exit::Rdpmc));
+        for (svm_code, vmx_reason) in [(0x8a, 39), (0x8b, 36), (0x8c, 36)] {
+            assert_eq!(
+                (svm::decode(svm_code, 0, 0), vmx::decode(vmx_reason, 0, 0, 0)),
+                (Exit::MonitorMwait, Exit::MonitorMwait)
+            );
+        }
         assert_eq!(svm::decode(svm::INVALID, 0, 0), Exit::EntryFailed { code: u64::MAX });
         assert_eq!(svm::decode(0xffff_ffff, 0, 0), Exit::EntryFailed { code: u64::MAX }, "stored as 32 bits");
         assert_eq!(svm::decode(0x81, 5, 0), Exit::Unhandled { reason: 0x81, info: 5 });

@@ -175,6 +175,11 @@ pub enum Exit {
     Pause,
     /// INVD: it would throw away dirty cache lines, the host's among them.
     Invd,
+    /// MONITOR or MWAIT: never offered (CPUID hides them), and natively MWAIT would idle the
+    /// host CPU inside the guest.
+    MonitorMwait,
+    /// RDPMC: no PMU is offered, and natively it would read the host's counters.
+    Rdpmc,
     /// MOV to or from a control register that the backend intercepts.
     CrAccess {
         /// Control register number.
@@ -224,6 +229,8 @@ impl Exit {
             Exit::HostNmi => "host-nmi",
             Exit::Pause => "pause",
             Exit::Invd => "invd",
+            Exit::MonitorMwait => "monitor-mwait",
+            Exit::Rdpmc => "rdpmc",
             Exit::CrAccess { .. } => "cr-access",
             Exit::TripleFault => "triple-fault",
             Exit::EntryFailed { .. } => "entry-failed",

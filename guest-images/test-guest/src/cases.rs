@@ -482,6 +482,36 @@ fn exceptions() -> CaseResult {
     };
     check_caught("invlpga", traps::caught(), invlpga_at, 0)?;
 
+    // MONITOR and MWAIT are not offered by CPUID: #UD (3 bytes each), as on a CPU without them,
+    // rather than running natively (MWAIT would idle the host CPU inside the guest).
+    ensure!(cpu::cpuid(1, 0).ecx & (1 << 3) == 0, "CPUID offers MONITOR/MWAIT");
+    traps::expect(VECTOR_UD, 3);
+    let monitor_at: u64;
+    // SAFETY: the #UD handler skips it; RAX/ECX/EDX are only its operands.
+    unsafe {
+        asm!("lea {}, [rip + 2f]", "2:", "monitor", out(reg) monitor_at, in("rax") 0u64, in("ecx") 0u32, in("edx") 0u32,
+             options(nostack, preserves_flags))
+    };
+    check_caught("monitor", traps::caught(), monitor_at, 0)?;
+    traps::expect(VECTOR_UD, 3);
+    let mwait_at: u64;
+    // SAFETY: as for MONITOR.
+    unsafe {
+        asm!("lea {}, [rip + 2f]", "2:", "mwait", out(reg) mwait_at, in("eax") 0u32, in("ecx") 0u32,
+             options(nostack, preserves_flags))
+    };
+    check_caught("mwait", traps::caught(), mwait_at, 0)?;
+
+    // No PMU is offered: RDPMC of counter 0 raises #GP(0) (2 bytes) and reads no host counter.
+    traps::expect(VECTOR_GP, 2);
+    let rdpmc_at: u64;
+    // SAFETY: the #GP handler skips it; EDX:EAX are clobbered either way.
+    unsafe {
+        asm!("lea {}, [rip + 2f]", "2:", "rdpmc", out(reg) rdpmc_at, in("ecx") 0u32, out("eax") _, out("edx") _,
+             options(nostack, preserves_flags))
+    };
+    check_caught("rdpmc", traps::caught(), rdpmc_at, 0)?;
+
     // INVD and WBINVD run (the guest's memory is coherent; nothing it holds is lost).
     // SAFETY: the guest keeps nothing in caches that memory does not have.
     unsafe { asm!("wbinvd", "invd", options(nostack, preserves_flags)) };

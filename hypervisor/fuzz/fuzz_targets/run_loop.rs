@@ -179,6 +179,8 @@ enum FuzzExit {
     ExternalInterrupt,
     Pause,
     Invd,
+    MonitorMwait,
+    Rdpmc,
     Cr8 {
         write: bool,
         gpr: u8,
@@ -226,6 +228,8 @@ impl FuzzExit {
             FuzzExit::ExternalInterrupt => Exit::ExternalInterrupt,
             FuzzExit::Pause => Exit::Pause,
             FuzzExit::Invd => Exit::Invd,
+            FuzzExit::MonitorMwait => Exit::MonitorMwait,
+            FuzzExit::Rdpmc => Exit::Rdpmc,
             FuzzExit::Cr8 { write, gpr } => Exit::CrAccess { cr: 8, write, gpr: gpr % 16 },
             FuzzExit::CrWrite { cr4, gpr } => Exit::CrAccess {
                 cr: if cr4 { 4 } else { 0 },

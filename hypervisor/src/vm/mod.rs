@@ -578,6 +578,15 @@ impl<M: GuestMemory> Vm<M> {
                 self.skip(vcpu);
                 Next::Continue
             }
+            // CPUID offers neither MONITOR/MWAIT nor a PMU: what hardware without them does.
+            Exit::MonitorMwait => {
+                vcpu.inject_exception(VECTOR_UD, None);
+                Next::Continue
+            }
+            Exit::Rdpmc => {
+                vcpu.inject_exception(VECTOR_GP, Some(0));
+                Next::Continue
+            }
             Exit::Hlt => {
                 self.skip(vcpu);
                 if self.wakes_from_halt(cx.index, vcpu) {

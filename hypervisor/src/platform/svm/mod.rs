@@ -336,11 +336,11 @@ impl SvmVcpu {
         vmcb.write(control::INTERCEPT_CR, 1u32 << 16 | 1u32 << 20);
         vmcb.write(control::INTERCEPT_MISC1, {
             use misc1::*;
-            INTR | NMI | CPUID | INVD | HLT | INVLPGA | IOIO_PROT | MSR_PROT | SHUTDOWN
+            INTR | NMI | RDPMC | CPUID | INVD | HLT | INVLPGA | IOIO_PROT | MSR_PROT | SHUTDOWN
         });
         vmcb.write(control::INTERCEPT_MISC2, {
             use misc2::*;
-            VMRUN | VMMCALL | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | XSETBV
+            VMRUN | VMMCALL | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | MONITOR | MWAIT | MWAIT_CONDITIONAL | XSETBV
         });
         vmcb.write(control::IOPM_BASE, iopm.phys);
         vmcb.write(control::MSRPM_BASE, msrpm.phys);

@@ -58,6 +58,7 @@ pub mod misc1 {
     pub const INTR: u32 = 1 << 0;
     pub const NMI: u32 = 1 << 1;
     pub const VINTR: u32 = 1 << 4;
+    pub const RDPMC: u32 = 1 << 15;
     pub const CPUID: u32 = 1 << 18;
     pub const IRET: u32 = 1 << 20;
     pub const INVD: u32 = 1 << 22;
@@ -78,5 +79,8 @@ pub mod misc2 {
     pub const STGI: u32 = 1 << 4;
     pub const CLGI: u32 = 1 << 5;
     pub const SKINIT: u32 = 1 << 6;
+    pub const MONITOR: u32 = 1 << 10;
+    pub const MWAIT: u32 = 1 << 11;
+    pub const MWAIT_CONDITIONAL: u32 = 1 << 12;
     pub const XSETBV: u32 = 1 << 13;
 }

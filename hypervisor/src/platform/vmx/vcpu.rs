@@ -34,6 +34,9 @@ const PRIMARY_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
 const PRIMARY_NMI_WINDOW_EXITING: u32 = 1 << 22;
 const PRIMARY_USE_TSC_OFFSETTING: u32 = 1 << 3;
 const PRIMARY_HLT_EXITING: u32 = 1 << 7;
+const PRIMARY_MWAIT_EXITING: u32 = 1 << 10;
+const PRIMARY_RDPMC_EXITING: u32 = 1 << 11;
+const PRIMARY_MONITOR_EXITING: u32 = 1 << 29;
 /// MOV to/from CR8 exit: without them the guest would read and write the host's own TPR.
 const PRIMARY_CR8_LOAD_EXITING: u32 = 1 << 19;
 const PRIMARY_CR8_STORE_EXITING: u32 = 1 << 20;
@@ -295,6 +298,9 @@ impl VmxVcpu {
         let primary = adjust(
             primary_cap,
             PRIMARY_HLT_EXITING
+                | PRIMARY_MWAIT_EXITING
+                | PRIMARY_RDPMC_EXITING
+                | PRIMARY_MONITOR_EXITING
                 | PRIMARY_CR8_LOAD_EXITING
                 | PRIMARY_CR8_STORE_EXITING
                 | PRIMARY_USE_TSC_OFFSETTING
@@ -303,6 +309,9 @@ impl VmxVcpu {
                 | PRIMARY_ACTIVATE_SECONDARY,
             &[
                 (PRIMARY_HLT_EXITING, "HLT exiting"),
+                (PRIMARY_MWAIT_EXITING, "MWAIT exiting"),
+                (PRIMARY_RDPMC_EXITING, "RDPMC exiting"),
+                (PRIMARY_MONITOR_EXITING, "MONITOR exiting"),
                 (PRIMARY_CR8_LOAD_EXITING, "CR8-load exiting"),
                 (PRIMARY_CR8_STORE_EXITING, "CR8-store exiting"),
                 (PRIMARY_USE_TSC_OFFSETTING, "use TSC offsetting"),
