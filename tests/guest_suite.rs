@@ -242,8 +242,9 @@ fn guest_text_cannot_forge_parsed_lines(platform: Platform) {
 on_both_backends!(guest_text_cannot_forge_parsed_lines);
 
 /// A hostile VM writes random values to every port but the few that end it by design, reads
-/// them all back, then storms the host with CPUID and port exits: it ends cleanly, and so
-/// does every VM beside it.
+/// them all back, storms the host with CPUID and port exits, then reads and writes across the
+/// whole guest-physical address space (an open bus wherever there is neither RAM nor a
+/// device): it ends cleanly, and so does every VM beside it.
 fn port_sweeps_and_exit_storms_change_nothing_outside(platform: Platform) {
     let outcome = suite(platform);
     Log(outcome)
@@ -251,13 +252,18 @@ fn port_sweeps_and_exit_storms_change_nothing_outside(platform: Platform) {
         .contains("[port-sweep] case port-sweep: ok\n")
         .line_with_all(&["[port-sweep] case exit-storm: 200000 exits, "])
         .contains("[port-sweep] case exit-storm: ok\n")
+        .line_with_all(&["[port-sweep] case phys-sweep: ", " addresses from 0x1000000 to 2^", " read all ones"])
+        .contains("[port-sweep] case phys-sweep: ok\n")
         .vm_ended("port-sweep", "debug-exit status=0")
         .line_with_all(&["accesses to ports without a device: "])
+        .line_with_all(&["accesses to guest-physical addresses without RAM or a device: "])
         .contains("[smp] case smp: ok\n");
     let logged =
         outcome.serial.lines().filter(|l| l.contains("vm port-sweep: port ") && l.contains("has no device")).count();
     // `vm::msr::LOGGED_REFUSALS` (16) ports, then one line saying the rest are counted.
     assert!((1..=17).contains(&logged), "{logged} log lines for ports without a device: the log must stay bounded");
+    let logged = outcome.serial.lines().filter(|l| l.contains("vm port-sweep: ") && l.contains("reaches")).count();
+    assert!((1..=17).contains(&logged), "{logged} log lines for guest-physical holes: the log must stay bounded");
 }
 
 on_both_backends!(port_sweeps_and_exit_storms_change_nothing_outside);

@@ -6,6 +6,7 @@
 #![allow(clippy::result_large_err)]
 
 use core::arch::asm;
+use core::cell::UnsafeCell;
 use core::fmt;
 
 use crate::cpu;
@@ -43,6 +44,7 @@ pub fn run(name: &str) -> CaseResult {
         "cr-patterns" => cr_patterns(),
         "string-io" => string_io(),
         "exit-storm" => exit_storm(),
+        "phys-sweep" => phys_sweep(),
         _ => Err(fail!("unknown case")),
     }
 }
@@ -614,6 +616,84 @@ fn port_sweep() -> CaseResult {
     }
     println!("case port-sweep: {swept} ports written and read, {all_ones} read 0xff");
     ensure!(all_ones > 60_000, "only {all_ones} ports read as unclaimed (0xff)");
+    Ok(())
+}
+
+/// RAM of the VM that runs `phys-sweep` (its `memory = 16M`).
+const SWEEP_RAM_END: u64 = 16 << 20;
+/// Device pages the sweep leaves alone: the IOAPIC, the local APIC and the test device.
+const SWEEP_DEVICE_PAGES: [u64; 3] = [0xfec0_0000, 0xfee0_0000, 0xd000_0000];
+/// Linear address of the sweep's window: PDPT entry 4 (4 GiB), which the loader leaves empty.
+const SWEEP_WINDOW: u64 = 4 << 30;
+const PAGE_PRESENT_WRITABLE: u64 = 0b11;
+const PAGE_2M: u64 = 1 << 7;
+
+/// A page directory the sweep points PDPT entry 4 at; entry 0 maps the probed 2 MiB.
+#[repr(C, align(4096))]
+struct WindowDirectory(UnsafeCell<[u64; 512]>);
+// SAFETY: one CPU runs the sweep; the CPU reads it only through the page walk.
+unsafe impl Sync for WindowDirectory {}
+static SWEEP_WINDOW_PD: WindowDirectory = WindowDirectory(UnsafeCell::new([0; 512]));
+
+/// Reads and writes guest-physical addresses from the end of RAM to the top of the
+/// physical-address space CPUID reports: every 2 MiB below 4 GiB (both ends of each), then two
+/// points per power of two up to the last word. Where there is neither RAM nor a device the
+/// bus is open: every read gives all ones, before and after a write, never another VM's or the
+/// host's memory.
+fn phys_sweep() -> CaseResult {
+    let max_phys = cpu::cpuid(0x8000_0008, 0).eax & 0xff;
+    ensure!((36..=52).contains(&max_phys), "CPUID reports {max_phys} physical-address bits");
+    let pml4 = (cpu::read_cr3() & !0xfff) as *const u64;
+    // SAFETY: the loader's tables are identity-mapped guest RAM: PML4 entry 0 holds the PDPT.
+    let pdpt = (unsafe { pml4.read_volatile() } & 0x000f_ffff_ffff_f000) as *mut u64;
+    let window_pd = SWEEP_WINDOW_PD.0.get() as u64;
+    // SAFETY: PDPT entry 4 is unused (the loader maps 4 GiB); it now holds the window directory.
+    unsafe { pdpt.add(4).write_volatile(window_pd | PAGE_PRESENT_WRITABLE) };
+    // Identity-mapped below 4 GiB; above, through the window.
+    let linear = |gpa: u64| -> u64 {
+        if gpa < 4 << 30 {
+            return gpa;
+        }
+        // SAFETY: only the window's first entry changes, and its TLB entry is flushed next.
+        unsafe {
+            (*SWEEP_WINDOW_PD.0.get())[0] = (gpa & !0x1f_ffff) | PAGE_2M | PAGE_PRESENT_WRITABLE;
+            asm!("invlpg [{}]", in(reg) SWEEP_WINDOW, options(nostack, preserves_flags));
+        }
+        SWEEP_WINDOW + (gpa & 0x1f_ffff)
+    };
+    let probe = |gpa: u64| -> CaseResult {
+        let at = linear(gpa) as *mut u64;
+        // SAFETY: `at` maps `gpa`, which is outside RAM: the accesses exit to the hypervisor.
+        let (first, after_write) = unsafe {
+            let first = at.read_volatile();
+            at.write_volatile(0x5a5a_5a5a_0000_0000 | gpa >> 12);
+            (first, at.read_volatile())
+        };
+        ensure!(
+            first == u64::MAX && after_write == u64::MAX,
+            "guest-physical {gpa:#x} read {first:#x}, then {after_write:#x} after a write: expected all ones"
+        );
+        Ok(())
+    };
+    let mut probed = 0u32;
+    let below_4g = (SWEEP_RAM_END..4 << 30).step_by(2 << 20).flat_map(|base| [base, base + 0x1f_fff8]);
+    for gpa in below_4g.filter(|gpa| !SWEEP_DEVICE_PAGES.contains(&(gpa & !0xfff))) {
+        probe(gpa)?;
+        probed += 1;
+    }
+    for bit in 32..max_phys {
+        for gpa in [1u64 << bit, (1u64 << bit) + (1u64 << (bit - 1)) + 0x1238] {
+            probe(gpa)?;
+            probed += 1;
+        }
+    }
+    probe((1u64 << max_phys) - 8)?;
+    // SAFETY: takes the window out again.
+    unsafe {
+        pdpt.add(4).write_volatile(0);
+        asm!("invlpg [{}]", in(reg) SWEEP_WINDOW, options(nostack, preserves_flags));
+    }
+    println!("case phys-sweep: {} addresses from {SWEEP_RAM_END:#x} to 2^{max_phys} read all ones", probed + 1);
     Ok(())
 }
 

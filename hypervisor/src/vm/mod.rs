@@ -204,6 +204,8 @@ pub struct Vm<M: GuestMemory> {
     last_input_poll: u64,
     console_input: VecDeque<u8>,
     warned_ports: msr::FirstFew,
+    /// Guest-physical pages with neither RAM nor a device that the guest touched (page numbers).
+    warned_pages: msr::FirstFew,
     /// An instruction whose length had to be decoded could not be (logged once).
     undecodable_logged: bool,
 }
@@ -278,6 +280,7 @@ impl<M: GuestMemory> Vm<M> {
             last_input_poll: 0,
             console_input: VecDeque::new(),
             warned_ports: msr::FirstFew::default(),
+            warned_pages: msr::FirstFew::default(),
             undecodable_logged: false,
         }
     }
@@ -698,18 +701,13 @@ impl<M: GuestMemory> Vm<M> {
             Ok(()) => self.skip(vcpu),
             Err(msr::Refused) => {
                 let access = if write { "wrmsr" } else { "rdmsr" };
-                match self.stats.msr_refusals.record(msr) {
-                    msr::RefusalLog::First => log::warn!(
-                        "vm {}: {access} of MSR {msr:#x} is not allowed: injecting #GP (reported once per MSR)",
-                        self.name
-                    ),
-                    msr::RefusalLog::LimitReached => log::warn!(
-                        "vm {}: {access} of MSR {msr:#x} is not allowed either; from now on refused MSRs \
-                         are only counted (see the VM's end report)",
-                        self.name
-                    ),
-                    msr::RefusalLog::Quiet => {}
-                }
+                self.stats.msr_refusals.record(msr).log(
+                    log::Level::Warn,
+                    &self.name,
+                    format_args!("{access} of MSR {msr:#x} is not allowed: injecting #GP"),
+                    "reported once per MSR",
+                    "refused MSRs",
+                );
                 vcpu.inject_exception(VECTOR_GP, Some(0));
             }
         }
@@ -854,16 +852,13 @@ impl<M: GuestMemory> Vm<M> {
         env: &mut Env<'_>,
     ) -> Next {
         let rip = vcpu.rip();
-        if fetch || !(self.router.claims_mmio(gpa) || self.bus.claims_mmio(gpa)) {
-            let access = if fetch {
-                "instruction fetch"
-            } else if write {
-                "write"
-            } else {
-                "read"
-            };
+        let claimed_by_router = self.router.claims_mmio(gpa);
+        let claimed = claimed_by_router || self.bus.claims_mmio(gpa);
+        // Nothing runs from outside RAM: there is no code to fetch.
+        if fetch {
+            let place = if claimed { "a device's registers" } else { "outside guest RAM, where no device is" };
             return Next::End(VmEnd::Error(format!(
-                "{access} at guest-physical {gpa:#x} (RIP {rip:#x}): outside guest RAM and no device claims it"
+                "instruction fetch at guest-physical {gpa:#x} (RIP {rip:#x}): {place}"
             )));
         }
         let mode = vcpu.mode();
@@ -882,7 +877,7 @@ impl<M: GuestMemory> Vm<M> {
         let cpu = cx.index;
         match op.kind {
             MmioKind::Load { reg, extend } => {
-                let value = if self.router.claims_mmio(gpa) {
+                let value = if claimed_by_router {
                     self.router.mmio_read(cpu, gpa, op.size, now, &mut events)
                 } else {
                     self.bus.mmio_read(gpa, op.size, now, &mut events).unwrap_or(devices::ones(op.size))
@@ -892,12 +887,15 @@ impl<M: GuestMemory> Vm<M> {
             }
             MmioKind::Store { src } => {
                 let value = mmio::store_value(src, op.size, |num| vcpu.register(num));
-                if self.router.claims_mmio(gpa) {
+                if claimed_by_router {
                     self.router.mmio_write(cpu, gpa, op.size, value, now, &mut events);
                 } else {
                     self.bus.mmio_write(gpa, op.size, value, now, &mut events);
                 }
             }
+        }
+        if !claimed {
+            self.warn_unclaimed_page(gpa, write, rip);
         }
         vcpu.set_rip(rip.wrapping_add(op.len as u64));
         self.apply(events, env)
@@ -996,17 +994,30 @@ impl<M: GuestMemory> Vm<M> {
 
     fn warn_port(&mut self, port: u16) {
         self.stats.unclaimed_port_accesses += 1;
-        match self.warned_ports.note(u32::from(port)) {
-            msr::RefusalLog::First => {
-                log::info!("vm {}: port {port:#x} has no device (reads float high); reported once", self.name)
-            }
-            msr::RefusalLog::LimitReached => log::info!(
-                "vm {}: port {port:#x} has no device either; from now on such ports are only counted \
-                 (see the VM's end report)",
-                self.name
+        self.warned_ports.note(port.into()).log(
+            log::Level::Info,
+            &self.name,
+            format_args!("port {port:#x} has no device (reads float high)"),
+            "reported once",
+            "such ports",
+        );
+    }
+
+    /// A data access where there is neither RAM nor a device: an open bus, as on a PC (reads
+    /// float high, writes go nowhere), never host memory.
+    fn warn_unclaimed_page(&mut self, gpa: u64, write: bool, rip: u64) {
+        self.stats.unclaimed_mmio_accesses += 1;
+        let access = if write { "write" } else { "read" };
+        self.warned_pages.note(gpa >> 12).log(
+            log::Level::Info,
+            &self.name,
+            format_args!(
+                "{access} at guest-physical {gpa:#x} (RIP {rip:#x}) reaches neither RAM nor a device \
+                 (reads float high, writes are dropped)"
             ),
-            msr::RefusalLog::Quiet => {}
-        }
+            "reported once per page",
+            "such accesses",
+        );
     }
 }
 

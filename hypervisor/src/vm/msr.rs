@@ -68,18 +68,32 @@ pub enum RefusalLog {
     Quiet,
 }
 
-/// The first [`LOGGED_REFUSALS`] distinct keys (MSRs, ports) a VM got wrong, so its log says
-/// what they were and stays short whatever the guest does.
+impl RefusalLog {
+    /// Logs `what` VM `vm` did (`once` says how often such lines come), or, at the limit, that
+    /// from now on `rest` are only counted.
+    pub fn log(self, level: log::Level, vm: &str, what: core::fmt::Arguments<'_>, once: &str, rest: &str) {
+        match self {
+            RefusalLog::First => log::log!(level, "vm {vm}: {what} ({once})"),
+            RefusalLog::LimitReached => {
+                log::log!(level, "vm {vm}: {what}; from now on {rest} are only counted (see the VM's end report)")
+            }
+            RefusalLog::Quiet => {}
+        }
+    }
+}
+
+/// The first [`LOGGED_REFUSALS`] distinct keys (MSRs, ports, guest-physical pages) a VM got
+/// wrong, so its log says what they were and stays short whatever the guest does.
 #[derive(Default)]
 pub struct FirstFew {
-    logged: Vec<u32>,
+    logged: Vec<u64>,
     /// The note that further ones are only counted has been given.
     limit_announced: bool,
 }
 
 impl FirstFew {
     /// Whether and how to log `key`.
-    pub fn note(&mut self, key: u32) -> RefusalLog {
+    pub fn note(&mut self, key: u64) -> RefusalLog {
         if self.logged.contains(&key) {
             RefusalLog::Quiet
         } else if self.logged.len() < LOGGED_REFUSALS {
@@ -99,7 +113,7 @@ impl MsrRefusals {
     pub fn record(&mut self, msr: u32) -> RefusalLog {
         let range = REFUSAL_RANGES.iter().position(|&(lo, hi)| (lo..=hi).contains(&msr));
         self.counts[range.unwrap_or(REFUSAL_RANGES.len())] += 1;
-        self.logged.note(msr)
+        self.logged.note(msr.into())
     }
 
     /// `refused MSR accesses (#GP): N in LO-HI, ...`, or `None` if there were none.

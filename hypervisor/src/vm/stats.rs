@@ -19,6 +19,9 @@ pub struct ExitStats {
     pub msr_refusals: super::msr::MsrRefusals,
     /// Accesses to ports no device claims (reads float high), reported after the table.
     pub unclaimed_port_accesses: u64,
+    /// Data accesses to guest-physical addresses with neither RAM nor a device (reads float
+    /// high, writes are dropped), reported after the table.
+    pub unclaimed_mmio_accesses: u64,
 }
 
 struct Row {
@@ -82,6 +85,13 @@ impl ExitStats {
         }
         if self.unclaimed_port_accesses > 0 {
             let _ = writeln!(out, "  accesses to ports without a device: {}", self.unclaimed_port_accesses);
+        }
+        if self.unclaimed_mmio_accesses > 0 {
+            let _ = writeln!(
+                out,
+                "  accesses to guest-physical addresses without RAM or a device: {}",
+                self.unclaimed_mmio_accesses
+            );
         }
         out
     }
