@@ -12,17 +12,10 @@ use hypervisor::loader::{GuestMemory, SliceMemory};
 use hypervisor::vcpu::GuestMode;
 use hypervisor_fuzz::{MirrorMemory, Reader};
 use libfuzzer_sys::fuzz_target;
+use hypervisor::vm::control_regs::{
+    CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PSE, CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE,
+};
 
-const CR0_PE: u64 = 1;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PSE: u64 = 1 << 4;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const CR4_SMEP: u64 = 1 << 20;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
 
 /// A paging mode: the raw registers, or a preset with the raw values' optional bits.
 fn mode(preset: u8, cr0: u64, cr3: u64, cr4: u64, efer: u64) -> GuestMode {

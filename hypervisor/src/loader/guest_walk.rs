@@ -17,15 +17,7 @@ use core::fmt;
 
 use super::{GuestMemory, MemError};
 use crate::vcpu::GuestMode;
-
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PSE: u64 = 1 << 4;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const CR4_SMEP: u64 = 1 << 20;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
+use crate::vm::control_regs::{CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PSE, CR4_SMEP, EFER_LMA, EFER_NXE};
 
 const PTE_P: u64 = 1 << 0;
 const PTE_RW: u64 = 1 << 1;

@@ -19,6 +19,7 @@ use super::gdt::{self, CpuTables};
 use super::{apic, idt, memory, percpu, serial, xstate};
 use crate::host_acpi;
 use crate::mm::frames::FRAME_SIZE;
+use crate::vm::control_regs::{CR4_VMXE, EFER_LME, EFER_NXE, EFER_SCE};
 
 /// Stack of each application processor (as large as the boot CPU's).
 const AP_STACK_BYTES: u64 = 256 * 1024;
@@ -29,10 +30,6 @@ pub const TRAMPOLINE_PAGES: u64 = 4;
 
 const IA32_EFER: u32 = 0xc000_0080;
 const IA32_PAT: u32 = 0x277;
-const EFER_SCE: u64 = 1 << 0;
-const EFER_LME: u64 = 1 << 8;
-const EFER_NXE: u64 = 1 << 11;
-const CR4_VMXE: u64 = 1 << 13;
 
 // Layout of the trampoline page: a short jump over the data, the data at fixed offsets, then
 // the code. The boot CPU patches every address the code needs, because the page's location is

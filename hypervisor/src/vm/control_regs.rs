@@ -72,13 +72,18 @@ pub const CR0_PE: u64 = 1 << 0;
 pub const CR0_TS: u64 = 1 << 3;
 pub const CR0_ET: u64 = 1 << 4;
 pub const CR0_NE: u64 = 1 << 5;
+pub const CR0_WP: u64 = 1 << 16;
 pub const CR0_NW: u64 = 1 << 29;
 pub const CR0_CD: u64 = 1 << 30;
 pub const CR0_PG: u64 = 1 << 31;
-/// CR4 bits the rules look at.
+/// CR4 bits (Intel SDM Vol. 3, 2.5).
+pub const CR4_PSE: u64 = 1 << 4;
 pub const CR4_PAE: u64 = 1 << 5;
 pub const CR4_LA57: u64 = 1 << 12;
+pub const CR4_VMXE: u64 = 1 << 13;
 pub const CR4_PCIDE: u64 = 1 << 17;
+pub const CR4_OSXSAVE: u64 = 1 << 18;
+pub const CR4_SMEP: u64 = 1 << 20;
 
 /// The CR0 a `MOV CR0` of `value` leaves, or `None` when the CPU raises #GP: bits 63:32, NW
 /// without CD, PG without PE, paging turned on for long mode without PAE, paging turned off

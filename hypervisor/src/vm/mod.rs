@@ -26,6 +26,7 @@ use crate::loader::guest_walk::{self, WalkError};
 use crate::loader::GuestMemory;
 use crate::mmio::{self, MmioKind};
 use crate::vcpu::{valid_xcr0, Exit, GuestMode, IoExit, Segment, StartMode, Vcpu, CR_SOURCE_UNKNOWN};
+use control_regs::CR4_OSXSAVE;
 use interrupts::InterruptRouter;
 use msr::MsrModel;
 use spin::Mutex;
@@ -36,7 +37,6 @@ const VECTOR_GP: u8 = 13;
 const VECTOR_PF: u8 = 14;
 const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_DF: u64 = 1 << 10;
-const CR4_OSXSAVE: u64 = 1 << 18;
 /// Longest console line before it is flushed without a newline.
 const MAX_CONSOLE_LINE: usize = 512;
 /// Interrupts queued beyond this are dropped (and reported): a guest cannot grow our memory.

@@ -19,6 +19,7 @@ use crate::guest_clock::GuestClock;
 use crate::mm::frames::FRAME_SIZE;
 use crate::mm::tlb_tags::Tag;
 use crate::vcpu::{Exit, Gprs, GuestMode, Segment, StartMode, Vcpu};
+use crate::vm::control_regs::{CR0_PG, EFER_LMA, EFER_LME};
 
 const MSR_EFER: u32 = 0xc000_0080;
 const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
@@ -26,9 +27,6 @@ const MSR_PAT: u32 = 0x277;
 /// Read by RDTSCP and RDPID without an exit; not in the VMCB, so switched by hand.
 const MSR_TSC_AUX: u32 = 0xc000_0103;
 const EFER_SVME: u64 = 1 << 12;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_LME: u64 = 1 << 8;
-const CR0_PG: u64 = 1 << 31;
 /// TLB_CONTROL: flush the TLB on the next VMRUN (1 works on every CPU; 3, this ASID only,
 /// needs FlushByAsid).
 const TLB_FLUSH_ALL: u8 = 1;

@@ -21,6 +21,7 @@ pub use vcpu::VmxVcpu;
 use super::memory;
 use crate::mm::second_level::PageSize;
 use crate::virt::msr::{IA32_FEATURE_CONTROL, IA32_VMX_BASIC, IA32_VMX_EPT_VPID_CAP};
+use crate::vm::control_regs::CR4_VMXE;
 
 /// Capability MSRs not listed in `virt::msr` (Intel SDM Vol. 3, Appendix A).
 pub(crate) mod cap_msr {
@@ -58,7 +59,6 @@ pub(crate) mod msr {
 
 const FEATURE_CONTROL_LOCK: u64 = 1 << 0;
 const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
-const CR4_VMXE: u64 = 1 << 13;
 const CPUID1_ECX_VMX: u32 = 1 << 5;
 const EPT_CAP_2M: u64 = 1 << 16;
 const EPT_CAP_1G: u64 = 1 << 17;

@@ -23,6 +23,7 @@ use crate::platform::xstate::XState;
 use crate::platform::{gdt, memory};
 use crate::vcpu::{valid_xcr0, Exit, Gprs, GuestMode, Segment, StartMode, Vcpu};
 use crate::virt::msr::IA32_VMX_BASIC;
+use crate::vm::control_regs::{CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR0_TS, CR4_PAE, EFER_LMA, EFER_LME};
 
 // Pin-based controls.
 const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
@@ -71,14 +72,6 @@ const CAP_INVVPID: u64 = 1 << 32;
 const CAP_INVVPID_SINGLE: u64 = 1 << 41;
 const CAP_INVVPID_ALL: u64 = 1 << 42;
 
-const CR0_PE: u64 = 1 << 0;
-const CR0_TS: u64 = 1 << 3;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_RESERVED_1: u64 = 1 << 1;
 
