@@ -12,6 +12,7 @@ use core::fmt;
 
 use crate::loader::{GuestMemory, MemError};
 
+pub mod blk;
 pub mod queue;
 #[cfg(test)]
 mod test_driver;
