@@ -13,6 +13,7 @@ pub mod pit;
 pub mod rtc;
 pub mod test_device;
 pub mod uart;
+pub mod virtio;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;

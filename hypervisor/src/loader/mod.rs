@@ -85,8 +85,25 @@ pub trait GuestMemory {
         Ok(u32::from_le_bytes(b))
     }
 
+    /// Reads a little-endian `u16` at `gpa`.
+    fn read_u16(&self, gpa: u64) -> Result<u16, MemError> {
+        let mut b = [0u8; 2];
+        self.read(gpa, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
     /// Writes a little-endian `u64` at `gpa`.
     fn write_u64(&mut self, gpa: u64, value: u64) -> Result<(), MemError> {
+        self.write(gpa, &value.to_le_bytes())
+    }
+
+    /// Writes a little-endian `u32` at `gpa`.
+    fn write_u32(&mut self, gpa: u64, value: u32) -> Result<(), MemError> {
+        self.write(gpa, &value.to_le_bytes())
+    }
+
+    /// Writes a little-endian `u16` at `gpa`.
+    fn write_u16(&mut self, gpa: u64, value: u16) -> Result<(), MemError> {
         self.write(gpa, &value.to_le_bytes())
     }
 }
@@ -184,6 +201,11 @@ mod tests {
         mem.zero(14, 2).unwrap();
         mem.read(14, &mut b).unwrap();
         assert_eq!(b, [0, 0]);
+        mem.write_u32(0, 0x0403_0201).unwrap();
+        mem.write_u16(4, 0x0605).unwrap();
+        assert_eq!(mem.read_u64(0).unwrap(), 0x0000_0605_0403_0201);
+        assert_eq!(mem.read_u16(1).unwrap(), 0x0302);
+        assert!(mem.read_u16(15).is_err() && mem.write_u16(15, 0).is_err() && mem.write_u32(13, 0).is_err());
         assert_eq!(
             MemError::OutOfRange { gpa: 0x1000, len: 8 }.to_string(),
             "guest-physical access at 0x1000+0x8 is outside guest memory"
