@@ -42,7 +42,7 @@ fn bios_image_under_bochs_reports_vmx_with_ept_vpid_and_unrestricted_guest() {
 #[test]
 fn cpu_without_virtualization_is_reported_and_the_run_fails() {
     let mut config = boot::RunConfig::new(Platform::Tcg, Firmware::Bios, boot::HYPERVISOR_KERNEL);
-    config.qemu_cpu = Some("qemu64,-svm".into());
+    config.cpu_model = Some("qemu64,-svm".into());
     config.timeout = integration_tests::TIMEOUT;
     let outcome = boot::run(&config).expect("run under QEMU TCG");
     Log(&outcome)

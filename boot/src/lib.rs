@@ -232,8 +232,9 @@ pub struct RunConfig {
     /// once the log contains the string, paste the bytes. The log is matched as the emulator
     /// printed it, where lines end in "\r\n": match text within a line, not its end.
     pub typed_input: Vec<(String, Vec<u8>)>,
-    /// QEMU `-cpu` model instead of the platform's default (for tests of unusable CPUs).
-    pub qemu_cpu: Option<String>,
+    /// The emulator's CPU model instead of the platform's default: QEMU `-cpu` (for tests of
+    /// unusable CPUs) or Bochs `cpu: model=`.
+    pub cpu_model: Option<String>,
     /// CPUs of the machine (QEMU `-smp`, Bochs `cpu: count=`), in [`CPUS_RANGE`].
     pub cpus: u32,
     /// RAM of the machine in MiB (QEMU `-m`, Bochs `megs:`), in [`MEMORY_MIB_RANGE`].
@@ -254,7 +255,7 @@ impl RunConfig {
             raw_terminal: false,
             interactive: false,
             typed_input: Vec::new(),
-            qemu_cpu: None,
+            cpu_model: None,
             cpus: MACHINE_CPUS,
             memory_mib: MACHINE_MEMORY_MIB,
         }

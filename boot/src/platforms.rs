@@ -151,7 +151,7 @@ pub(crate) fn qemu_args(config: &RunConfig, image: &Path) -> Vec<OsString> {
             TCG_CPU
         }
     };
-    push(&["-cpu", config.qemu_cpu.as_deref().unwrap_or(default_cpu)]);
+    push(&["-cpu", config.cpu_model.as_deref().unwrap_or(default_cpu)]);
     if config.firmware == Firmware::Uefi {
         push(&["-bios", OVMF]);
     }
@@ -197,7 +197,7 @@ fn bochs_disk(image: &Path, dir: &Path) -> Result<(PathBuf, u64), BootError> {
 pub(crate) fn bochsrc(config: &RunConfig, disk: &Path, cylinders: u64, serial: &Path, bochs_log: &Path) -> String {
     format!(
         "megs: {}\n\
-         cpu: model={BOCHS_CPU_MODEL}, count={}, ips=100000000, reset_on_triple_fault=0\n\
+         cpu: model={}, count={}, ips=100000000, reset_on_triple_fault=0\n\
          romimage: file={BOCHS_BIOS}, options=fastboot\n\
          vgaromimage: file={BOCHS_VGA_BIOS}\n\
          ata0-master: type=disk, path=\"{}\", mode=flat, cylinders={cylinders}, heads=16, spt=63\n\
@@ -211,6 +211,7 @@ pub(crate) fn bochsrc(config: &RunConfig, disk: &Path, cylinders: u64, serial: &
          info: action=ignore\n\
          debug: action=ignore\n",
         config.memory_mib,
+        config.cpu_model.as_deref().unwrap_or(BOCHS_CPU_MODEL),
         config.cpus,
         disk.display(),
         serial.display(),

@@ -993,6 +993,15 @@ fn compute(rounds: u64) {
 /// TSC_AUX with the value `leave-traces` writes (when RDTSCP exists): RDTSCP reads it directly.
 const TRACE_TSC_AUX: u64 = 0x7e57;
 const IA32_TSC_AUX: u32 = 0xc000_0103;
+const IA32_SPEC_CTRL: u32 = 0x48;
+const IA32_PRED_CMD: u32 = 0x49;
+
+/// The SPEC_CTRL value `leave-traces` writes (IBRS, and STIBP where offered), if CPUID offers
+/// SPEC_CTRL at all.
+fn trace_spec_ctrl() -> Option<u64> {
+    let edx = cpu::cpuid(7, 0).edx;
+    (edx & (1 << 26) != 0).then_some(if edx & (1 << 27) != 0 { 0b11 } else { 0b01 })
+}
 
 fn leave_traces() -> CaseResult {
     for &(msr, _, value) in &TRACE_MSRS {
@@ -1003,6 +1012,14 @@ fn leave_traces() -> CaseResult {
     if rdtscp {
         // SAFETY: TSC_AUX only changes what RDTSCP returns.
         unsafe { crate::cpu::wrmsr(IA32_TSC_AUX, TRACE_TSC_AUX) };
+    }
+    let spec_ctrl = trace_spec_ctrl();
+    if let Some(value) = spec_ctrl {
+        // SAFETY: SPEC_CTRL and PRED_CMD only restrict or flush branch prediction.
+        unsafe {
+            crate::cpu::wrmsr(IA32_SPEC_CTRL, value);
+            crate::cpu::wrmsr(IA32_PRED_CMD, 1);
+        }
     }
     write_drs(TRACE_DRS);
     // SAFETY: this guest takes no page faults.
@@ -1015,6 +1032,10 @@ fn leave_traces() -> CaseResult {
     }
     if rdtscp {
         ensure!(u64::from(crate::cpu::rdtscp_aux()) == TRACE_TSC_AUX, "RDTSCP lost the TSC_AUX this VM wrote");
+    }
+    if let Some(value) = spec_ctrl {
+        let seen = crate::cpu::rdmsr(IA32_SPEC_CTRL);
+        ensure!(seen == value, "SPEC_CTRL is {seen:#x}, not the {value:#x} this VM wrote");
     }
     ensure!(read_drs() == TRACE_DRS, "DR0-DR3 lost the values this VM wrote: {:x?}", read_drs());
     ensure!(cpu::read_cr2() == TRACE_CR2, "CR2 is {:#x}, not the value this VM wrote", cpu::read_cr2());
@@ -1043,6 +1064,10 @@ fn find_no_traces() -> CaseResult {
         ensure!(read_drs() == own, "round {round}: DR0-DR3 are {:x?}, not this VM's own", read_drs());
         ensure!(cpu::read_cr2() == OWN_CR2, "round {round}: CR2 is {:#x}, not this VM's own", cpu::read_cr2());
         ensure!(crate::cpu::rdmsr(0xc000_0082) == 0xffff_8000_0000_1000, "round {round}: LSTAR lost this VM's value");
+        if trace_spec_ctrl().is_some() {
+            let seen = crate::cpu::rdmsr(IA32_SPEC_CTRL);
+            ensure!(seen == 0, "round {round}: SPEC_CTRL is {seen:#x}, not this VM's own 0");
+        }
         if rdtscp {
             let aux = crate::cpu::rdtscp_aux();
             ensure!(
@@ -1054,6 +1079,9 @@ fn find_no_traces() -> CaseResult {
     }
     if rdtscp {
         println!("case find-no-traces: TSC_AUX checked through RDTSCP");
+    }
+    if trace_spec_ctrl().is_some() {
+        println!("case find-no-traces: SPEC_CTRL checked");
     }
     Ok(())
 }

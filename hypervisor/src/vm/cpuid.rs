@@ -45,11 +45,13 @@ const LEAF7_EBX_UNMODELLED: u32 = (1 << 2) | (1 << 14) | (1 << 25);
 /// Leaf 7 ECX: PKU and OSPKE (PKRU is not switched), WAITPKG (UMWAIT_CONTROL), CET shadow
 /// stacks (their MSRs), SGX launch control.
 const LEAF7_ECX_UNMODELLED: u32 = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 7) | (1 << 30);
-/// Leaf 7 EDX: speculation-control MSRs (SPEC_CTRL 0x48, PRED_CMD 0x49, FLUSH_CMD 0x10b,
-/// ARCH_CAPABILITIES 0x10a, CORE_CAPABILITIES 0xcf: IBRS/IBPB, STIBP, L1D_FLUSH, the two
-/// capability MSRs, SSBD), CET IBT, AVX-512 VP2INTERSECT.
-const LEAF7_EDX_UNMODELLED: u32 =
-    (1 << 8) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 29) | (1 << 30) | (1 << 31);
+/// Leaf 7 EDX: FLUSH_CMD 0x10b, ARCH_CAPABILITIES 0x10a and CORE_CAPABILITIES 0xcf
+/// (L1D_FLUSH and the two capability MSRs), CET IBT, AVX-512 VP2INTERSECT.
+const LEAF7_EDX_UNMODELLED: u32 = (1 << 8) | (1 << 20) | (1 << 28) | (1 << 29) | (1 << 30);
+/// Leaf 7 EDX: SPEC_CTRL 0x48 and PRED_CMD 0x49 (IBRS/IBPB) and the SPEC_CTRL bits STIBP and
+/// SSBD. The VMX backend gives each vCPU its own SPEC_CTRL where the CPU has it; the SVM
+/// backend does not switch it yet, so AMD hosts hide them (and their leaf 0x8000_0008 bits).
+const LEAF7_EDX_SPECULATION_CONTROL: u32 = (1 << 26) | (1 << 27) | (1 << 31);
 /// Leaf 0x8000_0008 EBX (AMD): IBPB, IBRS, STIBP and their always-on/preferred/same-mode
 /// hints, SSBD and VIRT_SSBD: the same speculation-control MSRs (and 0xc001_011f).
 const EXT8_EBX_SPECULATION_CONTROL: u32 =
@@ -181,7 +183,11 @@ pub fn guest_cpuid(
             if !avx {
                 ebx &= !LEAF7_EBX_AVX2;
             }
-            [eax, ebx, ecx & !(LEAF7_ECX_AVX512 | LEAF7_ECX_UNMODELLED), edx & !LEAF7_EDX_UNMODELLED]
+            let mut edx = edx & !LEAF7_EDX_UNMODELLED;
+            if amd(host) {
+                edx &= !LEAF7_EDX_SPECULATION_CONTROL;
+            }
+            [eax, ebx, ecx & !(LEAF7_ECX_AVX512 | LEAF7_ECX_UNMODELLED), edx]
         }
         0xd => match subleaf {
             0 => {
@@ -339,14 +345,15 @@ mod tests {
             _ => generous_host(leaf, subleaf),
         };
         let leaf7 = guest_cpuid(7, 0, &everything, true, &m);
-        assert_eq!(leaf7[3] & (0xf << 26), 0, "IBRS/IBPB, STIBP, L1D_FLUSH, ARCH_CAPABILITIES");
-        assert_eq!(leaf7[3] & (1 << 31), 0, "SSBD");
+        assert_eq!(leaf7[3] & (0x7 << 28), 0, "L1D_FLUSH, ARCH_CAPABILITIES, CORE_CAPABILITIES");
+        assert_eq!(leaf7[3] & LEAF7_EDX_SPECULATION_CONTROL, LEAF7_EDX_SPECULATION_CONTROL, "Intel: SPEC_CTRL");
         assert_eq!(leaf7[2] & (1 << 3), 0, "PKU");
         assert_eq!(leaf7[1] & (1 << 2), 0, "SGX");
         let ext8 = guest_cpuid(0x8000_0008, 0, &everything, true, &m);
         assert_eq!(ext8[1] & EXT8_EBX_SPECULATION_CONTROL, 0, "Intel host");
         let amd = |leaf: u32, subleaf: u32| if leaf == 0 { amd_host(0, 0) } else { everything(leaf, subleaf) };
         assert_eq!(guest_cpuid(0x8000_0008, 0, &amd, true, &m)[1] & EXT8_EBX_SPECULATION_CONTROL, 0, "AMD host");
+        assert_eq!(guest_cpuid(7, 0, &amd, true, &m)[3] & LEAF7_EDX_SPECULATION_CONTROL, 0, "AMD: not switched");
         assert_ne!(leaf7[1] & LEAF7_EBX_AVX2, 0, "what is modelled stays");
     }
 

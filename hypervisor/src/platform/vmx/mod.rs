@@ -43,6 +43,8 @@ pub(crate) mod cap_msr {
 
 /// Other MSRs the backend touches.
 pub(crate) mod msr {
+    pub const IA32_SPEC_CTRL: u32 = 0x48;
+    pub const IA32_PRED_CMD: u32 = 0x49;
     pub const IA32_SYSENTER_CS: u32 = 0x174;
     pub const IA32_SYSENTER_EIP: u32 = 0x176;
     pub const IA32_PAT: u32 = 0x277;

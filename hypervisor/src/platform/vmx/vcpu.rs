@@ -537,15 +537,16 @@ impl VmxVcpu {
         let passthrough = [msr::IA32_SYSENTER_CS..=msr::IA32_SYSENTER_EIP, msr::IA32_PAT..=msr::IA32_PAT]
             .into_iter()
             .chain([msr::IA32_STAR..=msr::IA32_FMASK, msr::IA32_FS_BASE..=msr::IA32_TSC_AUX]);
-        for range in passthrough {
-            for number in range {
-                // Read bitmap: low MSRs at 0, high at 1024; write bitmaps at +2048.
-                let base = if number >= 0xc000_0000 { 1024 } else { 0 };
-                let bit = (number & 0x1fff) as usize;
-                for half in [0, 2048] {
-                    msrs[base + half + bit / 8] &= !(1 << (bit % 8));
-                }
+        // Read bitmap: low MSRs at 0, high at 1024; write bitmaps at +2048.
+        let mut pass = |number: u32, halves: &[usize]| {
+            let base = if number >= 0xc000_0000 { 1024 } else { 0 };
+            let bit = (number & 0x1fff) as usize;
+            for half in halves {
+                msrs[base + half + bit / 8] &= !(1 << (bit % 8));
             }
+        };
+        for number in passthrough.flatten() {
+            pass(number, &[0, 2048]);
         }
         // The pass-through MSRs that the VMCS does not switch (FS/GS base, SYSENTER and PAT it
         // does): each vCPU keeps its own values, so no VM reads what another wrote.
@@ -553,6 +554,15 @@ impl VmxVcpu {
             alloc::vec![msr::IA32_STAR, msr::IA32_LSTAR, msr::IA32_CSTAR, msr::IA32_FMASK, msr::IA32_KERNEL_GS_BASE,];
         if cpuid!(0x8000_0001).edx & (1 << 27) != 0 {
             switched.push(msr::IA32_TSC_AUX);
+        }
+        // Speculation control, which CPUID offers where the CPU has it (IBRS/IBPB): SPEC_CTRL
+        // is the guest's while it runs and switched per vCPU (its bits only restrict
+        // speculation, so a guest's value left in the host slows the host at worst); PRED_CMD
+        // writes are the guest's own barrier (IBPB), its reads fault in the CPU.
+        if cpuid!(7, 0).edx & (1 << 26) != 0 {
+            pass(msr::IA32_SPEC_CTRL, &[0, 2048]);
+            pass(msr::IA32_PRED_CMD, &[2048]);
+            switched.push(msr::IA32_SPEC_CTRL);
         }
         // SAFETY: the MSR area is ours (allocated in `Frames::alloc`, zeroed) and mapped; each
         // entry is 16 bytes: index, reserved, value (SDM Vol. 3, 25.7.2), all values 0 at reset.
