@@ -168,6 +168,18 @@ fn registers_do_not_leak_between_vms_on_one_cpu(platform: Platform) {
 
 on_both_backends!(registers_do_not_leak_between_vms_on_one_cpu);
 
+/// On an Intel CPU with IBRS (Bochs's Tiger Lake), SPEC_CTRL is offered and each vCPU keeps its
+/// own: the second VM reads 0 while the first, on the same host CPU, holds IBRS and STIBP.
+#[test]
+fn vmx_spec_ctrl_stays_with_its_vcpu() {
+    let outcome = integration_tests::boot_vms_on(Platform::Bochs, Firmware::Bios, "traces.vms", Some("tigerlake"));
+    Log(&outcome)
+        .contains("[traces] case leave-traces: ok\n")
+        .contains("[no-traces] case find-no-traces: SPEC_CTRL checked\n")
+        .contains("[no-traces] case find-no-traces: ok\n")
+        .ended(RunStatus::Success, "2 VMs ran, all ended cleanly");
+}
+
 /// Four vCPUs: INIT-SIPI-SIPI starts the three APs in real mode, then fixed (physical and
 /// logical), lowest-priority, NMI, self and broadcast IPIs each land exactly where they should;
 /// then all four send themselves IPIs at once, each taken exactly once and never inside its

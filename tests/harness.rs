@@ -25,10 +25,16 @@ pub fn boot(platform: Platform, firmware: Firmware, kernel: &str) -> RunOutcome 
 
 /// Boots the hypervisor image on `platform` with the VM set in `guest-images/<vms>`.
 pub fn boot_vms(platform: Platform, firmware: Firmware, vms: &str) -> RunOutcome {
+    boot_vms_on(platform, firmware, vms, None)
+}
+
+/// [`boot_vms`] on the emulator's CPU model `cpu_model` rather than the platform's default.
+pub fn boot_vms_on(platform: Platform, firmware: Firmware, vms: &str, cpu_model: Option<&str>) -> RunOutcome {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images").join(vms);
     let mut config = boot::RunConfig::new(platform, firmware, boot::HYPERVISOR_KERNEL);
     config.timeout = TIMEOUT;
     config.cpus = HOST_CPUS;
+    config.cpu_model = cpu_model.map(String::from);
     config.ramdisk = boot::ramdisk_files(Some(&path)).unwrap_or_else(|e| panic!("VM set {vms}: {e}"));
     match boot::run(&config) {
         Ok(outcome) => outcome,
