@@ -8,6 +8,25 @@
 
 use super::{ones, Device, Events, Power, Span};
 
+/// The host bridge's memory window for BARs: above the largest guest RAM (3 GiB) and the test
+/// device's page, below the I/O APIC. Described to the guest in the DSDT's `PCI0._CRS`.
+pub const MMIO_WINDOW_BASE: u64 = 0xe000_0000;
+/// Length of the BAR window (up to the I/O APIC at 0xfec0_0000).
+pub const MMIO_WINDOW_LEN: u64 = 0x1ec0_0000;
+/// Device numbers on bus 0 (slot 0 is the host bridge).
+pub const SLOTS: u8 = 32;
+/// First GSI of the PCI interrupt lines; INTx lines are level-triggered and active low.
+pub const INTX_FIRST_GSI: u8 = 16;
+/// Number of I/O APIC inputs the INTx lines share (GSIs 16 to 23).
+pub const INTX_GSIS: u8 = 8;
+
+/// The GSI that INTx pin `pin` (0 = INTA# to 3 = INTD#) of slot `slot` on bus 0 is wired to:
+/// the usual rotation, so neighbouring slots do not share lines. The DSDT's `_PRT` lists the
+/// same table.
+pub fn intx_gsi(slot: u8, pin: u8) -> u8 {
+    INTX_FIRST_GSI + (slot.wrapping_add(pin) % INTX_GSIS)
+}
+
 /// CONFIG_ADDRESS.
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
 /// First CONFIG_DATA port (0xcfc-0xcff).
