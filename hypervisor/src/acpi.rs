@@ -1,5 +1,6 @@
-//! ACPI tables for a PC guest: RSDP, RSDT, XSDT, FADT, FACS, MADT and a DSDT that holds
-//! only `\_S5`. Layouts and offsets follow the ACPI 6.3 specification (section numbers below).
+//! ACPI tables for a PC guest: RSDP, RSDT, XSDT, FADT, FACS, MADT and a DSDT that holds `\_S5`
+//! and the PCI root bridge `\_SB.PCI0`. Layouts and offsets follow the ACPI 6.3 specification
+//! (section numbers below).
 //!
 //! Everything is built in host memory first and bounds-checked as a whole, so a layout that does
 //! not fit guest memory fails with [`MemError`] before anything is written.
@@ -60,11 +61,52 @@ const INTI_CONFORMING: u16 = 0;
 /// Local APIC NMI processor UID meaning "all processors" (5.2.12.7).
 const ALL_PROCESSORS: u8 = 0xff;
 
-// AML opcodes (20.2).
-const AML_NAME_OP: u8 = 0x08;
-const AML_PACKAGE_OP: u8 = 0x12;
-const AML_BYTE_PREFIX: u8 = 0x0a;
+// AML opcodes and prefixes (20.2).
 const AML_ZERO_OP: u8 = 0x00;
+const AML_ONE_OP: u8 = 0x01;
+const AML_NAME_OP: u8 = 0x08;
+const AML_BYTE_PREFIX: u8 = 0x0a;
+const AML_WORD_PREFIX: u8 = 0x0b;
+const AML_DWORD_PREFIX: u8 = 0x0c;
+const AML_QWORD_PREFIX: u8 = 0x0e;
+const AML_SCOPE_OP: u8 = 0x10;
+const AML_BUFFER_OP: u8 = 0x11;
+const AML_PACKAGE_OP: u8 = 0x12;
+const AML_VAR_PACKAGE_OP: u8 = 0x13;
+const AML_DUAL_NAME_PREFIX: u8 = 0x2e;
+const AML_MULTI_NAME_PREFIX: u8 = 0x2f;
+const AML_ROOT_CHAR: u8 = b'\\';
+const AML_DEVICE_OP: [u8; 2] = [0x5b, 0x82];
+
+// Resource descriptors (6.4): small items carry their length in the tag byte.
+/// I/O port descriptor, 7 bytes of data (6.4.2.5).
+const RES_IO_PORT: u8 = 0x47;
+/// End tag, 1 byte of data: the checksum (6.4.2.9).
+const RES_END_TAG: u8 = 0x79;
+const RES_DWORD_ADDRESS: u8 = 0x87;
+const RES_WORD_ADDRESS: u8 = 0x88;
+/// I/O port descriptor information: the device decodes 16 address bits.
+const IO_DECODE16: u8 = 1;
+// Address space descriptors (6.4.3.5): resource types.
+const SPACE_MEMORY: u8 = 0;
+const SPACE_IO: u8 = 1;
+const SPACE_BUS: u8 = 2;
+/// General flags: minimum and maximum fixed, positive decode, and bit 0 clear: the bridge
+/// produces the range for the devices below it.
+const SPACE_FIXED_PRODUCER: u8 = 0x0c;
+/// I/O type-specific flags (6.4.3.5.5): ISA and non-ISA ranges alike.
+const IO_ENTIRE_RANGE: u8 = 0x03;
+/// Memory type-specific flags (6.4.3.5.5): read-write, and cacheable (else non-cacheable).
+const MEM_READ_WRITE: u8 = 0x01;
+const MEM_CACHEABLE: u8 = 0x02;
+
+/// PCI configuration mechanism #1: CONFIG_ADDRESS and CONFIG_DATA, 8 ports.
+const PCI_CONFIG_PORTS: u16 = 0xcf8;
+const PCI_CONFIG_PORTS_LEN: u8 = 8;
+/// The legacy VGA window, which PC root bridges forward (as QEMU's DSDT says).
+const VGA_WINDOW: (u32, u32) = (0xa_0000, 0xb_ffff);
+/// `_PRT` device addresses match every function of the slot (6.2.13).
+const PRT_ANY_FUNCTION: u64 = 0xffff;
 
 /// Where the tables go and what they describe.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +139,22 @@ pub struct AcpiLayout {
     pub s5_slp_typ: u8,
     /// Number of CPUs (APIC ids and ACPI processor UIDs 0..n); at least one is described.
     pub cpu_count: u8,
+    /// Base and length of the PCI host bridge's 32-bit memory window for BARs: non-empty and
+    /// below 4 GiB.
+    pub pci_mmio_window: (u64, u64),
+    /// Where the INTx pins of the devices on bus 0 are wired (the root bridge's `_PRT`).
+    pub pci_intx_routes: Vec<PciIntxRoute>,
+}
+
+/// One INTx pin of a device on bus 0 and the I/O APIC input it drives (level, active low).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciIntxRoute {
+    /// Device number on bus 0.
+    pub slot: u8,
+    /// 0 = INTA# to 3 = INTD#.
+    pub pin: u8,
+    /// Global system interrupt.
+    pub gsi: u32,
 }
 
 /// Where the tables ended up.
@@ -111,8 +169,9 @@ pub struct AcpiInfo {
 /// Writes the ACPI tables into guest memory.
 ///
 /// Fails with [`MemError::Unaligned`] if the RSDP is not 16-byte aligned, and with
-/// [`MemError::OutOfRange`] if the RSDP or the tables do not fit guest memory, or if the I/O
-/// APIC lies above 4 GiB (the MADT cannot describe it; the error names its address).
+/// [`MemError::OutOfRange`] if the RSDP or the tables do not fit guest memory, if the I/O
+/// APIC lies above 4 GiB (the MADT cannot describe it; the error names its address), or if the
+/// PCI memory window is empty or does not end below 4 GiB (the error names the window).
 pub fn build_tables(mem: &mut impl GuestMemory, layout: &AcpiLayout) -> Result<AcpiInfo, MemError> {
     if !layout.rsdp_gpa.is_multiple_of(16) {
         return Err(MemError::Unaligned { gpa: layout.rsdp_gpa, align: 16 });
@@ -120,7 +179,11 @@ pub fn build_tables(mem: &mut impl GuestMemory, layout: &AcpiLayout) -> Result<A
     let ioapic_base =
         u32::try_from(layout.ioapic_base).map_err(|_| MemError::OutOfRange { gpa: layout.ioapic_base, len: 4 })?;
 
-    let dsdt = dsdt(layout.s5_slp_typ);
+    let (window_base, window_len) = layout.pci_mmio_window;
+    let window =
+        mem32_range(window_base, window_len).ok_or(MemError::OutOfRange { gpa: window_base, len: window_len })?;
+
+    let dsdt = dsdt(layout, window);
     let madt = madt(layout, ioapic_base);
 
     let mut cursor = layout.tables_gpa;
@@ -327,21 +390,208 @@ fn source_override(t: &mut Vec<u8>, irq: u8, gsi: u32, flags: u16) {
     t.extend_from_slice(&flags.to_le_bytes());
 }
 
-/// DSDT revision 2 (5.2.11.1) with `Name (_S5, Package (0x04) { typ, typ, Zero, Zero })`.
-fn dsdt(s5_slp_typ: u8) -> Vec<u8> {
+/// DSDT revision 2 (5.2.11.1): `\_S5` and the PCI root bridge. `window` is the BAR window's
+/// first and last byte.
+fn dsdt(layout: &AcpiLayout, window: (u32, u32)) -> Vec<u8> {
     let mut t = table(*b"DSDT", 2, HEADER_LEN);
-    t.push(AML_NAME_OP);
-    t.extend_from_slice(b"_S5_");
-    // PkgLength (20.2.4) counts itself, NumElements and the elements: 1 + 1 + 2 + 2 + 1 + 1.
-    t.extend_from_slice(&[AML_PACKAGE_OP, 8, 4]);
-    t.extend_from_slice(&[AML_BYTE_PREFIX, s5_slp_typ, AML_BYTE_PREFIX, s5_slp_typ, AML_ZERO_OP, AML_ZERO_OP]);
+    // Package (0x04) { SLP_TYPa, SLP_TYPb, reserved, reserved } (7.4.2).
+    let typ = integer(layout.s5_slp_typ.into());
+    t.extend(name_object("_S5", &package(&[typ.clone(), typ, integer(0), integer(0)])));
+    t.extend(scope(r"\_SB", &pci_root(layout, window)));
     seal(t)
+}
+
+/// `Device (PCI0)`: a PNP0A03 root bridge for bus 0 with its resources (6.2.2) and static
+/// interrupt routing (6.2.13), so the OS neither probes for buses nor needs link devices.
+fn pci_root(layout: &AcpiLayout, window: (u32, u32)) -> Vec<u8> {
+    let mut terms = name_object("_HID", &integer(eisa_id(b"PNP0A03").into()));
+    terms.extend(name_object("_ADR", &integer(0)));
+    terms.extend(name_object("_UID", &integer(0)));
+    terms.extend(name_object("_BBN", &integer(0)));
+
+    let mut crs = word_address(SPACE_BUS, 0, (0, 0));
+    crs.extend(io_port(PCI_CONFIG_PORTS, PCI_CONFIG_PORTS, 1, PCI_CONFIG_PORTS_LEN));
+    // All other I/O ports pass through to the bus.
+    crs.extend(word_address(SPACE_IO, IO_ENTIRE_RANGE, (0, PCI_CONFIG_PORTS - 1)));
+    crs.extend(word_address(SPACE_IO, IO_ENTIRE_RANGE, (0xd00, 0xffff)));
+    crs.extend(dword_address(SPACE_MEMORY, MEM_CACHEABLE | MEM_READ_WRITE, VGA_WINDOW));
+    crs.extend(dword_address(SPACE_MEMORY, MEM_READ_WRITE, window));
+    terms.extend(name_object("_CRS", &resource_template(&crs)));
+
+    // { Address, Pin, Source, Source Index }: source Zero makes the index a GSI, which is
+    // level-triggered and active low.
+    let routes: Vec<Vec<u8>> = layout
+        .pci_intx_routes
+        .iter()
+        .map(|r| {
+            let address = u64::from(r.slot) << 16 | PRT_ANY_FUNCTION;
+            package(&[integer(address), integer(r.pin.into()), integer(0), integer(r.gsi.into())])
+        })
+        .collect();
+    terms.extend(name_object("_PRT", &package(&routes)));
+    device("PCI0", &terms)
+}
+
+/// First and last byte of `len` bytes at `base`, if `len` is not zero and they end below 4 GiB.
+fn mem32_range(base: u64, len: u64) -> Option<(u32, u32)> {
+    // The descriptor's length field holds 32 bits too.
+    u32::try_from(len).ok()?;
+    let last = base.checked_add(len.checked_sub(1)?)?;
+    Some((u32::try_from(base).ok()?, u32::try_from(last).ok()?))
+}
+
+/// PkgLength (20.2.4) for `body_len` bytes after it. The length it encodes counts its own
+/// bytes, so the size is chosen with them included: 6 bits in one byte, else 4 + 8 per byte.
+fn pkg_length(body_len: usize) -> Vec<u8> {
+    let (extra, total) = match body_len {
+        0..=62 => return vec![body_len as u8 + 1],
+        n if n + 2 < 1 << 12 => (1, n + 2),
+        n if n + 3 < 1 << 20 => (2, n + 3),
+        n => (3, n + 4),
+    };
+    debug_assert!(total < 1 << 28, "PkgLength holds 28 bits");
+    let mut out = vec![(extra << 6) as u8 | (total & 0xf) as u8];
+    out.extend((0..extra).map(|i| (total >> (4 + 8 * i)) as u8));
+    out
+}
+
+/// `op`, then PkgLength, then `body`: the shape of every AML object with a length.
+fn with_pkg_length(op: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut out = op.to_vec();
+    out.extend(pkg_length(body.len()));
+    out.extend_from_slice(body);
+    out
+}
+
+/// NameSeg (20.2.2): ASL pads names shorter than four characters with `_`.
+fn name_seg(seg: &str) -> [u8; 4] {
+    debug_assert!((1..=4).contains(&seg.len()), "NameSeg {seg:?}");
+    let mut out = *b"____";
+    put(&mut out, 0, seg.as_bytes());
+    out
+}
+
+/// NameString (20.2.2) from ASL notation: an optional `\` for the root, then segments separated
+/// by dots (a NameSeg, a DualNamePath or a MultiNamePath).
+fn name_string(path: &str) -> Vec<u8> {
+    let (mut out, relative) = match path.strip_prefix('\\') {
+        Some(rest) => (vec![AML_ROOT_CHAR], rest),
+        None => (Vec::new(), path),
+    };
+    let segs: Vec<&str> = relative.split('.').collect();
+    match segs.len() {
+        1 => {}
+        2 => out.push(AML_DUAL_NAME_PREFIX),
+        // A path has at most 255 segments.
+        n => out.extend([AML_MULTI_NAME_PREFIX, n as u8]),
+    }
+    for seg in segs {
+        out.extend(name_seg(seg));
+    }
+    out
+}
+
+/// An Integer (20.2.3) in its shortest encoding.
+fn integer(value: u64) -> Vec<u8> {
+    let (prefix, width) = match value {
+        0 => return vec![AML_ZERO_OP],
+        1 => return vec![AML_ONE_OP],
+        2..=0xff => (AML_BYTE_PREFIX, 1),
+        0x100..=0xffff => (AML_WORD_PREFIX, 2),
+        0x1_0000..=0xffff_ffff => (AML_DWORD_PREFIX, 4),
+        _ => (AML_QWORD_PREFIX, 8),
+    };
+    let mut out = vec![prefix];
+    out.extend_from_slice(&value.to_le_bytes()[..width]);
+    out
+}
+
+/// DefPackage of encoded elements (20.2.5.4); NumElements is one byte, so a longer list is a
+/// DefVarPackage.
+fn package(elements: &[Vec<u8>]) -> Vec<u8> {
+    let (op, mut body) = match u8::try_from(elements.len()) {
+        Ok(n) => (AML_PACKAGE_OP, vec![n]),
+        Err(_) => (AML_VAR_PACKAGE_OP, integer(elements.len() as u64)),
+    };
+    for element in elements {
+        body.extend_from_slice(element);
+    }
+    with_pkg_length(&[op], &body)
+}
+
+/// DefBuffer (20.2.5.4) initialised with `bytes`.
+fn buffer(bytes: &[u8]) -> Vec<u8> {
+    let mut body = integer(bytes.len() as u64);
+    body.extend_from_slice(bytes);
+    with_pkg_length(&[AML_BUFFER_OP], &body)
+}
+
+/// DefName (20.2.5.1): `Name (name, value)`.
+fn name_object(name: &str, value: &[u8]) -> Vec<u8> {
+    let mut out = vec![AML_NAME_OP];
+    out.extend(name_string(name));
+    out.extend_from_slice(value);
+    out
+}
+
+/// DefScope (20.2.5.1) holding the encoded `terms`.
+fn scope(path: &str, terms: &[u8]) -> Vec<u8> {
+    with_pkg_length(&[AML_SCOPE_OP], &[name_string(path).as_slice(), terms].concat())
+}
+
+/// DefDevice (20.2.5.2) holding the encoded `terms`.
+fn device(name: &str, terms: &[u8]) -> Vec<u8> {
+    with_pkg_length(&AML_DEVICE_OP, &[name_string(name).as_slice(), terms].concat())
+}
+
+/// ASL's EisaId: three letters of five bits each and four hex digits, big-endian in memory,
+/// so "PNP0A03" reads as the integer 0x030ad041.
+fn eisa_id(id: &[u8; 7]) -> u32 {
+    let letters = id[..3].iter().fold(0, |v, &c| v << 5 | u32::from(c.wrapping_sub(b'@') & 0x1f));
+    let digits = id[3..].iter().fold(0, |v, &c| v << 4 | char::from(c).to_digit(16).unwrap_or(0));
+    (letters << 16 | digits).swap_bytes()
+}
+
+/// A ResourceTemplate (6.4): `descriptors` and the end tag in a buffer. The end tag's checksum
+/// is zero, which means the sum is not checked (6.4.2.9).
+fn resource_template(descriptors: &[u8]) -> Vec<u8> {
+    buffer(&[descriptors, &[RES_END_TAG, 0]].concat())
+}
+
+/// I/O port descriptor (6.4.2.5): base addresses `min..=max` with `align`, `len` ports.
+fn io_port(min: u16, max: u16, align: u8, len: u8) -> Vec<u8> {
+    let mut d = vec![RES_IO_PORT, IO_DECODE16];
+    d.extend(min.to_le_bytes());
+    d.extend(max.to_le_bytes());
+    d.extend([align, len]);
+    d
+}
+
+/// Word address space descriptor (6.4.3.5.3) the bridge produces for `range` (inclusive, not
+/// the whole 64 KiB): granularity and translation zero.
+fn word_address(space: u8, type_flags: u8, (min, max): (u16, u16)) -> Vec<u8> {
+    let mut d = vec![RES_WORD_ADDRESS, 13, 0, space, SPACE_FIXED_PRODUCER, type_flags];
+    for field in [0, min, max, 0, max.wrapping_sub(min).wrapping_add(1)] {
+        d.extend(field.to_le_bytes());
+    }
+    d
+}
+
+/// DWord address space descriptor (6.4.3.5.2) the bridge produces for `range` (inclusive, not
+/// the whole 4 GiB): granularity and translation zero.
+fn dword_address(space: u8, type_flags: u8, (min, max): (u32, u32)) -> Vec<u8> {
+    let mut d = vec![RES_DWORD_ADDRESS, 23, 0, space, SPACE_FIXED_PRODUCER, type_flags];
+    for field in [0, min, max, 0, max.wrapping_sub(min).wrapping_add(1)] {
+        d.extend(field.to_le_bytes());
+    }
+    d
 }
 
 #[cfg(test)]
 impl AcpiLayout {
     /// A PC layout with `cpu_count` CPUs, tables at 1 MiB (for tests that build tables).
     pub(crate) fn for_tests(cpu_count: u8) -> Self {
+        use crate::devices::pci;
         AcpiLayout {
             rsdp_gpa: 0xf_0000,
             tables_gpa: 0x10_0000,
@@ -357,6 +607,12 @@ impl AcpiLayout {
             sci_irq: 9,
             s5_slp_typ: 5,
             cpu_count,
+            pci_mmio_window: (pci::MMIO_WINDOW_BASE, pci::MMIO_WINDOW_LEN),
+            pci_intx_routes: (1..pci::SLOTS)
+                .flat_map(|slot| {
+                    (0..4).map(move |pin| PciIntxRoute { slot, pin, gsi: pci::intx_gsi(slot, pin).into() })
+                })
+                .collect(),
         }
     }
 }
@@ -364,6 +620,7 @@ impl AcpiLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::pci;
     use crate::loader::SliceMemory;
 
     const MEM: usize = 0x11_0000;
@@ -456,11 +713,11 @@ mod tests {
         assert_eq!(u64_at(&fadt, 132), 0, "X_FIRMWARE_CTRL unused when FIRMWARE_CTRL is set");
         let facs = bytes(&mem, facs_gpa, 64);
         assert_eq!((&facs[0..4], u32_at(&facs, 4), facs[32]), (b"FACS".as_slice(), 64, 2));
-        // 16-byte aligned one after another: FACS (64), DSDT at 0x40 (50), FADT at 0x80 (276),
-        // MADT at 0x1a0 (98), XSDT at 0x210 (52), RSDT at 0x250 (44).
+        // 16-byte aligned one after another: FACS (64), DSDT at 0x40 (1773), FADT at 0x730 (276),
+        // MADT at 0x850 (98), XSDT at 0x8c0 (52), RSDT at 0x900 (44).
         assert_eq!(dsdt_gpa, 0x10_0040);
-        assert_eq!(dsdt.len(), 50);
-        assert_eq!(info.end, 0x10_0250 + 44);
+        assert_eq!(dsdt.len(), 1773);
+        assert_eq!(info.end, 0x10_0900 + 44);
     }
 
     #[test]
@@ -522,35 +779,299 @@ mod tests {
         );
     }
 
-    #[test]
-    fn dsdt_aml_decodes_to_the_s5_package() {
-        let (mut backing, _) = build(&AcpiLayout { s5_slp_typ: 7, ..layout() });
-        let (_, _, dsdt, _) = walk(&SliceMemory(&mut backing));
-        let aml = &dsdt[HEADER_LEN..];
-        assert_eq!(aml[0], 0x08, "NameOp");
-        assert_eq!(&aml[1..5], b"_S5_");
-        assert_eq!(aml[5], 0x12, "PackageOp");
-        // A one-byte PkgLength has bits 7:6 clear and covers the rest of the package.
-        assert_eq!(aml[6] & 0xc0, 0);
-        let package_end = 6 + aml[6] as usize;
-        assert_eq!(package_end, aml.len(), "the package ends the DSDT");
-        assert_eq!(aml[7], 4, "NumElements");
-        let mut values = Vec::new();
-        let mut at = 8;
-        while at < package_end {
-            match aml[at] {
-                0x0a => {
-                    values.push(aml[at + 1]);
-                    at += 2;
+    /// The AML objects `dsdt` builds, read back (20.2).
+    #[derive(Clone, Debug, PartialEq)]
+    enum Aml {
+        Int(u64),
+        Package(Vec<Aml>),
+        Buffer(Vec<u8>),
+        Name(String, Box<Aml>),
+        Scope(String, Vec<Aml>),
+        Device(String, Vec<Aml>),
+    }
+
+    /// A decoder written from the grammar, independent of the encoder above.
+    struct Decoder<'a> {
+        aml: &'a [u8],
+        at: usize,
+    }
+
+    impl Decoder<'_> {
+        fn byte(&mut self) -> u8 {
+            self.at += 1;
+            self.aml[self.at - 1]
+        }
+
+        fn le(&mut self, width: usize) -> u64 {
+            (0..width).fold(0, |v, i| v | u64::from(self.byte()) << (8 * i))
+        }
+
+        /// Reads a PkgLength (20.2.4) and returns where the object it starts ends.
+        fn pkg_end(&mut self) -> usize {
+            let start = self.at;
+            let lead = self.byte();
+            let follow = usize::from(lead >> 6);
+            if follow == 0 {
+                return start + usize::from(lead);
+            }
+            assert_eq!(lead & 0x30, 0, "reserved PkgLength bits");
+            start + (0..follow).fold(usize::from(lead & 0xf), |len, i| len | usize::from(self.byte()) << (4 + 8 * i))
+        }
+
+        fn name(&mut self) -> String {
+            let mut out = String::new();
+            if self.aml[self.at] == b'\\' {
+                out.push(char::from(self.byte()));
+            }
+            let segs = match self.aml[self.at] {
+                0x2e => {
+                    self.at += 1;
+                    2
                 }
-                0x00 => {
-                    values.push(0);
-                    at += 1;
+                0x2f => {
+                    self.at += 1;
+                    usize::from(self.byte())
                 }
-                op => panic!("unexpected AML opcode {op:#x}"),
+                _ => 1,
+            };
+            let segs: Vec<String> =
+                (0..segs).map(|_| (0..4).map(|_| char::from(self.byte())).collect::<String>()).collect();
+            out + &segs.join(".")
+        }
+
+        fn int(&mut self) -> u64 {
+            match self.object() {
+                Aml::Int(v) => v,
+                other => panic!("expected an integer, found {other:?}"),
             }
         }
-        assert_eq!(values, [7, 7, 0, 0]);
+
+        fn object(&mut self) -> Aml {
+            match self.byte() {
+                0x00 => Aml::Int(0),
+                0x01 => Aml::Int(1),
+                0x0a => Aml::Int(self.le(1)),
+                0x0b => Aml::Int(self.le(2)),
+                0x0c => Aml::Int(self.le(4)),
+                0x0e => Aml::Int(self.le(8)),
+                0x08 => Aml::Name(self.name(), Box::new(self.object())),
+                0x10 => {
+                    let end = self.pkg_end();
+                    Aml::Scope(self.name(), self.objects(end))
+                }
+                0x11 => {
+                    let end = self.pkg_end();
+                    let size = self.int() as usize;
+                    let bytes = self.aml[self.at..end].to_vec();
+                    self.at = end;
+                    assert_eq!(size, bytes.len(), "BufferSize");
+                    Aml::Buffer(bytes)
+                }
+                op @ (0x12 | 0x13) => {
+                    let end = self.pkg_end();
+                    let count = if op == 0x12 { self.le(1) } else { self.int() };
+                    let elements = self.objects(end);
+                    assert_eq!(elements.len() as u64, count, "NumElements");
+                    Aml::Package(elements)
+                }
+                0x5b if self.aml[self.at] == 0x82 => {
+                    self.at += 1;
+                    let end = self.pkg_end();
+                    Aml::Device(self.name(), self.objects(end))
+                }
+                op => panic!("unexpected AML opcode {op:#x} at {}", self.at - 1),
+            }
+        }
+
+        /// The objects up to `end`, where the last one must end too.
+        fn objects(&mut self, end: usize) -> Vec<Aml> {
+            let mut out = Vec::new();
+            while self.at < end {
+                out.push(self.object());
+            }
+            assert_eq!(self.at, end, "objects end where their PkgLength says");
+            out
+        }
+    }
+
+    /// The DSDT's objects, for a layout.
+    fn dsdt_objects(layout: &AcpiLayout) -> Vec<Aml> {
+        let (mut backing, _) = build(layout);
+        let (_, _, dsdt, _) = walk(&SliceMemory(&mut backing));
+        let aml = &dsdt[HEADER_LEN..];
+        Decoder { aml, at: 0 }.objects(aml.len())
+    }
+
+    /// The objects in `\_SB.PCI0`.
+    fn pci0(layout: &AcpiLayout) -> Vec<Aml> {
+        let objects = dsdt_objects(layout);
+        let [_, Aml::Scope(scope, sb)] = &objects[..] else { panic!("\\_S5 and one scope: {objects:?}") };
+        assert_eq!(scope, r"\_SB_");
+        match &sb[..] {
+            [Aml::Device(name, pci0)] if name == "PCI0" => pci0.clone(),
+            other => panic!("one device PCI0 in \\_SB: {other:?}"),
+        }
+    }
+
+    /// The value of `Name (name, ...)` among `objects`.
+    fn named<'a>(objects: &'a [Aml], name: &str) -> &'a Aml {
+        let found = objects.iter().find_map(|o| match o {
+            Aml::Name(n, value) if n == name => Some(&**value),
+            _ => None,
+        });
+        found.unwrap_or_else(|| panic!("no {name} in {objects:?}"))
+    }
+
+    /// The descriptors of a resource template as (tag byte, data), up to and with the end tag.
+    fn resources(template: &[u8]) -> Vec<(u8, &[u8])> {
+        let mut items = Vec::new();
+        let mut at = 0;
+        while at < template.len() {
+            let tag = template[at];
+            // Small items hold their length in bits 2:0, large ones in the next two bytes.
+            let (start, len) = if tag & 0x80 == 0 {
+                (at + 1, usize::from(tag & 7))
+            } else {
+                (at + 3, usize::from(u16_at(template, at + 1)))
+            };
+            items.push((tag, &template[start..start + len]));
+            at = start + len;
+            if tag == 0x79 {
+                break;
+            }
+        }
+        assert_eq!(at, template.len(), "the end tag ends the template");
+        items
+    }
+
+    /// A Word address space descriptor: (type, general flags, type flags, [granularity, min,
+    /// max, translation, length]).
+    fn word_space((tag, d): (u8, &[u8])) -> (u8, u8, u8, [u16; 5]) {
+        assert_eq!((tag, d.len()), (0x88, 13));
+        (d[0], d[1], d[2], core::array::from_fn(|i| u16_at(d, 3 + 2 * i)))
+    }
+
+    /// A DWord address space descriptor, fields as in [`word_space`].
+    fn dword_space((tag, d): (u8, &[u8])) -> (u8, u8, u8, [u32; 5]) {
+        assert_eq!((tag, d.len()), (0x87, 23));
+        (d[0], d[1], d[2], core::array::from_fn(|i| u32_at(d, 3 + 4 * i)))
+    }
+
+    #[test]
+    fn dsdt_aml_decodes_to_s5_and_the_pci_root_bridge() {
+        let objects = dsdt_objects(&AcpiLayout { s5_slp_typ: 7, ..layout() });
+        let s5 = Aml::Package(vec![Aml::Int(7), Aml::Int(7), Aml::Int(0), Aml::Int(0)]);
+        assert_eq!(objects[0], Aml::Name("_S5_".into(), Box::new(s5)));
+
+        let pci0 = pci0(&layout());
+        let names: Vec<&str> = pci0
+            .iter()
+            .map(|o| match o {
+                Aml::Name(n, _) => n.as_str(),
+                other => panic!("only names in PCI0: {other:?}"),
+            })
+            .collect();
+        assert_eq!(names, ["_HID", "_ADR", "_UID", "_BBN", "_CRS", "_PRT"]);
+        assert_eq!(named(&pci0, "_HID"), &Aml::Int(0x030a_d041), "EisaId (\"PNP0A03\")");
+        for name in ["_ADR", "_UID", "_BBN"] {
+            assert_eq!(named(&pci0, name), &Aml::Int(0), "{name}");
+        }
+    }
+
+    #[test]
+    fn pci0_crs_holds_bus_0_the_io_ranges_and_the_bar_window() {
+        for window in [(pci::MMIO_WINDOW_BASE, pci::MMIO_WINDOW_LEN), (0xc000_0000, 0x1000), (0xf000_0000, 1 << 28)] {
+            let pci0 = pci0(&AcpiLayout { pci_mmio_window: window, ..layout() });
+            let Aml::Buffer(crs) = named(&pci0, "_CRS") else { panic!("_CRS is a buffer") };
+            let items = resources(crs);
+            assert_eq!(items.len(), 7, "{items:x?}");
+            // Producer with fixed minimum and maximum: general flags 0x0c.
+            assert_eq!(word_space(items[0]), (2, 0x0c, 0, [0, 0, 0, 0, 1]), "bus 0 to 0");
+            assert_eq!(items[1], (0x47, [1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8].as_slice()), "IO (Decode16, 0xcf8, 8)");
+            assert_eq!(word_space(items[2]), (1, 0x0c, 3, [0, 0, 0xcf7, 0, 0xcf8]), "I/O below the config ports");
+            assert_eq!(word_space(items[3]), (1, 0x0c, 3, [0, 0xd00, 0xffff, 0, 0xf300]), "I/O above them");
+            assert_eq!(dword_space(items[4]), (0, 0x0c, 3, [0, 0xa_0000, 0xb_ffff, 0, 0x2_0000]), "VGA, cacheable");
+            let (base, len) = (window.0 as u32, window.1 as u32);
+            assert_eq!(dword_space(items[5]), (0, 0x0c, 1, [0, base, base + (len - 1), 0, len]), "BAR window");
+            assert_eq!(items[6], (0x79, [0].as_slice()), "end tag, checksum unused");
+        }
+    }
+
+    #[test]
+    fn pci0_prt_has_one_entry_per_route() {
+        let entries = |layout: &AcpiLayout| {
+            let Aml::Package(entries) = named(&pci0(layout), "_PRT").clone() else { panic!("_PRT is a package") };
+            entries
+        };
+        let expected = |routes: &[PciIntxRoute]| -> Vec<Aml> {
+            let entry = |r: &PciIntxRoute| {
+                let address = u64::from(r.slot) << 16 | 0xffff;
+                vec![Aml::Int(address), Aml::Int(r.pin.into()), Aml::Int(0), Aml::Int(r.gsi.into())]
+            };
+            routes.iter().map(|r| Aml::Package(entry(r))).collect()
+        };
+        // The PC's: four pins on each of slots 1 to 31.
+        let pc = layout();
+        assert_eq!(pc.pci_intx_routes.len(), 31 * 4);
+        assert_eq!(entries(&pc), expected(&pc.pci_intx_routes));
+
+        // GSIs of every width, and more routes than a Package holds.
+        let wide = [(0, 0, 16), (5, 1, 0x100), (31, 3, 0x1_0000), (9, 2, 1)]
+            .map(|(slot, pin, gsi)| PciIntxRoute { slot, pin, gsi })
+            .to_vec();
+        let many: Vec<PciIntxRoute> = (0..300).map(|i| PciIntxRoute { slot: (i % 32) as u8, pin: 3, gsi: i }).collect();
+        for routes in [wide, many, Vec::new()] {
+            assert_eq!(entries(&AcpiLayout { pci_intx_routes: routes.clone(), ..layout() }), expected(&routes));
+        }
+    }
+
+    #[test]
+    fn pkg_length_takes_one_more_byte_past_63_4095_and_2_pow_20_minus_1() {
+        // (bytes after the PkgLength, encoding): the length encoded counts the PkgLength too, so
+        // 63 bytes in all fit one byte and 64 do not: that object is 65 bytes with two.
+        let cases = [
+            (0, vec![0x01]),
+            (62, vec![0x3f]),
+            (63, vec![0x41, 0x04]),
+            (4093, vec![0x4f, 0xff]),
+            (4094, vec![0x81, 0x00, 0x01]),
+            (0xf_fffc, vec![0x8f, 0xff, 0xff]),
+            (0xf_fffd, vec![0xc1, 0x00, 0x00, 0x01]),
+        ];
+        for (body, encoding) in cases {
+            assert_eq!(pkg_length(body), encoding, "{body} bytes");
+        }
+        // Every length up to the three-byte form decodes back to the end of its object.
+        for body in (0..5000).chain(0xf_fff0..0x10_0010) {
+            let encoded = pkg_length(body);
+            let end = Decoder { aml: &encoded, at: 0 }.pkg_end();
+            assert_eq!(end, encoded.len() + body, "{body} bytes");
+        }
+    }
+
+    #[test]
+    fn integers_names_and_eisa_ids_have_their_aml_forms() {
+        let cases: [(u64, &[u8]); 9] = [
+            (0, &[0x00]),
+            (1, &[0x01]),
+            (2, &[0x0a, 2]),
+            (0xff, &[0x0a, 0xff]),
+            (0x100, &[0x0b, 0x00, 0x01]),
+            (0xffff, &[0x0b, 0xff, 0xff]),
+            (0x1_0000, &[0x0c, 0x00, 0x00, 0x01, 0x00]),
+            (0xffff_ffff, &[0x0c, 0xff, 0xff, 0xff, 0xff]),
+            (0x1_0000_0000, &[0x0e, 0, 0, 0, 0, 1, 0, 0, 0]),
+        ];
+        for (value, aml) in cases {
+            assert_eq!(integer(value), aml, "{value:#x}");
+        }
+        assert_eq!(name_string("_S5"), b"_S5_");
+        assert_eq!(name_string(r"\_SB"), b"\\_SB_");
+        assert_eq!(name_string(r"\_SB.PCI0"), b"\\\x2e_SB_PCI0");
+        assert_eq!(name_string("A.B1.C"), b"\x2f\x03A___B1__C___");
+        assert_eq!(eisa_id(b"PNP0A03"), 0x030a_d041);
+        assert_eq!(eisa_id(b"PNP0C0F"), 0x0f0c_d041);
+        assert_eq!(eisa_id(b"PNP0103"), 0x0301_d041);
     }
 
     #[test]
@@ -587,14 +1108,14 @@ mod tests {
         mem.read(info.rsdp, &mut rsdp).unwrap();
         assert_eq!(u32_at(&rsdp, 16), 0, "no RSDT");
         assert_eq!((sum(&rsdp[..20]), sum(&rsdp)), (0, 0));
-        let fadt_gpa = tables + 0x80;
+        let fadt_gpa = tables + 0x730;
         let mut fadt = [0u8; 276];
         mem.read(fadt_gpa, &mut fadt).unwrap();
         assert_eq!(sum(&fadt), 0);
         assert_eq!((u32_at(&fadt, 36), u64_at(&fadt, 132)), (0, tables), "X_FIRMWARE_CTRL only");
         assert_eq!((u32_at(&fadt, 40), u64_at(&fadt, 140)), (0, tables + 0x40), "X_DSDT only");
         let mut madt = [0u8; 56];
-        mem.read(tables + 0x1a0, &mut madt).unwrap();
+        mem.read(tables + 0x850, &mut madt).unwrap();
         assert_eq!(&madt[0..4], b"APIC");
         assert_eq!(u32_at(&madt, 36), 0);
         assert_eq!(&madt[44..56], [5, 12, 0, 0, 0, 0, 0xe0, 0xfe, 1, 0, 0, 0], "local APIC address override");
@@ -605,7 +1126,7 @@ mod tests {
         let mut backing = vec![0u8; 0x10_0100];
         let mut mem = SliceMemory(&mut backing);
         let err = build_tables(&mut mem, &layout()).unwrap_err();
-        assert_eq!(err, MemError::OutOfRange { gpa: 0x10_0000, len: 0x250 + 44 });
+        assert_eq!(err, MemError::OutOfRange { gpa: 0x10_0000, len: 0x900 + 44 });
         assert!(backing.iter().all(|&b| b == 0), "nothing written");
 
         let mut backing = vec![0u8; MEM];
@@ -620,6 +1141,11 @@ mod tests {
         assert_eq!(err, MemError::Unaligned { gpa: 0xf_0008, align: 16 });
         let err = build_tables(&mut mem, &AcpiLayout { ioapic_base: 1 << 32, ..layout() }).unwrap_err();
         assert_eq!(err, MemError::OutOfRange { gpa: 1 << 32, len: 4 });
+        // A BAR window that is empty or reaches past 4 GiB does not fit a DWordMemory descriptor.
+        for window in [(0xe000_0000, 0), (0xf000_0000, 0x1000_0001), (1 << 32, 0x1000), (0, 1 << 32)] {
+            let err = build_tables(&mut mem, &AcpiLayout { pci_mmio_window: window, ..layout() }).unwrap_err();
+            assert_eq!(err, MemError::OutOfRange { gpa: window.0, len: window.1 });
+        }
         assert!(backing.iter().all(|&b| b == 0), "nothing written");
     }
 }

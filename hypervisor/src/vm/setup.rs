@@ -6,8 +6,8 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::acpi::{self, AcpiLayout};
-use crate::devices::{acpi_pm, ioapic};
+use crate::acpi::{self, AcpiLayout, PciIntxRoute};
+use crate::devices::{acpi_pm, ioapic, pci};
 use crate::loader::bzimage::{self, E820Entry, LinuxLayout, E820_RAM, E820_RESERVED};
 use crate::loader::elf::Reserved;
 use crate::loader::multiboot::{self, MultibootLayout};
@@ -122,6 +122,13 @@ pub fn prepare(
             sci_irq: acpi_pm::SCI_GSI,
             s5_slp_typ: acpi_pm::S5_SLP_TYP,
             cpu_count: u8::try_from(config.vcpus).unwrap_or(u8::MAX),
+            pci_mmio_window: (pci::MMIO_WINDOW_BASE, pci::MMIO_WINDOW_LEN),
+            // Every pin of every slot but the host bridge's, as the bus wires them.
+            pci_intx_routes: (1..pci::SLOTS)
+                .flat_map(|slot| {
+                    (0..4).map(move |pin| PciIntxRoute { slot, pin, gsi: pci::intx_gsi(slot, pin).into() })
+                })
+                .collect(),
         },
     )
     .map_err(|e| format!("ACPI tables: {e}"))?;
