@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for the Linux guest image scripts (sourced, not run).
 # Diagnostics go to stderr; only the output paths go to stdout.
 
@@ -52,4 +53,71 @@ publish() {
     ln -sfn "$2" "$LINUX_DIR/out/$1" 2>/dev/null || [ "$(readlink "$LINUX_DIR/out/$1")" = "$2" ] \
         || die "cannot link $LINUX_DIR/out/$1"
     echo "$2"
+}
+
+# ensure_busybox: installs busybox-static and sets BUSYBOX (the static binary) and BB_VERSION
+# (its package version, part of the cache keys of the images built from it).
+ensure_busybox() {
+    ensure_packages busybox-static
+    BUSYBOX=/bin/busybox
+    [ -x "$BUSYBOX" ] || die "$BUSYBOX missing although busybox-static is installed"
+    ! LC_ALL=C ldd "$BUSYBOX" >/dev/null 2>&1 || die "$BUSYBOX is dynamically linked (busybox-static expected)"
+    # shellcheck disable=SC2034 # for the caller
+    BB_VERSION=$(dpkg-query -W -f='${Version}' busybox-static)
+}
+
+# stage_busybox ROOT: a busybox userland in ROOT: /bin/busybox plus a symlink per applet where
+# `busybox --install -s` would put it, and bin, sbin, usr/bin, usr/sbin, proc, sys, tmp, root
+# and etc. Sets BB_LINKS to the number of links. Needs ensure_busybox first.
+stage_busybox() {
+    local root=$1 applet
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,tmp,root,etc}
+    chmod 1777 "$root/tmp"
+    cp "$BUSYBOX" "$root/bin/busybox"
+    chmod 755 "$root/bin/busybox"
+    BB_LINKS=0
+    while IFS= read -r applet; do
+        applet=${applet#/}
+        [ -n "$applet" ] && [ "$applet" != bin/busybox ] || continue
+        mkdir -p "$root/$(dirname "$applet")"
+        [ -e "$root/$applet" ] || { ln -s /bin/busybox "$root/$applet"; BB_LINKS=$((BB_LINKS + 1)); }
+    done < <("$BUSYBOX" --list-full)
+    [ -e "$root/bin/sh" ] || die "busybox has no sh applet"
+}
+
+# newc_entry NAME MODE RDEVMAJOR RDEVMINOR INO: a newc cpio entry by hand (no data, owner root).
+newc_entry() {
+    local name=$1 mode=$2 major=$3 minor=$4 ino=$5 namesize pad
+    namesize=$((${#name} + 1))
+    printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+        "$ino" "$mode" 0 0 1 0 0 0 0 "$major" "$minor" "$namesize" 0
+    printf '%s\0' "$name"
+    pad=$(((4 - (110 + namesize) % 4) % 4))
+    head -c "$pad" /dev/zero
+}
+
+# write_initramfs ROOT ARCHIVE: ROOT (with an /init) as a newc cpio, files recorded as owned
+# by root, led by /dev and /dev/console (which the kernel opens for init's console before
+# /init runs; no root needed to make it); checked, then gzip'd to ARCHIVE.gz. Sets
+# INITRAMFS_ENTRIES to the number of entries. Needs cpio and gzip.
+write_initramfs() {
+    local root=$1 archive=$2 listing wanted
+    {
+        newc_entry dev $((8#040755)) 0 0 $((0x7fff0001))
+        newc_entry dev/console $((8#020600)) 5 1 $((0x7fff0002))
+        (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | sed 's|^\./||' \
+            | cpio -o -H newc -R 0:0 --quiet --reproducible)
+    } >"$archive" || die "cpio failed"
+
+    # Check the archive before compressing it.
+    listing=$(cpio -t --quiet <"$archive") || die "cpio -t cannot read the archive"
+    for wanted in init bin/busybox bin/sh dev/console; do
+        grep -qx "$wanted" <<<"$listing" || die "archive lacks /$wanted"
+    done
+    # shellcheck disable=SC2034 # for the caller
+    INITRAMFS_ENTRIES=$(wc -l <<<"$listing")
+
+    gzip -9 -n "$archive"
+    gzip -t "$archive.gz" || die "gzip produced a broken archive"
+    zcat "$archive.gz" | cpio -t --quiet 2>/dev/null | grep -qx init || die "compressed archive lacks /init"
 }
