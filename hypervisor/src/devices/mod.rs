@@ -19,6 +19,8 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
 
+use crate::loader::GuestMemory;
+
 /// What devices ask of the VM after an access or a timer poll.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Events {
@@ -36,6 +38,19 @@ pub struct Events {
     /// The test guest asked for a real NMI on host CPUs (the test device only), to show that
     /// platform NMIs change nothing for any VM.
     pub host_nmi: Option<HostNmi>,
+    /// Message-signalled interrupts (MSI, MSI-X) in order.
+    pub msi: Vec<Msi>,
+    /// A device has work that needs guest memory ([`Device::run_dma`]): a queue notification.
+    pub dma: bool,
+}
+
+/// A message-signalled interrupt: the memory write a PCI function makes to raise it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Msi {
+    /// Where the function writes (the local APICs decode 0xfeex_xxxx).
+    pub address: u64,
+    /// What it writes: vector, delivery and trigger mode.
+    pub data: u32,
 }
 
 /// Which host CPUs a test-device NMI request reaches.
@@ -123,6 +138,18 @@ pub trait Device {
     /// Whether a typed byte would be received now rather than lost (receiver not full).
     fn input_ready(&self) -> bool {
         false
+    }
+    /// Does the work that needs guest memory (a notified queue), after the access that asked
+    /// for it through [`Events::dma`]. The work done per call is bounded; what is left is
+    /// reported by [`Device::dma_pending`].
+    fn run_dma(&mut self, _memory: &mut dyn GuestMemory, _now_ns: u64, _events: &mut Events) {}
+    /// Whether [`Device::run_dma`] has work left.
+    fn dma_pending(&self) -> bool {
+        false
+    }
+    /// The PCI host, for plugging functions in while the VM is built.
+    fn as_pci_host(&mut self) -> Option<&mut pci::PciHost> {
+        None
     }
 }
 
@@ -227,6 +254,25 @@ impl Bus {
     /// Offers a typed byte to the devices in order; false if none takes input.
     pub fn input(&mut self, byte: u8, now_ns: u64, events: &mut Events) -> bool {
         self.devices.iter_mut().any(|d| d.input(byte, now_ns, events))
+    }
+
+    /// Lets every device with memory work do it ([`Device::run_dma`]).
+    pub fn run_dma(&mut self, memory: &mut dyn GuestMemory, now_ns: u64, events: &mut Events) {
+        for device in &mut self.devices {
+            if device.dma_pending() {
+                device.run_dma(memory, now_ns, events);
+            }
+        }
+    }
+
+    /// The PCI host on this bus, if there is one.
+    pub fn pci_host(&mut self) -> Option<&mut pci::PciHost> {
+        self.devices.iter_mut().find_map(|d| d.as_pci_host())
+    }
+
+    /// Whether some device has memory work left.
+    pub fn dma_pending(&self) -> bool {
+        self.devices.iter().any(|d| d.dma_pending())
     }
 
     /// Whether a device claims this guest-physical address.

@@ -313,7 +313,12 @@ pub const MAX_VCPUS: u32 = 16;
 
 /// Builds the VM described by `config` (VM number `index` of the set) from the ramdisk: one
 /// task per vCPU.
-pub fn prepare(backend: Backend, index: usize, config: &VmConfig, files: &[File<'_>]) -> Result<Vec<Task>, String> {
+pub fn prepare(
+    backend: Backend,
+    index: usize,
+    config: &VmConfig,
+    files: &[File<'static>],
+) -> Result<Vec<Task>, String> {
     if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
         return Err(format!("vcpus = {}: a VM has 1 to {MAX_VCPUS} vCPUs", config.vcpus));
     }
@@ -347,6 +352,7 @@ pub fn prepare(backend: Backend, index: usize, config: &VmConfig, files: &[File<
             .add(alloc::boxed::Box::new(crate::devices::test_device::TestDevice::default()))
             .map_err(|e| format!("{e}"))?;
     }
+    let disks = crate::vm::storage::attach_disks(&mut vm, &config.disks, files)?;
     let supported_xcr0 = xstate::enable().supported_xcr0;
     let second_level = match backend {
         Backend::Svm => SecondLevel::Npt(map_ram::<Npt>(&mut tables, PageSize::Size2M, &ram)?),
@@ -385,6 +391,9 @@ pub fn prepare(backend: Backend, index: usize, config: &VmConfig, files: &[File<
         kernel.data.len(),
         prepared.summary
     );
+    for disk in disks {
+        log::info!("vm {}: disk {disk}", config.name);
+    }
     let shared = Arc::new(SharedVm {
         index,
         name: config.name.clone(),

@@ -16,6 +16,10 @@
 //! entry   = long64             # long64 (64-bit, identity-mapped) or real (real mode at the ELF entry)
 //! devices = test               # extra devices: test (interrupt port 0xf5, MMIO page 0xd0000000)
 //! modules = a.bin arg, b.bin   # multiboot modules: file and the module's string
+//! disk    = root.ext4, data.img read-only
+//!                              # virtio-blk disks (/dev/vda, /dev/vdb, ...): images packed into
+//!                              # the ramdisk and held in RAM, copy-on-write (writes are lost at
+//!                              # power-off); `read-only` refuses the guest's writes
 //! ```
 //!
 //! Errors name the VM, the line and the field; unknown fields are errors, not ignored.
@@ -39,6 +43,18 @@ pub struct DeviceSet {
     /// The test device: interrupt-request port and an MMIO page.
     pub test: bool,
 }
+
+/// A virtio-blk disk of a VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The disk image, a file in the ramdisk.
+    pub file: String,
+    /// The guest may not write to it (VIRTIO_BLK_F_RO).
+    pub read_only: bool,
+}
+
+/// Most disks one VM may have.
+pub const MAX_DISKS: usize = 8;
 
 /// One VM's configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +81,8 @@ pub struct VmConfig {
     pub timeout_seconds: Option<u64>,
     /// Host CPUs this VM's vCPUs may run on; `None`: any CPU.
     pub cpus: Option<CpuSet>,
+    /// Virtio block devices, in PCI slot order.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A set of host CPUs, numbered 0 to [`CpuSet::LIMIT`] - 1.
@@ -237,6 +255,7 @@ struct Draft {
     devices: DeviceSet,
     timeout_seconds: Option<u64>,
     cpus: Option<CpuSet>,
+    disks: Vec<DiskConfig>,
 }
 
 /// Settings of the host rather than of one VM (the optional `[host]` section).
@@ -325,6 +344,7 @@ pub fn parse_set(text: &str) -> Result<VmSet, ConfigError> {
                 devices: DeviceSet::default(),
                 timeout_seconds: None,
                 cpus: None,
+                disks: Vec::new(),
             });
             continue;
         }
@@ -433,6 +453,7 @@ pub fn parse_set(text: &str) -> Result<VmSet, ConfigError> {
                     }
                 }
             }
+            "disk" => draft.disks = parse_disks(value).map_err(|message| error(field, message))?,
             other => return Err(error(None, alloc::format!("unknown field {other:?}"))),
         }
     }
@@ -461,7 +482,29 @@ fn finish(draft: Draft) -> Result<VmConfig, ConfigError> {
         devices: draft.devices,
         timeout_seconds: draft.timeout_seconds,
         cpus: draft.cpus,
+        disks: draft.disks,
     })
+}
+
+/// `disk = FILE [read-only], ...`.
+fn parse_disks(value: &str) -> Result<Vec<DiskConfig>, String> {
+    let mut disks = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let mut words = entry.split_whitespace();
+        let file = words.next().unwrap_or_default().to_string();
+        let mut read_only = false;
+        for option in words {
+            match option {
+                "read-only" => read_only = true,
+                other => return Err(alloc::format!("disk {file}: unknown option {other:?} (known: read-only)")),
+            }
+        }
+        disks.push(DiskConfig { file, read_only });
+    }
+    if disks.len() > MAX_DISKS {
+        return Err(alloc::format!("{} disks; a VM has at most {MAX_DISKS}", disks.len()));
+    }
+    Ok(disks)
 }
 
 fn non_empty(value: &str) -> Option<String> {
@@ -484,7 +527,8 @@ pub fn referenced_files(vms: &[VmConfig]) -> Vec<&str> {
     let mut files: Vec<&str> = Vec::new();
     for vm in vms {
         let modules = vm.modules.iter().filter_map(|m| module_file(m));
-        for name in core::iter::once(vm.kernel.as_str()).chain(vm.initrd.as_deref()).chain(modules) {
+        let disks = vm.disks.iter().map(|disk| disk.file.as_str());
+        for name in core::iter::once(vm.kernel.as_str()).chain(vm.initrd.as_deref()).chain(modules).chain(disks) {
             if !files.contains(&name) {
                 files.push(name);
             }
@@ -501,6 +545,24 @@ pub fn module_file(entry: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disks_are_listed_in_order_with_their_options() {
+        let vms = parse("[vm a]\nkernel = k\ndisk = root.ext4, data.img read-only,\n").unwrap();
+        assert_eq!(
+            vms[0].disks,
+            [
+                DiskConfig { file: "root.ext4".into(), read_only: false },
+                DiskConfig { file: "data.img".into(), read_only: true }
+            ]
+        );
+        assert_eq!(referenced_files(&vms), ["k", "root.ext4", "data.img"]);
+        let e = error_of("[vm a]\nkernel = k\ndisk = root.ext4 ro\n");
+        assert_eq!(e.to_string(), "line 3, vm a, field disk: disk root.ext4: unknown option \"ro\" (known: read-only)");
+        let many = alloc::format!("[vm a]\nkernel = k\ndisk = {}\n", ["d"; 9].join(","));
+        assert!(error_of(&many).message.contains("at most 8"));
+        assert!(parse("[vm a]\nkernel = k\n").unwrap()[0].disks.is_empty());
+    }
 
     #[test]
     fn parses_sections_fields_and_defaults() {

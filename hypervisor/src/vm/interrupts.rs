@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 
 use crate::devices::ioapic::{Delivery, IoApic, IOAPIC_BASE, IOAPIC_LEN, PINS};
 use crate::devices::pic::PicPair;
-use crate::devices::{Device, Events};
+use crate::devices::{Device, Events, Msi};
 
 use super::ipi::{self, ApicView, DeliveryMode, Icr, Shorthand};
 use super::lapic::{ApicEffect, LocalApic, LAPIC_BASE, LAPIC_LEN, MSR_APIC_BASE, MSR_TSC_DEADLINE};
@@ -28,6 +28,8 @@ const TIMER_GSI: u8 = 2;
 const CASCADE: u8 = 2;
 /// The vCPU whose LINT0 the 8259's INTR reaches (the bootstrap processor).
 const PIC_CPU: usize = 0;
+/// GSIs from here on are PCI INTx lines (level-triggered, active low; see `devices::pci`).
+const PCI_FIRST_GSI: u8 = crate::devices::pci::INTX_FIRST_GSI;
 /// vCPUs per VM: the kick set is one bit each.
 pub const MAX_VCPUS: usize = 64;
 
@@ -67,9 +69,14 @@ impl InterruptRouter {
     /// All but vCPU 0 wait for INIT-SIPI, as application processors do after reset.
     pub fn with_vcpus(tsc_hz: u64, vcpus: usize) -> Self {
         let vcpus = vcpus.clamp(1, MAX_VCPUS);
+        let mut ioapic = IoApic::new();
+        // PCI interrupt lines are active low and pulled up while no device drives them.
+        for gsi in PCI_FIRST_GSI..PINS as u8 {
+            ioapic.set_irq(gsi, true);
+        }
         InterruptRouter {
             pic: PicPair::new(),
-            ioapic: IoApic::new(),
+            ioapic,
             cpus: (0..vcpus)
                 .map(|i| CpuInputs {
                     lapic: LocalApic::with_id(tsc_hz, i as u32),
@@ -112,8 +119,33 @@ impl InterruptRouter {
             }
         }
         let pin = if gsi == ISA_TIMER { TIMER_GSI } else { gsi };
-        let delivery = self.ioapic.set_irq(pin, level);
+        // An asserted PCI line is driven low; ISA lines are active high.
+        let electrical = if gsi >= PCI_FIRST_GSI { !level } else { level };
+        let delivery = self.ioapic.set_irq(pin, electrical);
         self.deliver(delivery);
+    }
+
+    /// Delivers a message-signalled interrupt (SDM Vol. 3, 11.11): the address names the
+    /// destination (bits 19:12, physical or logical by bit 2), the data the vector, delivery mode
+    /// (fixed or lowest priority) and trigger mode. False, and nothing delivered, if the address
+    /// is not in the local APICs' 0xfeex_xxxx range; other delivery modes are not sent by the
+    /// devices modelled here and are dropped as well.
+    pub fn deliver_msi(&mut self, msi: Msi) -> bool {
+        if msi.address >> 20 != 0xfee {
+            return false;
+        }
+        let mode = (msi.data >> 8) & 7;
+        if mode > 1 {
+            return false;
+        }
+        self.deliver([Delivery {
+            vector: msi.data as u8,
+            level: msi.data & (1 << 15) != 0,
+            destination: (msi.address >> 12) as u8,
+            logical: msi.address & (1 << 2) != 0,
+            lowest_priority: mode == 1,
+        }]);
+        true
     }
 
     /// Applies a batch of line changes in order (as collected in `Events::irq_lines`).
@@ -457,10 +489,11 @@ mod tests {
     fn x2apic_eoi_and_ioapic_unmask_go_through_the_router() {
         let mut r = router();
         enable_lapic(&mut r, 0x1_0700);
-        program(&mut r, 20, 0x1_8060);
+        // GSI 20 is a PCI line: level-triggered, active low.
+        program(&mut r, 20, 0x1_a060);
         r.set_line(20, true);
         assert!(!r.lapic(0).requested(0x60));
-        program(&mut r, 20, 0x8060);
+        program(&mut r, 20, 0xa060);
         assert!(r.lapic(0).requested(0x60), "unmasking an asserted level pin delivers");
         assert!(InterruptRouter::is_lapic_msr(0x1b) && InterruptRouter::is_lapic_msr(0x80b));
         assert!(!InterruptRouter::is_lapic_msr(0x900));

@@ -12,6 +12,7 @@ pub mod lapic;
 pub mod msr;
 pub mod setup;
 pub mod stats;
+pub mod storage;
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -357,6 +358,10 @@ impl<M: GuestMemory> Vm<M> {
                     None => break,
                 }
             }
+        }
+        // Device work left over from an earlier exit (a long queue is served in parts).
+        if self.bus.dma_pending() {
+            events.dma = true;
         }
         while self.bus.input_ready() {
             let Some(byte) = self.console_input.pop_front() else { break };
@@ -920,9 +925,18 @@ impl<M: GuestMemory> Vm<M> {
         }
     }
 
-    /// Acts on what devices asked for.
-    fn apply(&mut self, events: Events, env: &mut Env<'_>) -> Next {
+    /// Acts on what devices asked for. A device that needs guest memory for what it was asked
+    /// (a queue notification) works right here, within the exit that asked.
+    fn apply(&mut self, mut events: Events, env: &mut Env<'_>) -> Next {
+        if core::mem::take(&mut events.dma) {
+            self.bus.run_dma(&mut self.memory, self.latest_ns, &mut events);
+        }
         self.router.set_lines(&events.irq_lines);
+        for msi in &events.msi {
+            if !self.router.deliver_msi(*msi) {
+                self.stats.stray_msis += 1;
+            }
+        }
         for byte in events.console {
             if env.raw_console.is_some() {
                 self.console_raw.push(byte);

@@ -277,6 +277,7 @@ mod tests {
             devices: config::DeviceSet::default(),
             timeout_seconds: None,
             cpus: None,
+            disks: Vec::new(),
         }
     }
 

@@ -22,6 +22,9 @@ pub struct ExitStats {
     /// Data accesses to guest-physical addresses with neither RAM nor a device (reads float
     /// high, writes are dropped), reported after the table.
     pub unclaimed_mmio_accesses: u64,
+    /// Message-signalled interrupts whose address is not the local APICs' (a device the guest
+    /// pointed elsewhere): dropped, reported after the table.
+    pub stray_msis: u64,
 }
 
 struct Row {
@@ -91,6 +94,13 @@ impl ExitStats {
                 out,
                 "  accesses to guest-physical addresses without RAM or a device: {}",
                 self.unclaimed_mmio_accesses
+            );
+        }
+        if self.stray_msis > 0 {
+            let _ = writeln!(
+                out,
+                "  device interrupt messages to addresses other than the local APICs: {}",
+                self.stray_msis
             );
         }
         out

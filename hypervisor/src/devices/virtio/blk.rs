@@ -450,7 +450,10 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
         if queue_index != 0 {
             return Err(DeviceError::NoSuchQueue(queue_index));
         }
-        while let Some(chain) = queue.pop(mem)? {
+        // At most one queue's worth per call, so that a driver adding requests as fast as they
+        // complete cannot keep the device here: the transport calls again for the rest.
+        for _ in 0..queue.size() {
+            let Some(chain) = queue.pop(mem)? else { break };
             let used_len = self.serve(&chain, mem)?;
             queue.push_used(mem, chain.head(), used_len)?;
         }

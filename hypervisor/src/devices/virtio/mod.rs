@@ -1,6 +1,6 @@
 //! Virtio 1.2 devices, independent of the transport that exposes them.
 //!
-//! A transport (virtio-pci "modern", later) owns the common configuration: it keeps a
+//! The transport ([`pci::VirtioPci`], virtio over PCI with the "modern" capabilities) owns the common configuration: it keeps a
 //! [`DeviceStatus`] for the status field and feature negotiation, and one [`Queue`] per queue of
 //! the device, sized from [`VirtioDevice::queue_max_sizes`]. When the driver notifies a queue,
 //! the transport calls [`VirtioDevice::process`] with that queue and guest memory; an error means
@@ -13,6 +13,7 @@ use core::fmt;
 use crate::loader::{GuestMemory, MemError};
 
 pub mod blk;
+pub mod pci;
 pub mod queue;
 #[cfg(test)]
 mod test_driver;
@@ -130,8 +131,9 @@ pub trait VirtioDevice {
     /// is not device state and stays.
     fn reset(&mut self);
 
-    /// The driver notified queue `queue_index`: use what it made available. Returns whether a
-    /// used buffer notification (an interrupt) is due.
+    /// The driver notified queue `queue_index`: use what it made available, at most
+    /// `queue.size()` chains per call (the transport calls again while more are available).
+    /// Returns whether a used buffer notification (an interrupt) is due.
     fn process(&mut self, queue_index: u16, queue: &mut Queue, mem: &mut dyn GuestMemory) -> Result<bool, DeviceError>;
 }
 

@@ -584,9 +584,9 @@ impl Queue {
         self.enabled
     }
 
-    /// Enables the queue once its rings are aligned (2.7.1) and inside guest memory, so that
-    /// later ring accesses cannot fail for a well-behaved memory.
-    pub fn enable(&mut self, mem: &(impl GuestMemory + ?Sized)) -> Result<(), QueueError> {
+    /// Enables the queue once its rings are aligned (2.7.1) and inside guest memory of
+    /// `memory_size` bytes, so that later ring accesses cannot fail for a well-behaved memory.
+    pub fn enable(&mut self, memory_size: u64) -> Result<(), QueueError> {
         for (ring, gpa) in
             [(Ring::Descriptors, self.desc_table), (Ring::Available, self.avail_ring), (Ring::Used, self.used_ring)]
         {
@@ -594,7 +594,7 @@ impl Queue {
                 return Err(QueueError::Misaligned { ring, gpa });
             }
             let len = ring.len(self.size);
-            if gpa.checked_add(len).is_none_or(|end| end > mem.size()) {
+            if gpa.checked_add(len).is_none_or(|end| end > memory_size) {
                 return Err(QueueError::RingOutsideMemory { ring, gpa, len });
             }
         }
@@ -684,7 +684,8 @@ impl Queue {
 
     /// Whether the driver's available index is ahead of the device, refusing an index that ran
     /// ahead by more than the queue holds (the driver cannot have made that many available).
-    fn has_available(&self, mem: &(impl GuestMemory + ?Sized)) -> Result<bool, QueueError> {
+    /// Whether the driver made chains available that the device has not taken.
+    pub fn has_available(&self, mem: &(impl GuestMemory + ?Sized)) -> Result<bool, QueueError> {
         let avail_idx = self.read_ring_u16(mem, Ring::Available, 2)?;
         let pending = avail_idx.wrapping_sub(self.last_avail);
         if pending > self.size {
@@ -1188,32 +1189,32 @@ mod tests {
             queue
         };
         assert_eq!(
-            configured(DESC + 8, AVAIL, USED).enable(&mem),
+            configured(DESC + 8, AVAIL, USED).enable(mem.size()),
             Err(QueueError::Misaligned { ring: Ring::Descriptors, gpa: DESC + 8 })
         );
         assert_eq!(
-            configured(DESC, AVAIL + 1, USED).enable(&mem),
+            configured(DESC, AVAIL + 1, USED).enable(mem.size()),
             Err(QueueError::Misaligned { ring: Ring::Available, gpa: AVAIL + 1 })
         );
-        let error = configured(DESC, AVAIL, USED + 2).enable(&mem).unwrap_err();
+        let error = configured(DESC, AVAIL, USED + 2).enable(mem.size()).unwrap_err();
         assert_eq!(error, QueueError::Misaligned { ring: Ring::Used, gpa: USED + 2 });
         assert_eq!(error.to_string(), "used ring at 0x4002 is not aligned to 4 bytes");
         // Alignments are minimums: 2- and 4-byte rings may sit at any such address.
-        assert_eq!(configured(DESC, AVAIL + 2, USED + 4).enable(&mem), Ok(()));
+        assert_eq!(configured(DESC, AVAIL + 2, USED + 4).enable(mem.size()), Ok(()));
 
         let end = MEM_SIZE as u64;
         assert_eq!(
-            configured(DESC, AVAIL, end - 68).enable(&mem),
+            configured(DESC, AVAIL, end - 68).enable(mem.size()),
             Err(QueueError::RingOutsideMemory { ring: Ring::Used, gpa: end - 68, len: 70 })
         );
-        assert_eq!(configured(DESC, AVAIL, end - 72).enable(&mem), Ok(()), "70 bytes fit");
+        assert_eq!(configured(DESC, AVAIL, end - 72).enable(mem.size()), Ok(()), "70 bytes fit");
         assert_eq!(
-            configured(DESC, end - 20, USED).enable(&mem),
+            configured(DESC, end - 20, USED).enable(mem.size()),
             Err(QueueError::RingOutsideMemory { ring: Ring::Available, gpa: end - 20, len: 22 })
         );
         let top = !15u64;
         assert_eq!(
-            configured(top, AVAIL, USED).enable(&mem),
+            configured(top, AVAIL, USED).enable(mem.size()),
             Err(QueueError::RingOutsideMemory { ring: Ring::Descriptors, gpa: top, len: 128 })
         );
     }
@@ -1265,7 +1266,7 @@ mod tests {
         queue.set_used_ring(USED).unwrap();
         assert_eq!(queue.pop(&mut mem), Ok(None));
         assert_eq!(queue.push_used(&mut mem, 0, 0), Err(QueueError::NotEnabled));
-        queue.enable(&mem).unwrap();
+        queue.enable(mem.size()).unwrap();
         assert_eq!(queue.push_used(&mut mem, 8, 0), Err(QueueError::UsedHeadOutOfRange { head: 8, size: 8 }));
         assert_eq!(driver.used_idx(&mem), 0);
         assert_eq!(queue.pop(&mut mem).unwrap().unwrap().head(), 0);

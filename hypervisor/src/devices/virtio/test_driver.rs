@@ -66,7 +66,7 @@ impl Driver {
         queue.set_avail_ring(AVAIL).unwrap();
         queue.set_used_ring(USED).unwrap();
         queue.set_features(features);
-        queue.enable(mem).unwrap();
+        queue.enable(mem.size()).unwrap();
     }
 
     /// Writes descriptor `index` of the descriptor table.

@@ -1,12 +1,27 @@
-//! PCI configuration mechanism #1 (PCI Local Bus Specification 3.0, 3.2.2.3.2) with one
-//! device: an i440FX host bridge at 00:00.0. Every other bus, device and function is absent.
+//! PCI configuration mechanism #1 (PCI Local Bus Specification 3.0, 3.2.2.3.2), an i440FX host
+//! bridge at 00:00.0, and the functions plugged into bus 0 ([`PciFunction`]): one per slot from
+//! 00:01.0 on, single-function. Every other bus, device and function is absent.
+//!
+//! The host claims its memory window ([`MMIO_WINDOW_BASE`]) and routes accesses there to the
+//! BAR that decodes them, as the bridge forwards its window to the bus; BARs the guest moves
+//! outside the window are not reached (the DSDT tells it where the window is). Like firmware,
+//! [`PciHost::add_function`] assigns every BAR an address in the window and turns on memory
+//! decoding before the guest runs.
 //!
 //! CONFIG_ADDRESS at 0xcf8 is only reached by dword accesses; byte and word accesses to
 //! 0xcf8-0xcfb pass through as ordinary I/O, which is what Linux's `pci_check_type1` relies on.
 //! Port 0xcf9 (the PIIX reset control register) is claimed only by
 //! [`PciHost::with_reset_control`], so a separate reset device can own it otherwise.
 
+pub mod config;
+pub mod msix;
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+
 use super::{ones, Device, Events, Power, Span};
+use crate::loader::GuestMemory;
+use config::{ConfigSpace, BARS, COMMAND, COMMAND_MEMORY, INTERRUPT_LINE, INTERRUPT_PIN, REVISION, STATUS, SUBSYSTEM};
 
 /// The host bridge's memory window for BARs: above the largest guest RAM (3 GiB) and the test
 /// device's page, below the I/O APIC. Described to the guest in the DSDT's `PCI0._CRS`.
@@ -60,24 +75,86 @@ const COMMAND_RESET: u16 = 0x0006;
 const COMMAND_WRITABLE: u16 = 0x0147;
 /// Status: fast back-to-back capable, medium DEVSEL timing (82441FX PCISTS default). The
 /// write-one-to-clear error bits never get set here, so writes leave status unchanged.
-const STATUS: u16 = 0x0280;
+const BRIDGE_STATUS: u16 = 0x0280;
 /// Master latency timer (offset 0x0d): bits 7:3 are writable on the 82441FX.
 const LATENCY_WRITABLE: u8 = 0xf8;
 
-// Type 0 header offsets (PCI 3.0, 6.1).
-const COMMAND: usize = 0x04;
-const STATUS_OFFSET: usize = 0x06;
-const REVISION: usize = 0x08;
+/// Master latency timer (PCI 3.0, 6.1).
 const LATENCY_TIMER: usize = 0x0d;
-const SUBSYSTEM: usize = 0x2c;
 
-/// The PCI host: configuration mechanism #1 and the host bridge.
+/// One single-function device on bus 0. Configuration accesses arrive whole (1, 2 or 4 bytes
+/// inside one dword); BAR accesses with the offset inside the BAR.
+pub trait PciFunction {
+    /// Name for logs.
+    fn name(&self) -> &'static str;
+    /// The configuration space as it stands.
+    fn config(&self) -> &ConfigSpace;
+    /// The configuration space, for what firmware sets up before the guest runs.
+    fn config_mut(&mut self) -> &mut ConfigSpace;
+    /// Told once, when plugged in: the slot and the GSI its INTx pin is wired to.
+    fn attach(&mut self, _slot: u8, _intx_gsi: u8) {}
+    /// Configuration read; registers with side effects override it.
+    fn config_read(&mut self, offset: usize, size: u8, _events: &mut Events) -> u32 {
+        self.config().read(offset, size)
+    }
+    /// Configuration write.
+    fn config_write(&mut self, offset: usize, size: u8, value: u32, _events: &mut Events) {
+        self.config_mut().write(offset, size, value);
+    }
+    /// Read of BAR `bar` at `offset`.
+    fn bar_read(&mut self, bar: usize, offset: u64, size: u8, now_ns: u64, events: &mut Events) -> u64;
+    /// Write of BAR `bar` at `offset`.
+    fn bar_write(&mut self, bar: usize, offset: u64, size: u8, value: u64, now_ns: u64, events: &mut Events);
+    /// Work that needs guest memory (see [`Device::run_dma`]).
+    fn run_dma(&mut self, _memory: &mut dyn GuestMemory, _now_ns: u64, _events: &mut Events) {}
+    /// Whether [`PciFunction::run_dma`] has work left.
+    fn dma_pending(&self) -> bool {
+        false
+    }
+}
+
+/// Why a function could not be plugged in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlugError {
+    /// Every slot of bus 0 is taken.
+    NoSlot,
+    /// The BARs do not fit in what is left of the window.
+    WindowFull,
+}
+
+impl core::fmt::Display for PlugError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            PlugError::NoSlot => write!(f, "all {} PCI slots are taken", SLOTS - 1),
+            PlugError::WindowFull => {
+                write!(f, "its BARs do not fit in the PCI memory window ({} MiB)", MMIO_WINDOW_LEN >> 20)
+            }
+        }
+    }
+}
+
+/// The PCI host: configuration mechanism #1, the host bridge and the functions on bus 0.
 pub struct PciHost {
     address: u32,
     bridge: [u8; 256],
     reset_control: Option<u8>,
     ports: [Span; 4],
     port_count: usize,
+    /// Plugged functions with their slots, in slot order.
+    functions: Vec<(u8, Box<dyn PciFunction>)>,
+    /// Next free address in the window for BARs.
+    next_bar: u64,
+}
+
+/// The host's memory window, as the bus sees it.
+const MMIO_WINDOW: [Span; 1] = [Span { start: MMIO_WINDOW_BASE, len: MMIO_WINDOW_LEN }];
+
+/// What CONFIG_ADDRESS selects.
+enum Selected {
+    /// The host bridge, at this register.
+    Bridge(usize),
+    /// Plugged function `index`, at this register.
+    Function(usize, usize),
 }
 
 impl Default for PciHost {
@@ -100,7 +177,58 @@ impl PciHost {
                 Span { start: RESET_CONTROL as u64, len: 1 },
             ],
             port_count: 3,
+            functions: Vec::new(),
+            next_bar: MMIO_WINDOW_BASE,
         }
+    }
+
+    /// Plugs `function` into the next free slot, assigns its BARs in the window, naturally
+    /// aligned, and turns on memory decoding; returns the slot.
+    pub fn add_function(&mut self, mut function: Box<dyn PciFunction>) -> Result<u8, PlugError> {
+        let slot = self.functions.len() as u8 + 1;
+        if slot >= SLOTS {
+            return Err(PlugError::NoSlot);
+        }
+        let mut next = self.next_bar;
+        let mut bases = [None; BARS];
+        for (bar, base) in bases.iter_mut().enumerate() {
+            let Some(size) = sizing(function.config_mut(), bar) else { continue };
+            let at = next.next_multiple_of(size);
+            next = at
+                .checked_add(size)
+                .filter(|&end| end <= MMIO_WINDOW_BASE + MMIO_WINDOW_LEN)
+                .ok_or(PlugError::WindowFull)?;
+            *base = Some(at);
+        }
+        let space = function.config_mut();
+        for (bar, base) in bases.iter().enumerate() {
+            if let Some(base) = base {
+                space.assign_bar(bar, *base);
+            }
+        }
+        let pin = space.byte(INTERRUPT_PIN);
+        let gsi = intx_gsi(slot, pin.saturating_sub(1));
+        if pin != 0 {
+            space.write(INTERRUPT_LINE, 1, gsi.into());
+        }
+        let command = space.command() | COMMAND_MEMORY;
+        space.write(COMMAND, 2, command.into());
+        function.attach(slot, gsi);
+        self.next_bar = next;
+        self.functions.push((slot, function));
+        Ok(slot)
+    }
+
+    /// The function and BAR that decode `gpa`, with the offset into the BAR.
+    fn decoder(&mut self, gpa: u64) -> Option<(&mut Box<dyn PciFunction>, usize, u64)> {
+        self.functions.iter_mut().find_map(|(_, function)| {
+            let (bar, offset) = (0..BARS).find_map(|bar| {
+                let (base, size) = function.config().bar_range(bar)?;
+                let offset = gpa.checked_sub(base).filter(|&offset| offset < size)?;
+                Some((bar, offset))
+            })?;
+            Some((function, bar, offset))
+        })
     }
 
     /// The host that also answers the reset control register at 0xcf9: a write with bit 2 set
@@ -109,13 +237,19 @@ impl PciHost {
         PciHost { reset_control: Some(0), port_count: 4, ..Self::new() }
     }
 
-    /// The configuration-space byte `offset` of the function CONFIG_ADDRESS selects, if present.
-    fn selected(&self) -> Option<usize> {
-        // Bus 0, device 0, function 0: bits 23:8 all zero.
-        if self.address & ENABLE == 0 || self.address & 0x00ff_ff00 != 0 {
+    /// The function CONFIG_ADDRESS selects and the register, if it is present.
+    fn selected(&self) -> Option<Selected> {
+        // Bus 0 (bits 23:16), function 0 (bits 10:8).
+        if self.address & ENABLE == 0 || self.address & 0x00ff_0700 != 0 {
             return None;
         }
-        Some((self.address & 0xfc) as usize)
+        let register = (self.address & 0xfc) as usize;
+        match ((self.address >> 11) & 0x1f) as u8 {
+            0 => Some(Selected::Bridge(register)),
+            slot => {
+                self.functions.iter().position(|(s, _)| *s == slot).map(|index| Selected::Function(index, register))
+            }
+        }
     }
 
     fn config_read_byte(&self, register: usize) -> u8 {
@@ -141,7 +275,7 @@ fn host_bridge_header() -> [u8; 256] {
     h[0..2].copy_from_slice(&HOST_BRIDGE_VENDOR.to_le_bytes());
     h[2..4].copy_from_slice(&HOST_BRIDGE_DEVICE.to_le_bytes());
     h[COMMAND..COMMAND + 2].copy_from_slice(&COMMAND_RESET.to_le_bytes());
-    h[STATUS_OFFSET..STATUS_OFFSET + 2].copy_from_slice(&STATUS.to_le_bytes());
+    h[STATUS..STATUS + 2].copy_from_slice(&BRIDGE_STATUS.to_le_bytes());
     h[REVISION] = HOST_BRIDGE_REVISION;
     h[REVISION + 1..REVISION + 4].copy_from_slice(&CLASS_HOST_BRIDGE);
     // Header type 0 (single function) at 0x0e; BARs 0x10-0x27, expansion ROM, capabilities
@@ -160,7 +294,7 @@ impl Device for PciHost {
         self.ports.get(..self.port_count).unwrap_or(&[])
     }
 
-    fn io_read(&mut self, port: u16, size: u8, _now_ns: u64, _events: &mut Events) -> u32 {
+    fn io_read(&mut self, port: u16, size: u8, _now_ns: u64, events: &mut Events) -> u32 {
         if port == CONFIG_ADDRESS && size == 4 {
             return self.address;
         }
@@ -173,18 +307,27 @@ impl Device for PciHost {
             // Byte and word accesses at 0xcf8-0xcfb reach no register.
             return ones(size) as u32;
         };
-        let function = self.selected();
-        let mut value = 0u32;
-        for i in 0..size.min(4) {
-            let lane = usize::from(data_offset) + usize::from(i);
-            // Bytes past 0xcff, and every byte of an absent function, float high.
-            let byte = match function {
-                Some(register) if lane < 4 => self.config_read_byte(register + lane),
-                _ => 0xff,
-            };
-            value |= u32::from(byte) << (8 * u32::from(i));
-        }
-        value
+        let lane = usize::from(data_offset);
+        // Bytes past 0xcff float high.
+        let width = size.min(4).min(4 - lane as u8);
+        let value = match self.selected() {
+            Some(Selected::Bridge(register)) => (0..width).fold(0u32, |value, i| {
+                value | u32::from(self.config_read_byte(register + lane + usize::from(i))) << (8 * i)
+            }),
+            Some(Selected::Function(index, register)) => {
+                let function = &mut self.functions[index].1;
+                match width {
+                    1 | 2 | 4 => function.config_read(register + lane, width, events),
+                    // Three bytes up to 0xcff: byte by byte.
+                    _ => (0..width).fold(0u32, |value, i| {
+                        value | function.config_read(register + lane + usize::from(i), 1, events) << (8 * i)
+                    }),
+                }
+            }
+            // Every byte of an absent function floats high.
+            None => return ones(size) as u32,
+        };
+        value | (ones(size) as u32 & !low_bytes(width))
     }
 
     fn io_write(&mut self, port: u16, size: u8, value: u32, _now_ns: u64, events: &mut Events) {
@@ -205,16 +348,92 @@ impl Device for PciHost {
         let Some(data_offset) = port.checked_sub(CONFIG_DATA) else {
             return;
         };
-        let Some(register) = self.selected() else {
-            return;
-        };
-        for (i, byte) in value.to_le_bytes().into_iter().enumerate().take(usize::from(size.min(4))) {
-            let lane = usize::from(data_offset) + i;
-            if lane < 4 {
-                self.config_write_byte(register + lane, byte);
+        let lane = usize::from(data_offset);
+        let width = size.min(4).min(4 - lane as u8);
+        match self.selected() {
+            Some(Selected::Bridge(register)) => {
+                for (i, byte) in value.to_le_bytes().into_iter().enumerate().take(usize::from(width)) {
+                    self.config_write_byte(register + lane + i, byte);
+                }
+            }
+            Some(Selected::Function(index, register)) => {
+                let function = &mut self.functions[index].1;
+                match width {
+                    1 | 2 | 4 => function.config_write(register + lane, width, value & low_bytes(width), events),
+                    _ => {
+                        for (i, byte) in value.to_le_bytes().into_iter().enumerate().take(usize::from(width)) {
+                            function.config_write(register + lane + i, 1, byte.into(), events);
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn mmio(&self) -> &[Span] {
+        &MMIO_WINDOW
+    }
+
+    fn mmio_read(&mut self, gpa: u64, size: u8, now_ns: u64, events: &mut Events) -> u64 {
+        match self.decoder(gpa) {
+            Some((function, bar, offset)) => function.bar_read(bar, offset, size, now_ns, events),
+            // Nothing decodes it: master abort, all ones.
+            None => ones(size),
+        }
+    }
+
+    fn mmio_write(&mut self, gpa: u64, size: u8, value: u64, now_ns: u64, events: &mut Events) {
+        if let Some((function, bar, offset)) = self.decoder(gpa) {
+            function.bar_write(bar, offset, size, value, now_ns, events);
+        }
+    }
+
+    fn run_dma(&mut self, memory: &mut dyn GuestMemory, now_ns: u64, events: &mut Events) {
+        for (_, function) in &mut self.functions {
+            if function.dma_pending() {
+                function.run_dma(memory, now_ns, events);
             }
         }
     }
+
+    fn dma_pending(&self) -> bool {
+        self.functions.iter().any(|(_, function)| function.dma_pending())
+    }
+
+    fn as_pci_host(&mut self) -> Option<&mut PciHost> {
+        Some(self)
+    }
+}
+
+/// The low `count` bytes of a dword set (0 to 4 bytes).
+fn low_bytes(count: u8) -> u32 {
+    (0xffff_ffff_u64 >> (32 - 8 * u32::from(count.min(4)))) as u32
+}
+
+/// The size of BAR `bar`, found as the OS finds it: write all ones, read back, restore.
+fn sizing(space: &mut ConfigSpace, bar: usize) -> Option<u64> {
+    let offset = config::BAR0 + 4 * bar;
+    let saved = space.read(offset, 4);
+    space.write(offset, 4, 0xffff_ffff);
+    let low = space.read(offset, 4);
+    space.write(offset, 4, saved);
+    if low & 1 != 0 || low & !0xf == 0 {
+        // No BAR, or the upper half of a 64-bit one (which reads all ones): not a BAR to place.
+        return None;
+    }
+    let mask = u64::from(low & !0xf);
+    let size = if low & 0b110 == 0b100 {
+        let high_offset = offset + 4;
+        let saved_high = space.read(high_offset, 4);
+        space.write(high_offset, 4, 0xffff_ffff);
+        let high = u64::from(space.read(high_offset, 4));
+        space.write(high_offset, 4, saved_high);
+        !((high << 32) | mask) + 1
+    } else {
+        u64::from(!(mask as u32)) + 1
+    };
+    Some(size)
 }
 
 #[cfg(test)]
