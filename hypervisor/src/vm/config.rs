@@ -16,10 +16,13 @@
 //! entry   = long64             # long64 (64-bit, identity-mapped) or real (real mode at the ELF entry)
 //! devices = test               # extra devices: test (interrupt port 0xf5, MMIO page 0xd0000000)
 //! modules = a.bin arg, b.bin   # multiboot modules: file and the module's string
-//! disk    = root.ext4, data.img read-only
-//!                              # virtio-blk disks (/dev/vda, /dev/vdb, ...): images packed into
-//!                              # the ramdisk and held in RAM, copy-on-write (writes are lost at
-//!                              # power-off); `read-only` refuses the guest's writes
+//! disk    = root.ext4, host:64M+256M, data.img read-only
+//!                              # virtio-blk disks (/dev/vda, /dev/vdb, ...): an image packed
+//!                              # into the ramdisk and held in RAM, copy-on-write (writes are
+//!                              # lost at power-off), or host:START+LENGTH, a region of the
+//!                              # machine's own disk (whole MiB; no two VMs' regions overlap),
+//!                              # which keeps what is written; `read-only` refuses the guest's
+//!                              # writes
 //! ```
 //!
 //! Errors name the VM, the line and the field; unknown fields are errors, not ignored.
@@ -44,14 +47,51 @@ pub struct DeviceSet {
     pub test: bool,
 }
 
+/// Where a VM's disk keeps its data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSource {
+    /// An image in the ramdisk, held in RAM copy-on-write: writes are lost at power-off.
+    Image(String),
+    /// A region of the machine's own disk (`host:START+LENGTH`, byte offsets, whole MiB):
+    /// what the guest writes stays there.
+    HostRegion {
+        /// First byte of the region on the host disk.
+        start: u64,
+        /// Length of the region in bytes.
+        len: u64,
+    },
+}
+
+impl DiskSource {
+    /// The ramdisk file, for an image.
+    pub fn image(&self) -> Option<&str> {
+        match self {
+            DiskSource::Image(file) => Some(file),
+            DiskSource::HostRegion { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for DiskSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DiskSource::Image(file) => f.write_str(file),
+            DiskSource::HostRegion { start, len } => write!(f, "host:{}M+{}M", start >> 20, len >> 20),
+        }
+    }
+}
+
 /// A virtio-blk disk of a VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
-    /// The disk image, a file in the ramdisk.
-    pub file: String,
+    /// Where its data is.
+    pub source: DiskSource,
     /// The guest may not write to it (VIRTIO_BLK_F_RO).
     pub read_only: bool,
 }
+
+/// Host-disk regions are whole MiB, so that regions never share a sector.
+pub const HOST_REGION_ALIGN: u64 = 1 << 20;
 
 /// Most disks one VM may have.
 pub const MAX_DISKS: usize = 8;
@@ -460,6 +500,15 @@ pub fn parse_set(text: &str) -> Result<VmSet, ConfigError> {
     if let Some(draft) = current.take() {
         vms.push(finish(draft)?);
     }
+    if let Some((first, second)) = overlapping_regions(&vms) {
+        let line = text.lines().count();
+        return Err(ConfigError {
+            line,
+            vm: None,
+            field: Some("disk".into()),
+            message: alloc::format!("{second} overlaps {first} on the host disk"),
+        });
+    }
     Ok(VmSet { host, vms })
 }
 
@@ -491,20 +540,57 @@ fn parse_disks(value: &str) -> Result<Vec<DiskConfig>, String> {
     let mut disks = Vec::new();
     for entry in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let mut words = entry.split_whitespace();
-        let file = words.next().unwrap_or_default().to_string();
+        let name = words.next().unwrap_or_default();
+        let source = match name.strip_prefix("host:") {
+            Some(region) => parse_host_region(region).ok_or_else(|| {
+                alloc::format!("disk {name}: expected host:START+LENGTH in whole MiB, like host:0M+256M")
+            })?,
+            None => DiskSource::Image(name.to_string()),
+        };
         let mut read_only = false;
         for option in words {
             match option {
                 "read-only" => read_only = true,
-                other => return Err(alloc::format!("disk {file}: unknown option {other:?} (known: read-only)")),
+                other => return Err(alloc::format!("disk {name}: unknown option {other:?} (known: read-only)")),
             }
         }
-        disks.push(DiskConfig { file, read_only });
+        disks.push(DiskConfig { source, read_only });
     }
     if disks.len() > MAX_DISKS {
         return Err(alloc::format!("{} disks; a VM has at most {MAX_DISKS}", disks.len()));
     }
     Ok(disks)
+}
+
+/// `START+LENGTH` of a host-disk region: sizes with K, M or G, whole MiB, not empty.
+fn parse_host_region(text: &str) -> Option<DiskSource> {
+    let (start, len) = text.split_once('+')?;
+    let (start, len) = (parse_size(start)?, parse_size(len)?);
+    let aligned = start % HOST_REGION_ALIGN == 0 && len % HOST_REGION_ALIGN == 0;
+    (aligned && len > 0 && start.checked_add(len).is_some()).then_some(DiskSource::HostRegion { start, len })
+}
+
+/// The first pair of host-disk regions that overlap, as (VM, disk) of each.
+fn overlapping_regions(vms: &[VmConfig]) -> Option<(String, String)> {
+    let regions: Vec<(&VmConfig, &DiskConfig, u64, u64)> = vms
+        .iter()
+        .flat_map(|vm| vm.disks.iter().map(move |disk| (vm, disk)))
+        .filter_map(|(vm, disk)| match disk.source {
+            DiskSource::HostRegion { start, len } => Some((vm, disk, start, start + len)),
+            DiskSource::Image(_) => None,
+        })
+        .collect();
+    for (i, a) in regions.iter().enumerate() {
+        for b in &regions[i + 1..] {
+            if a.2 < b.3 && b.2 < a.3 {
+                return Some((
+                    alloc::format!("vm {} disk {}", a.0.name, a.1.source),
+                    alloc::format!("vm {} disk {}", b.0.name, b.1.source),
+                ));
+            }
+        }
+    }
+    None
 }
 
 fn non_empty(value: &str) -> Option<String> {
@@ -527,7 +613,7 @@ pub fn referenced_files(vms: &[VmConfig]) -> Vec<&str> {
     let mut files: Vec<&str> = Vec::new();
     for vm in vms {
         let modules = vm.modules.iter().filter_map(|m| module_file(m));
-        let disks = vm.disks.iter().map(|disk| disk.file.as_str());
+        let disks = vm.disks.iter().filter_map(|disk| disk.source.image());
         for name in core::iter::once(vm.kernel.as_str()).chain(vm.initrd.as_deref()).chain(modules).chain(disks) {
             if !files.contains(&name) {
                 files.push(name);
@@ -552,8 +638,8 @@ mod tests {
         assert_eq!(
             vms[0].disks,
             [
-                DiskConfig { file: "root.ext4".into(), read_only: false },
-                DiskConfig { file: "data.img".into(), read_only: true }
+                DiskConfig { source: DiskSource::Image("root.ext4".into()), read_only: false },
+                DiskConfig { source: DiskSource::Image("data.img".into()), read_only: true }
             ]
         );
         assert_eq!(referenced_files(&vms), ["k", "root.ext4", "data.img"]);
@@ -562,6 +648,28 @@ mod tests {
         let many = alloc::format!("[vm a]\nkernel = k\ndisk = {}\n", ["d"; 9].join(","));
         assert!(error_of(&many).message.contains("at most 8"));
         assert!(parse("[vm a]\nkernel = k\n").unwrap()[0].disks.is_empty());
+    }
+
+    #[test]
+    fn host_regions_are_whole_mib_and_never_overlap() {
+        let vms = parse("[vm a]\nkernel = k\ndisk = host:0M+64M\n[vm b]\nkernel = k\ndisk = host:64M+1G read-only\n")
+            .unwrap();
+        assert_eq!(vms[0].disks[0].source, DiskSource::HostRegion { start: 0, len: 64 << 20 });
+        assert_eq!(vms[1].disks[0].source, DiskSource::HostRegion { start: 64 << 20, len: 1 << 30 });
+        assert!(vms[1].disks[0].read_only);
+        assert_eq!(vms[1].disks[0].source.to_string(), "host:64M+1024M");
+        assert_eq!(referenced_files(&vms), ["k"], "nothing to pack");
+        for bad in
+            ["host:0M", "host:1K+64M", "host:0M+0M", "host:0M+64M+1M", "host:x+1M", "host:18446744073709551615+1M"]
+        {
+            let e = error_of(&alloc::format!("[vm a]\nkernel = k\ndisk = {bad}\n"));
+            assert!(e.message.contains("expected host:START+LENGTH"), "{bad}: {e}");
+        }
+        let e = error_of("[vm a]\nkernel = k\ndisk = host:0M+64M\n[vm b]\nkernel = k\ndisk = host:32M+64M read-only\n");
+        assert_eq!(e.field.as_deref(), Some("disk"));
+        assert_eq!(e.message, "vm b disk host:32M+64M overlaps vm a disk host:0M+64M on the host disk");
+        let e = error_of("[vm a]\nkernel = k\ndisk = host:0M+64M, host:63M+2M\n");
+        assert!(e.message.contains("vm a disk host:63M+2M overlaps vm a disk host:0M+64M"), "{e}");
     }
 
     #[test]

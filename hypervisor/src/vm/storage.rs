@@ -5,7 +5,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use super::config::DiskConfig;
+use super::config::{DiskConfig, DiskSource};
 use super::Vm;
 use crate::devices::virtio::blk::{Block, RamOverlay};
 use crate::devices::virtio::pci::VirtioPci;
@@ -30,21 +30,25 @@ pub fn attach_disks<M: GuestMemory>(
     let memory_size = vm.memory.size();
     let mut lines = Vec::new();
     for (index, disk) in disks.iter().enumerate() {
-        let image =
-            ramdisk::find(files, &disk.file).ok_or_else(|| format!("disk {:?} is not in the ramdisk", disk.file))?.data;
+        let file = match &disk.source {
+            DiskSource::Image(file) => file,
+            DiskSource::HostRegion { .. } => {
+                return Err(format!("disk {}: this hypervisor has no host disk driver yet", disk.source))
+            }
+        };
+        let image = ramdisk::find(files, file).ok_or_else(|| format!("disk {file:?} is not in the ramdisk"))?.data;
         let name = disk_name(index);
         let mut backend = RamOverlay::new(image).with_budget(image.len() as u64);
         if disk.read_only {
             backend = backend.write_protected();
         }
-        let block = Block::new(backend, &disk.file);
+        let block = Block::new(backend, file);
         let function = VirtioPci::new(block, &vm.name, &name, memory_size)
-            .ok_or_else(|| format!("disk {}: the virtio-blk device could not be built", disk.file))?;
+            .ok_or_else(|| format!("disk {file}: the virtio-blk device could not be built"))?;
         let pci = vm.bus.pci_host().ok_or("the VM has no PCI bus")?;
-        let slot = pci.add_function(Box::new(function)).map_err(|e| format!("disk {}: {e}", disk.file))?;
+        let slot = pci.add_function(Box::new(function)).map_err(|e| format!("disk {file}: {e}"))?;
         lines.push(format!(
-            "{name} = {} ({} bytes{}) at PCI 00:{slot:02x}.0",
-            disk.file,
+            "{name} = {file} ({} bytes{}) at PCI 00:{slot:02x}.0",
             image.len(),
             if disk.read_only { ", read-only" } else { "" }
         ));
