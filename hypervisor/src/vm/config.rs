@@ -93,6 +93,20 @@ pub struct DiskConfig {
 /// Host-disk regions are whole MiB, so that regions never share a sector.
 pub const HOST_REGION_ALIGN: u64 = 1 << 20;
 
+/// A virtio-net device of a VM, a port of a named network (the switch all VMs naming the
+/// same network share).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NicConfig {
+    /// The network: letters, digits, '-' or '_'.
+    pub network: String,
+    /// Its MAC address: configured with `mac=`, or 52:54:00:12:VV:NN for VM number VV of the set
+    /// and NIC number NN of the VM.
+    pub mac: [u8; 6],
+}
+
+/// Most network devices one VM may have.
+pub const MAX_NICS: usize = 4;
+
 /// Most disks one VM may have.
 pub const MAX_DISKS: usize = 8;
 
@@ -123,6 +137,8 @@ pub struct VmConfig {
     pub cpus: Option<CpuSet>,
     /// Virtio block devices, in PCI slot order.
     pub disks: Vec<DiskConfig>,
+    /// Virtio network devices, after the disks in slot order.
+    pub nics: Vec<NicConfig>,
 }
 
 /// A set of host CPUs, numbered 0 to [`CpuSet::LIMIT`] - 1.
@@ -296,6 +312,8 @@ struct Draft {
     timeout_seconds: Option<u64>,
     cpus: Option<CpuSet>,
     disks: Vec<DiskConfig>,
+    /// NICs as written: network and the MAC if one was given.
+    nics: Vec<(String, Option<[u8; 6]>)>,
 }
 
 /// Settings of the host rather than of one VM (the optional `[host]` section).
@@ -354,7 +372,7 @@ pub fn parse_set(text: &str) -> Result<VmSet, ConfigError> {
             let header =
                 header.strip_suffix(']').ok_or_else(|| error(None, "section header must end with ']'".into()))?.trim();
             if let Some(draft) = current.take() {
-                vms.push(finish(draft)?);
+                vms.push(finish(draft, vms.len())?);
             }
             in_host = header == "host";
             if in_host {
@@ -385,6 +403,7 @@ pub fn parse_set(text: &str) -> Result<VmSet, ConfigError> {
                 timeout_seconds: None,
                 cpus: None,
                 disks: Vec::new(),
+                nics: Vec::new(),
             });
             continue;
         }
@@ -494,11 +513,20 @@ pub fn parse_set(text: &str) -> Result<VmSet, ConfigError> {
                 }
             }
             "disk" => draft.disks = parse_disks(value).map_err(|message| error(field, message))?,
+            "net" => draft.nics = parse_nics(value).map_err(|message| error(field, message))?,
             other => return Err(error(None, alloc::format!("unknown field {other:?}"))),
         }
     }
     if let Some(draft) = current.take() {
-        vms.push(finish(draft)?);
+        vms.push(finish(draft, vms.len())?);
+    }
+    if let Some((mac, first, second)) = duplicate_mac(&vms) {
+        return Err(ConfigError {
+            line: text.lines().count(),
+            vm: Some(second),
+            field: Some("net".into()),
+            message: alloc::format!("MAC address {} is also vm {first}'s", format_mac(&mac)),
+        });
     }
     if let Some((first, second)) = overlapping_regions(&vms) {
         let line = text.lines().count();
@@ -512,7 +540,56 @@ pub fn parse_set(text: &str) -> Result<VmSet, ConfigError> {
     Ok(VmSet { host, vms })
 }
 
-fn finish(draft: Draft) -> Result<VmConfig, ConfigError> {
+/// `net = NETWORK [mac=XX:XX:XX:XX:XX:XX], ...`.
+fn parse_nics(value: &str) -> Result<Vec<(String, Option<[u8; 6]>)>, String> {
+    let mut nics = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let mut words = entry.split_whitespace();
+        let network = words.next().unwrap_or_default();
+        if !network.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(alloc::format!("network name {network:?} must be letters, digits, '-' or '_'"));
+        }
+        let mut mac = None;
+        for option in words {
+            match option.strip_prefix("mac=") {
+                Some(text) => {
+                    let parsed = parse_mac(text).ok_or_else(|| {
+                        alloc::format!("net {network}: {text:?} is not a unicast MAC address like 52:54:00:12:34:56")
+                    })?;
+                    mac = Some(parsed);
+                }
+                None => return Err(alloc::format!("net {network}: unknown option {option:?} (known: mac=)")),
+            }
+        }
+        nics.push((network.to_string(), mac));
+    }
+    if nics.len() > MAX_NICS {
+        return Err(alloc::format!("{} network devices; a VM has at most {MAX_NICS}", nics.len()));
+    }
+    Ok(nics)
+}
+
+/// Six hex bytes separated by ':', not multicast (bit 0 of the first byte) and not all zero.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+}
+
+/// A MAC address as `52:54:00:12:34:56`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    let [a, b, c, d, e, f] = *mac;
+    alloc::format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+fn finish(draft: Draft, vm_index: usize) -> Result<VmConfig, ConfigError> {
     let kernel = draft.kernel.ok_or_else(|| ConfigError {
         line: draft.line,
         vm: Some(draft.name.clone()),
@@ -532,6 +609,15 @@ fn finish(draft: Draft) -> Result<VmConfig, ConfigError> {
         timeout_seconds: draft.timeout_seconds,
         cpus: draft.cpus,
         disks: draft.disks,
+        nics: draft
+            .nics
+            .into_iter()
+            .enumerate()
+            .map(|(nic, (network, mac))| NicConfig {
+                network,
+                mac: mac.unwrap_or([0x52, 0x54, 0x00, 0x12, vm_index as u8, nic as u8]),
+            })
+            .collect(),
     })
 }
 
@@ -568,6 +654,15 @@ fn parse_host_region(text: &str) -> Option<DiskSource> {
     let (start, len) = (parse_size(start)?, parse_size(len)?);
     let aligned = start % HOST_REGION_ALIGN == 0 && len % HOST_REGION_ALIGN == 0;
     (aligned && len > 0 && start.checked_add(len).is_some()).then_some(DiskSource::HostRegion { start, len })
+}
+
+/// A MAC address two NICs of the set share, with the VMs that have them.
+fn duplicate_mac(vms: &[VmConfig]) -> Option<([u8; 6], String, String)> {
+    let nics: Vec<(&str, [u8; 6])> =
+        vms.iter().flat_map(|vm| vm.nics.iter().map(move |nic| (vm.name.as_str(), nic.mac))).collect();
+    nics.iter().enumerate().find_map(|(i, (vm, mac))| {
+        nics[i + 1..].iter().find(|(_, other)| other == mac).map(|(other, _)| (*mac, vm.to_string(), other.to_string()))
+    })
 }
 
 /// The first pair of host-disk regions that overlap, as (VM, disk) of each.
@@ -648,6 +743,30 @@ mod tests {
         let many = alloc::format!("[vm a]\nkernel = k\ndisk = {}\n", ["d"; 9].join(","));
         assert!(error_of(&many).message.contains("at most 8"));
         assert!(parse("[vm a]\nkernel = k\n").unwrap()[0].disks.is_empty());
+    }
+
+    #[test]
+    fn nics_join_networks_with_unique_macs() {
+        let vms =
+            parse("[vm a]\nkernel = k\nnet = lan, wan mac=02:00:00:00:00:01\n[vm b]\nkernel = k\nnet = lan\n").unwrap();
+        assert_eq!(vms[0].nics[0], NicConfig { network: "lan".into(), mac: [0x52, 0x54, 0, 0x12, 0, 0] });
+        assert_eq!(vms[0].nics[1], NicConfig { network: "wan".into(), mac: [2, 0, 0, 0, 0, 1] });
+        assert_eq!(format_mac(&vms[1].nics[0].mac), "52:54:00:12:01:00");
+        for bad in [
+            "lan mac=01:00:00:00:00:01",
+            "lan mac=00:00:00:00:00:00",
+            "lan mac=52:54:00:12:34",
+            "lan mac=5:54:00:12:34:56:00",
+        ] {
+            let e = error_of(&alloc::format!("[vm a]\nkernel = k\nnet = {bad}\n"));
+            assert!(e.message.contains("is not a unicast MAC address"), "{bad}: {e}");
+        }
+        assert!(error_of("[vm a]\nkernel = k\nnet = l@n\n").message.contains("network name"));
+        assert!(error_of("[vm a]\nkernel = k\nnet = lan speed=1G\n").message.contains("unknown option"));
+        assert!(error_of("[vm a]\nkernel = k\nnet = a,b,c,d,e\n").message.contains("at most 4"));
+        let e = error_of("[vm a]\nkernel = k\nnet = lan mac=52:54:00:12:01:00\n[vm b]\nkernel = k\nnet = lan\n");
+        assert_eq!((e.vm.as_deref(), e.field.as_deref()), (Some("b"), Some("net")));
+        assert_eq!(e.message, "MAC address 52:54:00:12:01:00 is also vm a's");
     }
 
     #[test]

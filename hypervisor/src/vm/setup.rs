@@ -278,6 +278,7 @@ mod tests {
             timeout_seconds: None,
             cpus: None,
             disks: Vec::new(),
+            nics: Vec::new(),
         }
     }
 
