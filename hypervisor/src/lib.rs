@@ -14,6 +14,7 @@ pub mod devices;
 pub mod exit_decode;
 pub mod guest_clock;
 pub mod host_acpi;
+pub mod host_disk;
 pub mod loader;
 pub mod mm;
 pub mod mmio;

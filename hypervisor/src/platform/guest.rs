@@ -352,7 +352,7 @@ pub fn prepare(
             .add(alloc::boxed::Box::new(crate::devices::test_device::TestDevice::default()))
             .map_err(|e| format!("{e}"))?;
     }
-    let disks = crate::vm::storage::attach_disks(&mut vm, &config.disks, files)?;
+    let disks = crate::vm::storage::attach_disks(&mut vm, &config.disks, files, super::host_disk::get())?;
     let supported_xcr0 = xstate::enable().supported_xcr0;
     let second_level = match backend {
         Backend::Svm => SecondLevel::Npt(map_ram::<Npt>(&mut tables, PageSize::Size2M, &ram)?),

@@ -4,6 +4,11 @@ use bootloader_api::info::{BootInfo, MemoryRegionKind};
 use linked_list_allocator::LockedHeap;
 use spin::Mutex;
 use x86_64::registers::control::Cr3;
+use x86_64::structures::paging::{
+    FrameAllocator as PagingFrameAllocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags, PhysFrame,
+    Size4KiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
 
 use crate::mm::frames::{FrameAllocator, PhysRange, FRAME_SIZE};
 use crate::mm::second_level::TableMemory;
@@ -143,6 +148,83 @@ pub fn alloc_zeroed(frames: u64, align: u64) -> Option<u64> {
 pub unsafe fn phys_slice_mut<'a>(phys: u64, len: usize) -> &'a mut [u8] {
     // SAFETY: forwarded to the caller; the window maps all physical memory.
     unsafe { core::slice::from_raw_parts_mut(phys_map().virt(phys) as *mut u8, len) }
+}
+
+/// The first 4 GiB are in the physical-memory window even above the last RAM region: the
+/// bootloader maps them for the local APIC, the I/O APIC and PCI BARs.
+const WINDOW_MIN: u64 = 1 << 32;
+
+/// End of the physical-memory window the bootloader maps.
+fn window_end() -> u64 {
+    PHYS_LIMIT.get().copied().unwrap_or(0).max(WINDOW_MIN)
+}
+
+/// The physical address of `[virt, virt + len)` if all of it is mapped, to contiguous
+/// physical memory (so a device can reach it as one buffer).
+pub fn contiguous_phys(virt: u64, len: u64) -> Option<u64> {
+    let map = phys_map();
+    let end = virt.checked_add(len.max(1))?;
+    let start_phys = map.translate(virt)?;
+    let mut page = (virt & !(FRAME_SIZE - 1)) + FRAME_SIZE;
+    while page < end {
+        if map.translate(page)? != start_phys + (page - virt) {
+            return None;
+        }
+        page += FRAME_SIZE;
+    }
+    Some(start_phys)
+}
+
+/// Page-table frames for new mappings, from [`FRAMES`] (the mapper zeroes them).
+struct MappingFrames;
+
+// SAFETY: every frame comes from the frame allocator, which hands each out once.
+unsafe impl PagingFrameAllocator<Size4KiB> for MappingFrames {
+    fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
+        let phys = FRAMES.lock().alloc(1, FRAME_SIZE)?;
+        Some(PhysFrame::containing_address(PhysAddr::new(phys)))
+    }
+}
+
+/// The virtual address of device memory `[phys, phys + len)` (a PCI BAR). Inside the window it
+/// is already mapped; above it (firmware may put 64-bit BARs there) its pages are mapped,
+/// uncached, where the window would have them. Call it on the boot CPU before the others
+/// start, so no other CPU can have walked the tables being extended.
+pub fn device_memory(phys: u64, len: u64) -> Result<u64, &'static str> {
+    let end = phys.checked_add(len).ok_or("the region wraps around the address space")?;
+    let map = phys_map();
+    if end <= window_end() {
+        return Ok(map.virt(phys));
+    }
+    let offset = map.virt(0);
+    let root = Cr3::read().0.start_address().as_u64();
+    // SAFETY: CR3 holds the bootloader's level-4 table, reached through the window; the
+    // mapper below is the only code that changes these tables, and only on this CPU.
+    let level_4 = unsafe { &mut *(map.virt(root) as *mut PageTable) };
+    // SAFETY: all physical memory holding page tables is mapped at `offset`.
+    let mut mapper = unsafe { OffsetPageTable::new(level_4, VirtAddr::new(offset)) };
+    let flags = PageTableFlags::PRESENT
+        | PageTableFlags::WRITABLE
+        | PageTableFlags::NO_CACHE
+        | PageTableFlags::WRITE_THROUGH
+        | PageTableFlags::NO_EXECUTE;
+    let first = phys & !(FRAME_SIZE - 1);
+    for frame_phys in (first..end).step_by(FRAME_SIZE as usize) {
+        let virt = VirtAddr::try_new(offset + frame_phys).map_err(|_| "the address is outside the window's reach")?;
+        let page = Page::<Size4KiB>::containing_address(virt);
+        let frame = PhysFrame::containing_address(PhysAddr::new(frame_phys));
+        match mapper.translate_page(page) {
+            Ok(mapped) if mapped == frame => continue,
+            Ok(_) => return Err("its window address is already mapped to other memory"),
+            Err(_) => {}
+        }
+        // SAFETY: the page was unmapped and now maps device memory that nothing else maps, so
+        // no existing reference changes meaning.
+        unsafe { mapper.map_to(page, frame, flags, &mut MappingFrames) }
+            .map_err(|_| "no memory for its page tables")?
+            .flush();
+    }
+    Ok(map.virt(phys))
 }
 
 /// Second-level page tables live in host frames reached through the physical-memory window.

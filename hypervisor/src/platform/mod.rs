@@ -7,13 +7,16 @@ pub mod debug_regs;
 pub mod exit;
 pub mod gdt;
 pub mod guest;
+pub mod host_disk;
 pub mod idt;
 pub mod memory;
+pub mod pci_config;
 pub mod percpu;
 pub mod scheduler;
 pub mod serial;
 pub mod smp;
 pub mod svm;
+pub mod virtio_disk;
 pub mod vmx;
 pub mod xstate;
 
@@ -114,6 +117,7 @@ pub fn run(host: Host) -> ! {
         Err(e) => exit::end(RunStatus::Failure, &format!("ramdisk: {e}")),
     };
     log::info!("ramdisk: {} bytes, {} files", host.ramdisk.len(), files.len());
+    host_disk::init();
     let config::VmSet { host: host_config, vms } = match ramdisk::find(&files, VM_CONFIG_FILE) {
         None => config::VmSet::default(),
         Some(file) => match core::str::from_utf8(file.data) {
