@@ -85,6 +85,82 @@ stage_busybox() {
     [ -e "$root/bin/sh" ] || die "busybox has no sh applet"
 }
 
+# use_distro_kernel: runs distro-kernel.sh and sets VMLINUZ (its bzImage), KVER (the kernel's
+# release) and MODULES (its lib/modules/KVER, with modules.dep).
+use_distro_kernel() {
+    VMLINUZ=$(bash "$LINUX_DIR/distro-kernel.sh" | tail -n1) || die "distro-kernel.sh failed"
+    [ -f "$VMLINUZ" ] || die "distro-kernel.sh printed no vmlinuz path"
+    KVER=$(basename "$VMLINUZ" | sed 's/^vmlinuz-//')
+    MODULES=$(dirname "$(dirname "$VMLINUZ")")/lib/modules/$KVER
+    [ -s "$MODULES/modules.dep" ] || die "no modules.dep in $MODULES"
+}
+
+# module_name PATH: the name the kernel gives kernel/.../NAME.ko[.xz] ('-' reads as '_').
+module_name() { basename "$1" | sed 's/\.ko\(\.[a-z]*\)\{0,1\}$//; s/-/_/g'; }
+# dep_line NAME: NAME's modules.dep line without the colon: its path, then its dependencies,
+# each needing the ones after it (the order modprobe loads them in, last first).
+dep_line() {
+    awk -v want="$1" '{ path = $1; sub(/:$/, "", path); name = path; sub(/.*\//, "", name)
+                        sub(/\.ko(\.[a-z]+)?$/, "", name); gsub(/-/, "_", name) }
+                      name == want { $1 = path; print; exit }' "$MODULES/modules.dep"
+}
+is_builtin() {
+    local path
+    while IFS= read -r path; do
+        [ "$(module_name "$path")" = "$1" ] && return 0
+    done <"$MODULES/modules.builtin"
+    return 1
+}
+
+# resolve_modules NAME...: sets MODULE_ORDER to the modules.dep paths of the modules NAME...
+# and of everything they need, in load order: each after everything it needs, each once.
+# Names built into the kernel are skipped. Needs use_distro_kernel first.
+resolve_modules() {
+    local name line path i fields
+    MODULE_ORDER=()
+    for name in "$@"; do
+        if is_builtin "$name"; then
+            say "$name is built into $KVER"
+            continue
+        fi
+        line=$(dep_line "$name")
+        [ -n "$line" ] || die "$KVER has no module $name (not in modules.dep or modules.builtin)"
+        read -r -a fields <<<"$line"
+        for ((i = ${#fields[@]} - 1; i >= 0; i--)); do
+            for path in "${MODULE_ORDER[@]}"; do [ "$path" != "${fields[i]}" ] || continue 2; done
+            MODULE_ORDER+=("${fields[i]}")
+        done
+    done
+    for path in "${MODULE_ORDER[@]}"; do
+        [ -f "$MODULES/$path" ] || die "modules.dep names $path, which $MODULES lacks"
+    done
+}
+
+# stage_modules ROOT: the modules of MODULE_ORDER in ROOT/lib/modules/KVER, uncompressed (for
+# busybox's insmod), listed in load order in ROOT/etc/initramfs-modules for the /init to load.
+stage_modules() {
+    local root=$1 path stored
+    : >"$root/etc/initramfs-modules"
+    for path in "${MODULE_ORDER[@]}"; do
+        stored=${path%.xz}
+        stored=${stored%.gz}
+        mkdir -p "$root/lib/modules/$KVER/$(dirname "$path")"
+        case $path in
+            *.ko) cp "$MODULES/$path" "$root/lib/modules/$KVER/$stored" ;;
+            *.ko.xz) xz -dc "$MODULES/$path" >"$root/lib/modules/$KVER/$stored" ;;
+            *.ko.gz) gzip -dc "$MODULES/$path" >"$root/lib/modules/$KVER/$stored" ;;
+            *) die "cannot unpack module $path (.ko, .ko.xz and .ko.gz only)" ;;
+        esac || die "cannot copy module $path"
+        echo "$stored" >>"$root/etc/initramfs-modules"
+    done
+}
+
+# module_names: the names of MODULE_ORDER, space-separated, in load order.
+module_names() {
+    local path
+    for path in "${MODULE_ORDER[@]}"; do module_name "$path"; done | paste -sd' '
+}
+
 # newc_entry NAME MODE RDEVMAJOR RDEVMINOR INO: a newc cpio entry by hand (no data, owner root).
 newc_entry() {
     local name=$1 mode=$2 major=$3 minor=$4 ino=$5 namesize pad
@@ -119,5 +195,8 @@ write_initramfs() {
 
     gzip -9 -n "$archive"
     gzip -t "$archive.gz" || die "gzip produced a broken archive"
-    zcat "$archive.gz" | cpio -t --quiet 2>/dev/null | grep -qx init || die "compressed archive lacks /init"
+    # grep reads the whole listing: with -q it would stop at the match and, under pipefail, fail
+    # the pipeline whenever cpio then died writing to it (SIGPIPE).
+    zcat "$archive.gz" | cpio -t --quiet 2>/dev/null | grep -x init >/dev/null \
+        || die "compressed archive lacks /init"
 }

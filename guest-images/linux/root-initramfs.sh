@@ -35,53 +35,11 @@ ROOT_MODULES=(virtio_pci virtio_blk crc32c_generic ext4)
 ensure_packages cpio gzip xz-utils
 ensure_busybox
 
-VMLINUZ=$(bash "$LINUX_DIR/distro-kernel.sh" | tail -n1) || die "distro-kernel.sh failed"
-[ -f "$VMLINUZ" ] || die "distro-kernel.sh printed no vmlinuz path"
-KVER=$(basename "$VMLINUZ" | sed 's/^vmlinuz-//')
-MODULES=$(dirname "$(dirname "$VMLINUZ")")/lib/modules/$KVER
-[ -s "$MODULES/modules.dep" ] || die "no modules.dep in $MODULES"
-
-# module_name PATH: the name the kernel gives kernel/.../NAME.ko[.xz] ('-' reads as '_').
-module_name() { basename "$1" | sed 's/\.ko\(\.[a-z]*\)\{0,1\}$//; s/-/_/g'; }
-# dep_line NAME: NAME's modules.dep line without the colon: its path, then its dependencies,
-# each needing the ones after it (the order modprobe loads them in, last first).
-dep_line() {
-    awk -v want="$1" '{ path = $1; sub(/:$/, "", path); name = path; sub(/.*\//, "", name)
-                        sub(/\.ko(\.[a-z]+)?$/, "", name); gsub(/-/, "_", name) }
-                      name == want { $1 = path; print; exit }' "$MODULES/modules.dep"
-}
-is_builtin() {
-    local path
-    while IFS= read -r path; do
-        [ "$(module_name "$path")" = "$1" ] && return 0
-    done <"$MODULES/modules.builtin"
-    return 1
-}
-
-# The load order: each module after everything it needs, each once.
-ORDER=()
-add_module() {
-    local path
-    for path in "${ORDER[@]}"; do [ "$path" != "$1" ] || return 0; done
-    ORDER+=("$1")
-}
-for name in "${ROOT_MODULES[@]}"; do
-    if is_builtin "$name"; then
-        say "$name is built into $KVER"
-        continue
-    fi
-    line=$(dep_line "$name")
-    [ -n "$line" ] || die "$KVER has no module $name (not in modules.dep or modules.builtin)"
-    read -r -a fields <<<"$line"
-    for ((i = ${#fields[@]} - 1; i >= 1; i--)); do add_module "${fields[i]}"; done
-    add_module "${fields[0]}"
-done
-for path in "${ORDER[@]}"; do
-    [ -f "$MODULES/$path" ] || die "modules.dep names $path, which $MODULES lacks"
-done
+use_distro_kernel
+resolve_modules "${ROOT_MODULES[@]}"
 
 KEY=$(hash_of_text "recipe=$RECIPE busybox=$BB_VERSION init=$(hash_of "$INIT") kernel=$KVER \
-modules=${ORDER[*]} files=$(cd "$MODULES" && hash_of "${ORDER[@]}")")
+modules=${MODULE_ORDER[*]} files=$(cd "$MODULES" && hash_of "${MODULE_ORDER[@]}")")
 BASE=$HV_CACHE/root-initramfs
 OUT=$BASE/$KEY
 if [ "$FORCE" = 0 ] && [ -s "$OUT/root-initramfs.cpio.gz" ]; then
@@ -94,27 +52,15 @@ mkcache "$BASE"
 WORK=$(mktemp -d "$BASE/.build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 ROOT=$WORK/root
-say "staging busybox-static $BB_VERSION, /init and ${#ORDER[@]} modules of $KVER"
+say "staging busybox-static $BB_VERSION, /init and ${#MODULE_ORDER[@]} modules of $KVER"
 stage_busybox "$ROOT"
 cp "$INIT" "$ROOT/init"
 chmod 755 "$ROOT/init"
 mkdir -p "$ROOT/newroot"
-: >"$ROOT/etc/initramfs-modules"
-for path in "${ORDER[@]}"; do
-    stored=${path%.xz}
-    stored=${stored%.gz}
-    mkdir -p "$ROOT/lib/modules/$KVER/$(dirname "$path")"
-    case $path in
-        *.ko) cp "$MODULES/$path" "$ROOT/lib/modules/$KVER/$stored" ;;
-        *.ko.xz) xz -dc "$MODULES/$path" >"$ROOT/lib/modules/$KVER/$stored" ;;
-        *.ko.gz) gzip -dc "$MODULES/$path" >"$ROOT/lib/modules/$KVER/$stored" ;;
-        *) die "cannot unpack module $path (.ko, .ko.xz and .ko.gz only)" ;;
-    esac || die "cannot copy module $path"
-    echo "$stored" >>"$ROOT/etc/initramfs-modules"
-done
+stage_modules "$ROOT"
 
 ARCHIVE=$WORK/root-initramfs.cpio
-say "load order: $(for path in "${ORDER[@]}"; do module_name "$path"; done | paste -sd' ')"
+say "load order: $(module_names)"
 say "writing the newc archive ($BB_LINKS applet links)"
 write_initramfs "$ROOT" "$ARCHIVE"
 rm -rf "$OUT"
