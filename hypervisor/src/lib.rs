@@ -18,6 +18,7 @@ pub mod host_disk;
 pub mod loader;
 pub mod mm;
 pub mod mmio;
+pub mod net;
 pub mod ramdisk;
 pub mod sched;
 pub mod status;

@@ -13,6 +13,7 @@ use core::fmt;
 use crate::loader::{GuestMemory, MemError};
 
 pub mod blk;
+pub mod net;
 pub mod pci;
 pub mod queue;
 #[cfg(test)]
@@ -135,6 +136,14 @@ pub trait VirtioDevice {
     /// `queue.size()` chains per call (the transport calls again while more are available).
     /// Returns whether a used buffer notification (an interrupt) is due.
     fn process(&mut self, queue_index: u16, queue: &mut Queue, mem: &mut dyn GuestMemory) -> Result<bool, DeviceError>;
+
+    /// Queues with work that came from the device's side (frames arrived for a receive
+    /// queue), one bit per queue index: the transport processes them as if the driver had
+    /// notified. A device reports a queue only while it can make progress there, so that a
+    /// queue without buffers does not keep the transport calling. The default: none.
+    fn pending_queues(&self) -> u64 {
+        0
+    }
 }
 
 /// What a status write asks of the transport.
