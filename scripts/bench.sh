@@ -16,6 +16,8 @@ SCRIPT_NAME=bench
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=../guest-images/linux/common.sh
 . "$ROOT/guest-images/linux/common.sh"
+# shellcheck source=lib/timing.sh
+. "$ROOT/scripts/lib/timing.sh"
 
 KIND=small RUNS=3 TIMEOUT=60 HV_TIMEOUT=300 BARE_ONLY=0
 usage() { sed -n '5,11p' "$0" | sed 's/^# \{0,1\}//' >&2; }
@@ -60,40 +62,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-now() { printf '%s' "$EPOCHREALTIME"; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
-
-# wait_for PATTERN FILE PID DEADLINE: polls FILE every 20 ms until a line contains PATTERN
-# (extended regex; prints the time it was seen, returns 0), PID ends (1) or the clock passes DEADLINE (2).
-wait_for() {
-    local pattern=$1 file=$2 pid=$3 deadline=$4 t
-    while :; do
-        if grep -qE -- "$pattern" "$file" 2>/dev/null; then now; return 0; fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            grep -qE -- "$pattern" "$file" 2>/dev/null && { now; return 0; }
-            return 1
-        fi
-        t=$(now)
-        awk -v t="$t" -v d="$deadline" 'BEGIN { exit !(t > d) }' && return 2
-        sleep 0.02
-    done
-}
-
-# wait_exit PID SECONDS: waits for PID to end (returns its status) or kills it (returns 124).
-wait_exit() {
-    local pid=$1 limit=$2 i=0
-    while kill -0 "$pid" 2>/dev/null && [ $i -lt $((limit * 10)) ]; do sleep 0.1; i=$((i + 1)); done
-    if kill -0 "$pid" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-        return 124
-    fi
-    local rc=0
-    wait "$pid" 2>/dev/null || rc=$?
-    return $rc
-}
-
-median() { sort -n | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 
 # (a) Bare QEMU TCG: wall time from starting QEMU to the marker.
 BARE_TIMES=()

@@ -16,10 +16,11 @@
 //! entry   = long64             # long64 (64-bit, identity-mapped) or real (real mode at the ELF entry)
 //! devices = test               # extra devices: test (interrupt port 0xf5, MMIO page 0xd0000000)
 //! modules = a.bin arg, b.bin   # multiboot modules: file and the module's string
-//! disk    = root.ext4, host:64M+256M, data.img read-only
+//! disk    = root.ext4, blank:64M, host:64M+256M, data.img read-only
 //!                              # virtio-blk disks (/dev/vda, /dev/vdb, ...): an image packed
 //!                              # into the ramdisk and held in RAM, copy-on-write (writes are
-//!                              # lost at power-off), or host:START+LENGTH, a region of the
+//!                              # lost at power-off), an empty RAM disk (blank:SIZE, whole
+//!                              # MiB up to 1G), or host:START+LENGTH, a region of the
 //!                              # machine's own disk (whole MiB; no two VMs' regions overlap),
 //!                              # which keeps what is written; `read-only` refuses the guest's
 //!                              # writes
@@ -52,6 +53,8 @@ pub struct DeviceSet {
 pub enum DiskSource {
     /// An image in the ramdisk, held in RAM copy-on-write: writes are lost at power-off.
     Image(String),
+    /// An empty disk of this many bytes (whole MiB), in RAM like an image: a scratch disk.
+    Blank(u64),
     /// A region of the machine's own disk (`host:START+LENGTH`, byte offsets, whole MiB):
     /// what the guest writes stays there.
     HostRegion {
@@ -67,7 +70,7 @@ impl DiskSource {
     pub fn image(&self) -> Option<&str> {
         match self {
             DiskSource::Image(file) => Some(file),
-            DiskSource::HostRegion { .. } => None,
+            DiskSource::Blank(_) | DiskSource::HostRegion { .. } => None,
         }
     }
 }
@@ -76,6 +79,7 @@ impl fmt::Display for DiskSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DiskSource::Image(file) => f.write_str(file),
+            DiskSource::Blank(len) => write!(f, "blank:{}M", len >> 20),
             DiskSource::HostRegion { start, len } => write!(f, "host:{}M+{}M", start >> 20, len >> 20),
         }
     }
@@ -89,6 +93,9 @@ pub struct DiskConfig {
     /// The guest may not write to it (VIRTIO_BLK_F_RO).
     pub read_only: bool,
 }
+
+/// Largest blank disk: what it holds lives in host memory.
+pub const MAX_BLANK_DISK: u64 = 1 << 30;
 
 /// Host-disk regions are whole MiB, so that regions never share a sector.
 pub const HOST_REGION_ALIGN: u64 = 1 << 20;
@@ -313,7 +320,7 @@ struct Draft {
     cpus: Option<CpuSet>,
     disks: Vec<DiskConfig>,
     /// NICs as written: network and the MAC if one was given.
-    nics: Vec<(String, Option<[u8; 6]>)>,
+    nics: Vec<NicDraft>,
 }
 
 /// Settings of the host rather than of one VM (the optional `[host]` section).
@@ -540,8 +547,11 @@ pub fn parse_set(text: &str) -> Result<VmSet, ConfigError> {
     Ok(VmSet { host, vms })
 }
 
+/// A NIC as written: its network, and its MAC if one was given.
+type NicDraft = (String, Option<[u8; 6]>);
+
 /// `net = NETWORK [mac=XX:XX:XX:XX:XX:XX], ...`.
-fn parse_nics(value: &str) -> Result<Vec<(String, Option<[u8; 6]>)>, String> {
+fn parse_nics(value: &str) -> Result<Vec<NicDraft>, String> {
     let mut nics = Vec::new();
     for entry in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         let mut words = entry.split_whitespace();
@@ -627,11 +637,19 @@ fn parse_disks(value: &str) -> Result<Vec<DiskConfig>, String> {
     for entry in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let mut words = entry.split_whitespace();
         let name = words.next().unwrap_or_default();
-        let source = match name.strip_prefix("host:") {
-            Some(region) => parse_host_region(region).ok_or_else(|| {
+        let source = if let Some(region) = name.strip_prefix("host:") {
+            parse_host_region(region).ok_or_else(|| {
                 alloc::format!("disk {name}: expected host:START+LENGTH in whole MiB, like host:0M+256M")
-            })?,
-            None => DiskSource::Image(name.to_string()),
+            })?
+        } else if let Some(size) = name.strip_prefix("blank:") {
+            parse_size(size)
+                .filter(|&len| len > 0 && len % HOST_REGION_ALIGN == 0 && len <= MAX_BLANK_DISK)
+                .map(DiskSource::Blank)
+                .ok_or_else(|| {
+                    alloc::format!("disk {name}: expected blank:SIZE in whole MiB up to {}M", MAX_BLANK_DISK >> 20)
+                })?
+        } else {
+            DiskSource::Image(name.to_string())
         };
         let mut read_only = false;
         for option in words {
@@ -672,7 +690,7 @@ fn overlapping_regions(vms: &[VmConfig]) -> Option<(String, String)> {
         .flat_map(|vm| vm.disks.iter().map(move |disk| (vm, disk)))
         .filter_map(|(vm, disk)| match disk.source {
             DiskSource::HostRegion { start, len } => Some((vm, disk, start, start + len)),
-            DiskSource::Image(_) => None,
+            DiskSource::Image(_) | DiskSource::Blank(_) => None,
         })
         .collect();
     for (i, a) in regions.iter().enumerate() {
@@ -743,6 +761,13 @@ mod tests {
         let many = alloc::format!("[vm a]\nkernel = k\ndisk = {}\n", ["d"; 9].join(","));
         assert!(error_of(&many).message.contains("at most 8"));
         assert!(parse("[vm a]\nkernel = k\n").unwrap()[0].disks.is_empty());
+        let blank = parse("[vm a]\nkernel = k\ndisk = blank:64M\n").unwrap();
+        assert_eq!(blank[0].disks[0].source, DiskSource::Blank(64 << 20));
+        assert_eq!(blank[0].disks[0].source.to_string(), "blank:64M");
+        for bad in ["blank:0M", "blank:1K", "blank:2G", "blank:"] {
+            let e = error_of(&alloc::format!("[vm a]\nkernel = k\ndisk = {bad}\n"));
+            assert!(e.message.contains("expected blank:SIZE"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod interrupts;
 pub mod ipi;
 pub mod lapic;
 pub mod msr;
+pub mod network;
 pub mod setup;
 pub mod stats;
 pub mod storage;

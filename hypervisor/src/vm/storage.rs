@@ -48,6 +48,17 @@ pub fn attach_disks<M: GuestMemory>(
                     if disk.read_only { ", read-only" } else { "" }
                 )
             }
+            &DiskSource::Blank(len) => {
+                // Zeros until written; what is written takes host memory, up to the size.
+                let empty: &'static [u8] = &[];
+                let mut backend = RamOverlay::new(empty).with_capacity(len).with_budget(len);
+                if disk.read_only {
+                    backend = backend.write_protected();
+                }
+                let id = format!("{}", disk.source);
+                let slot = plug(vm, Block::new(backend, &id), &name, &id)?;
+                format!("{name} = {id} (empty, in RAM) at PCI 00:{slot:02x}.0")
+            }
             &DiskSource::HostRegion { start, len } => {
                 let source = &disk.source;
                 let refused = |why: &dyn core::fmt::Display| format!("vm {}: disk {source}: {why}", vm.name);

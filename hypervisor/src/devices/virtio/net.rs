@@ -63,8 +63,10 @@ const RX_HEADER: [u8; HEADER_LEN] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
 /// VIRTIO_NET_F_MQ, which is not offered, but it sits before mtu) and mtu.
 const CONFIG_LEN: usize = 12;
 
+/// Wakes the VM behind a switch port (the platform kicks its vCPU).
+pub type PortWaker = Arc<dyn Fn(PortId) + Send + Sync>;
+
 /// A virtio network device on one port of a switch.
-#[derive(Debug)]
 pub struct Net {
     mac: Mac,
     switch: Arc<spin::Mutex<Switch>>,
@@ -79,6 +81,8 @@ pub struct Net {
     spare_rx: Option<DescriptorChain>,
     /// Ports that became non-empty through this device's frames, not yet woken.
     wakeups: Vec<PortId>,
+    /// Wakes the VM behind a port; called once the switch lock is released.
+    waker: Option<PortWaker>,
     rx_dropped_too_small: u64,
 }
 
@@ -99,8 +103,16 @@ impl Net {
             rx_starved: false,
             spare_rx: None,
             wakeups: Vec::new(),
+            waker: None,
             rx_dropped_too_small: 0,
         }
+    }
+
+    /// The device wakes the receiving ports' VMs itself, through `waker`, after each transmit
+    /// pass (instead of leaving them to [`Net::take_wakeups`]).
+    pub fn with_waker(mut self, waker: PortWaker) -> Self {
+        self.waker = Some(waker);
+        self
     }
 
     /// The device's MAC address.
@@ -237,7 +249,15 @@ impl VirtioDevice for Net {
     fn process(&mut self, queue_index: u16, queue: &mut Queue, mem: &mut dyn GuestMemory) -> Result<bool, DeviceError> {
         match queue_index {
             RX_QUEUE => self.receive(queue, mem),
-            TX_QUEUE => self.transmit(queue, mem),
+            TX_QUEUE => {
+                let interrupt = self.transmit(queue, mem);
+                if let Some(waker) = &self.waker {
+                    for port in core::mem::take(&mut self.wakeups) {
+                        waker(port);
+                    }
+                }
+                interrupt
+            }
             _ => Err(DeviceError::NoSuchQueue(queue_index)),
         }
     }

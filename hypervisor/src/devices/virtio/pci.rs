@@ -503,12 +503,17 @@ impl<D: VirtioDevice> PciFunction for VirtioPci<D> {
         if !self.status.is_live() {
             return;
         }
+        // Work from the device's side too: frames that arrived for a receive queue.
+        let notified = notified | self.device.pending_queues();
         for index in (0..self.queues.len()).filter(|&i| notified & (1 << i) != 0) {
             let queue = &mut self.queues[index];
+            let taken = queue.taken();
             match self.device.process(index as u16, queue, memory) {
                 Ok(interrupt) => {
-                    // Work left (the device takes a bounded amount per call): again soon.
-                    if queue.has_available(memory).unwrap_or(false) {
+                    // Work left (the device takes a bounded amount per call): again soon. Only
+                    // while it makes progress: a receive queue has buffers available all the
+                    // time, and its frames come through `pending_queues`.
+                    if queue.taken() != taken && queue.has_available(memory).unwrap_or(false) {
                         self.notified |= 1 << index;
                     }
                     if interrupt {
@@ -524,7 +529,7 @@ impl<D: VirtioDevice> PciFunction for VirtioPci<D> {
     }
 
     fn dma_pending(&self) -> bool {
-        self.notified != 0
+        self.notified != 0 || (self.status.is_live() && self.device.pending_queues() != 0)
     }
 }
 

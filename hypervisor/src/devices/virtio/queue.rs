@@ -684,6 +684,11 @@ impl Queue {
 
     /// Whether the driver's available index is ahead of the device, refusing an index that ran
     /// ahead by more than the queue holds (the driver cannot have made that many available).
+    /// How many chains the device has taken so far (the available ring position, mod 2^16).
+    pub fn taken(&self) -> u16 {
+        self.last_avail
+    }
+
     /// Whether the driver made chains available that the device has not taken.
     pub fn has_available(&self, mem: &(impl GuestMemory + ?Sized)) -> Result<bool, QueueError> {
         let avail_idx = self.read_ring_u16(mem, Ring::Available, 2)?;
