@@ -19,6 +19,7 @@ use crate::mm::tlb_tags::{Tag, TagPool};
 use crate::ramdisk::{self, File};
 use crate::vcpu::{StartMode, Vcpu};
 use crate::vm::config::{self, VmConfig};
+use crate::vm::network::{Networks, Port};
 use crate::vm::{self, setup};
 use crate::vm::{Env, Slice, VcpuContext, Vm, VmEnd};
 
@@ -318,6 +319,7 @@ pub fn prepare(
     index: usize,
     config: &VmConfig,
     files: &[File<'static>],
+    networks: &mut Networks,
 ) -> Result<Vec<Task>, String> {
     if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
         return Err(format!("vcpus = {}: a VM has 1 to {MAX_VCPUS} vCPUs", config.vcpus));
@@ -353,6 +355,7 @@ pub fn prepare(
             .map_err(|e| format!("{e}"))?;
     }
     let disks = crate::vm::storage::attach_disks(&mut vm, &config.disks, files, super::host_disk::get())?;
+    let (ports, nics) = crate::vm::network::attach_nics(&mut vm, &config.nics, networks)?;
     let supported_xcr0 = xstate::enable().supported_xcr0;
     let second_level = match backend {
         Backend::Svm => SecondLevel::Npt(map_ram::<Npt>(&mut tables, PageSize::Size2M, &ram)?),
@@ -394,6 +397,9 @@ pub fn prepare(
     for disk in disks {
         log::info!("vm {}: disk {disk}", config.name);
     }
+    for nic in nics {
+        log::info!("vm {}: {nic}", config.name);
+    }
     let shared = Arc::new(SharedVm {
         index,
         name: config.name.clone(),
@@ -409,6 +415,19 @@ pub fn prepare(
         backend,
         supported_xcr0,
     });
+    // Frames for this VM wake its vCPU 0, which serves the devices. Weak: the switch outlives
+    // the VM, which must still be freed when it ends.
+    for Port { network, port } in ports {
+        let vm = Arc::downgrade(&shared);
+        network.set_waker(
+            port,
+            alloc::boxed::Box::new(move || {
+                if let Some(vm) = vm.upgrade() {
+                    super::scheduler::kick(&vm, 0);
+                }
+            }),
+        );
+    }
     Ok(built
         .into_iter()
         .enumerate()

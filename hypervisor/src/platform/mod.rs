@@ -154,8 +154,10 @@ pub fn run(host: Host) -> ! {
     }
     log::info!("running {} VMs at once on {backend:?}, {} MiB of guest RAM", vms.len(), needed >> 20);
     scheduler::begin(vms.iter().map(|vm| vm.name.clone()).collect(), host_config.slice_us, host_config.raw_console);
+    // The networks live as long as the run: every VM on one shares its switch.
+    let mut networks = crate::vm::network::Networks::new();
     for (index, vm) in vms.iter().enumerate() {
-        match guest::prepare(backend, index, vm, &files) {
+        match guest::prepare(backend, index, vm, &files, &mut networks) {
             Ok(tasks) => scheduler::add(tasks, vm.cpus.unwrap_or_else(config::CpuSet::all)),
             Err(e) => scheduler::ended_before_start(index, &vm.name, &crate::vm::VmEnd::Error(e)),
         }

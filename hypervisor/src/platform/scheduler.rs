@@ -192,7 +192,7 @@ fn run_task(mut task: Task, affinity: CpuSet, next_wake_us: Option<u64>) {
 
 /// Makes vCPU `vcpu` of `vm` look at its interrupts: a host IPI to the CPU running it, or
 /// a wake-up if it is queued.
-fn kick(vm: &Arc<SharedVm>, vcpu: usize) {
+pub fn kick(vm: &Arc<SharedVm>, vcpu: usize) {
     let Some(slot) = vm.slot(vcpu) else { return };
     slot.kicked.store(true, Ordering::Release);
     let mut queue = QUEUE.lock();
