@@ -323,6 +323,44 @@ fn root_on_virtio_blk(platform: Platform) {
     }
 }
 
+/// Two VMs with Debian's kernel on one network (`linux-net.vms`): the client pings the server
+/// through the hypervisor's switch, sends it 10 MiB over TCP, which arrive with the same
+/// sha256, and fetches a page from the server's web server.
+fn two_vms_talk_over_virtio_net(platform: Platform) {
+    for script in ["distro-kernel.sh", "net-initramfs.sh"] {
+        ensure_image(script);
+    }
+    let cpu_model = (platform == Platform::Bochs).then_some("tigerlake");
+    let outcome = boot_configured(platform, Firmware::Bios, "linux-net.vms", TIMEOUT * 4, Vec::new(), false, cpu_model);
+    let log = Log(&outcome);
+    log.contains("[server] HV-NET-MARKER: up 10.0.0.1/24 52:54:00:12:00:00\n")
+        .contains("[client] HV-NET-MARKER: up 10.0.0.2/24 52:54:00:12:01:00\n")
+        .line_with_all(&["[client] HV-NET-PING: ok"])
+        .contains("[client] HV-NET-HTTP: HV-NET-SERVICE-OK\n")
+        .contains("[server] HV-NET-MARKER: done\n")
+        .contains("[client] HV-NET-MARKER: done\n")
+        .contains("VM-END vm=server reason=power-off status=0")
+        .contains("VM-END vm=client reason=power-off status=0")
+        .ended(RunStatus::Success, "2 VMs ran, all ended cleanly");
+    let field = |marker: &str| {
+        outcome.serial.lines().find_map(|l| l.strip_prefix(marker)).map(str::trim).unwrap_or_default().to_string()
+    };
+    let (sent, received) = (field("[client] HV-NET-TX: "), field("[server] HV-NET-RX: "));
+    if !sent.starts_with("10485760 ") || sent != received {
+        log.contains(&format!("(sent {sent:?}, received {received:?})"));
+    }
+}
+
+#[test]
+fn svm_two_vms_talk_over_virtio_net() {
+    two_vms_talk_over_virtio_net(Platform::Tcg);
+}
+
+#[test]
+fn vmx_two_vms_talk_over_virtio_net() {
+    two_vms_talk_over_virtio_net(Platform::Bochs);
+}
+
 #[test]
 fn svm_distro_kernel_root_on_virtio_blk() {
     root_on_virtio_blk(Platform::Tcg);
