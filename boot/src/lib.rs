@@ -205,6 +205,33 @@ pub fn parse_memory_mib(text: &str) -> Result<u64, BootError> {
     whole_number(text).filter(|n| MEMORY_MIB_RANGE.contains(n)).ok_or_else(|| memory_error(text))
 }
 
+/// The smallest disk `--disk` takes.
+pub const MIN_DISK_BYTES: u64 = 1 << 20;
+
+/// Checks a `--disk` image: an existing regular file, a whole number of 512-byte sectors and at
+/// least 1 MiB. Returns its size in bytes.
+pub fn check_disk(path: &Path) -> Result<u64, BootError> {
+    let refuse = |why: String| BootError::Usage(format!("--disk {}: {why}", path.display()));
+    let metadata = fs::metadata(path).map_err(|e| {
+        refuse(if e.kind() == io::ErrorKind::NotFound {
+            "no such file (create one with e.g. `truncate -s 1G FILE`)".into()
+        } else {
+            e.to_string()
+        })
+    })?;
+    if !metadata.is_file() {
+        return Err(refuse("not a regular file (the disk is a raw image file)".into()));
+    }
+    let size = metadata.len();
+    if size % 512 != 0 {
+        return Err(refuse(format!("{size} bytes is not a whole number of 512-byte sectors")));
+    }
+    if size < MIN_DISK_BYTES {
+        return Err(refuse(format!("{size} bytes is smaller than the 1 MiB a disk needs at least")));
+    }
+    Ok(size)
+}
+
 /// One run of the hypervisor.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -239,6 +266,10 @@ pub struct RunConfig {
     pub cpus: u32,
     /// RAM of the machine in MiB (QEMU `-m`, Bochs `megs:`), in [`MEMORY_MIB_RANGE`].
     pub memory_mib: u64,
+    /// A raw image attached to the machine as its own disk (`--disk`): QEMU's virtio-blk-pci,
+    /// Bochs's ata0-slave. VMs get regions of it (`disk = host:START+LEN`) and what they write
+    /// stays in the file.
+    pub disk: Option<PathBuf>,
 }
 
 impl RunConfig {
@@ -258,6 +289,7 @@ impl RunConfig {
             cpu_model: None,
             cpus: MACHINE_CPUS,
             memory_mib: MACHINE_MEMORY_MIB,
+            disk: None,
         }
     }
 
@@ -269,6 +301,15 @@ impl RunConfig {
         }
         if !MEMORY_MIB_RANGE.contains(&self.memory_mib) {
             return Err(memory_error(&self.memory_mib.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Checks the machine's size and its `--disk`, if any ([`check_disk`]).
+    pub fn check(&self) -> Result<(), BootError> {
+        self.check_machine_size()?;
+        if let Some(disk) = &self.disk {
+            check_disk(disk)?;
         }
         Ok(())
     }
@@ -351,7 +392,7 @@ fn prune_old_runs(root: &Path) {
 
 /// Builds the image and runs it to its end, its crash or the timeout.
 pub fn run(config: &RunConfig) -> Result<RunOutcome, BootError> {
-    config.check_machine_size()?;
+    config.check()?;
     platforms::check_available(config.platform, config.firmware)?;
     let dir = run_directory()?;
     let image = dir.join(format!("hypervisor-{}.img", config.firmware));
@@ -604,6 +645,49 @@ mod tests {
         assert_eq!(e.to_string(), "--memory \"32\": expected a whole number of MiB from 64 to 65536");
         let e = run(&config).unwrap_err();
         assert!(e.to_string().starts_with("--memory \"32\""), "run refuses before starting anything: {e}");
+    }
+
+    #[test]
+    fn disk_option_checks_the_file() {
+        let dir = scratch_dir("disk");
+        let good = dir.join("disk.img");
+        fs::File::create(&good).unwrap().set_len(2 << 20).unwrap();
+        assert_eq!(check_disk(&good).unwrap(), 2 << 20);
+        let one_mib = dir.join("small.img");
+        fs::File::create(&one_mib).unwrap().set_len(1 << 20).unwrap();
+        assert_eq!(check_disk(&one_mib).unwrap(), 1 << 20, "1 MiB is enough");
+
+        let message = |path: &Path| check_disk(path).unwrap_err().to_string();
+        let absent = dir.join("absent.img");
+        assert_eq!(
+            message(&absent),
+            format!("--disk {}: no such file (create one with e.g. `truncate -s 1G FILE`)", absent.display())
+        );
+        assert_eq!(
+            message(&dir),
+            format!("--disk {}: not a regular file (the disk is a raw image file)", dir.display())
+        );
+        let odd = dir.join("odd.img");
+        fs::File::create(&odd).unwrap().set_len((2 << 20) + 100).unwrap();
+        assert_eq!(
+            message(&odd),
+            format!("--disk {}: 2097252 bytes is not a whole number of 512-byte sectors", odd.display())
+        );
+        let tiny = dir.join("tiny.img");
+        fs::File::create(&tiny).unwrap().set_len(512 * 1024).unwrap();
+        assert_eq!(
+            message(&tiny),
+            format!("--disk {}: 524288 bytes is smaller than the 1 MiB a disk needs at least", tiny.display())
+        );
+        assert!(matches!(check_disk(&tiny), Err(BootError::Usage(_))));
+
+        let mut config = RunConfig::new(Platform::Tcg, Firmware::Bios, "k");
+        config.disk = Some(tiny.clone());
+        let e = run(&config).unwrap_err();
+        assert!(e.to_string().starts_with("--disk "), "run refuses before starting anything: {e}");
+        config.disk = Some(good);
+        assert!(config.check().is_ok());
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! boot run   [--platform auto|kvm|tcg|bochs] [--firmware bios|uefi] [--vms FILE] [--timeout SECONDS]
-//!            [--cpus N] [--memory MIB] [--log FILE] [--kernel hypervisor|fault-test] [--quiet]
+//!            [--cpus N] [--memory MIB] [--disk FILE] [--log FILE] [--kernel hypervisor|fault-test] [--quiet]
 //! boot image [--firmware bios|uefi] [--vms FILE] [--kernel ...] --out FILE
 //! boot detect
 //! ```
@@ -16,10 +16,12 @@ use boot::{BootError, Firmware, Platform, RunConfig};
 
 const USAGE: &str = "usage:
   boot run   [--platform auto|kvm|tcg|bochs] [--firmware bios|uefi] [--vms FILE] [--timeout SECONDS]
-             [--cpus N] [--memory MIB] [--log FILE] [--kernel hypervisor|fault-test] [--quiet]
+             [--cpus N] [--memory MIB] [--disk FILE] [--log FILE] [--kernel hypervisor|fault-test] [--quiet]
              --cpus: machine CPUs, 1 to 64 (default 1); --memory: machine RAM in MiB, 64 to 65536
-             (default 1024); on a terminal the VM with the input is shown raw (escape sequences
-             intact), the log keeps prefixed lines
+             (default 1024); --disk: a raw image (e.g. from `truncate -s 1G FILE`) as the
+             machine's own disk, which `disk = host:START+LEN` regions of the VM set read and
+             write; on a terminal the VM with the input is shown raw (escape sequences intact),
+             the log keeps prefixed lines
   boot image [--firmware bios|uefi] [--vms FILE] [--kernel hypervisor|fault-test] --out FILE
   boot detect";
 
@@ -35,6 +37,7 @@ struct Options {
     cpus: u32,
     memory_mib: u64,
     log: Option<PathBuf>,
+    disk: Option<PathBuf>,
     kernel: PathBuf,
     out: Option<PathBuf>,
     quiet: bool,
@@ -49,6 +52,7 @@ fn parse_options(args: &[String]) -> Result<Options, BootError> {
         cpus: boot::MACHINE_CPUS,
         memory_mib: boot::MACHINE_MEMORY_MIB,
         log: None,
+        disk: None,
         kernel: boot::HYPERVISOR_KERNEL.into(),
         out: None,
         quiet: false,
@@ -75,6 +79,11 @@ fn parse_options(args: &[String]) -> Result<Options, BootError> {
             "--cpus" => o.cpus = boot::parse_cpus(value)?,
             "--memory" => o.memory_mib = boot::parse_memory_mib(value)?,
             "--log" => o.log = Some(value.into()),
+            "--disk" => {
+                let path = PathBuf::from(value);
+                boot::check_disk(&path)?;
+                o.disk = Some(path);
+            }
             "--kernel" => {
                 o.kernel = match value.as_str() {
                     "hypervisor" => boot::HYPERVISOR_KERNEL.into(),
@@ -103,6 +112,7 @@ fn run(o: Options) -> Result<ExitCode, BootError> {
     config.cpus = o.cpus;
     config.memory_mib = o.memory_mib;
     config.log_path = o.log;
+    config.disk = o.disk;
     config.echo = !o.quiet;
     // On a terminal, full-screen programs in the VM with the input work (as with `xl console`).
     config.raw_terminal = config.echo && std::io::stdout().is_terminal() && o.vms.is_some();
@@ -184,5 +194,26 @@ mod tests {
         assert_eq!(e.to_string(), "--memory \"2G\": expected a whole number of MiB from 64 to 65536");
         assert!(parse(&["--cpus"]).unwrap_err().to_string().starts_with("--cpus needs a value"));
         assert!(USAGE.contains("[--cpus N] [--memory MIB]"));
+    }
+
+    #[test]
+    fn disk_option() {
+        assert_eq!(parse(&["--platform", "tcg"]).unwrap().disk, None);
+        let file = std::env::temp_dir().join(format!("hv-boot-main-disk-{}.img", std::process::id()));
+        std::fs::File::create(&file).unwrap().set_len(1 << 30).unwrap();
+        let o = parse(&["--disk", file.to_str().unwrap(), "--cpus", "2"]).unwrap();
+        assert_eq!((o.disk.as_deref(), o.cpus), (Some(file.as_path()), 2));
+        std::fs::File::create(&file).unwrap().set_len(1000).unwrap();
+        let e = parse(&["--disk", file.to_str().unwrap()]).unwrap_err();
+        assert!(matches!(e, BootError::Usage(_)));
+        assert!(e.to_string().ends_with("1000 bytes is not a whole number of 512-byte sectors"), "{e}");
+        let e = parse(&["--disk", "/nonexistent/disk.img"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--disk /nonexistent/disk.img: no such file (create one with e.g. `truncate -s 1G FILE`)"
+        );
+        assert!(parse(&["--disk"]).unwrap_err().to_string().starts_with("--disk needs a value"));
+        assert!(USAGE.contains("[--disk FILE]"));
+        let _ = std::fs::remove_file(&file);
     }
 }

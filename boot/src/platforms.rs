@@ -157,11 +157,32 @@ pub(crate) fn qemu_args(config: &RunConfig, image: &Path) -> Vec<OsString> {
     }
     push(&["-m", &config.memory_mib.to_string(), "-smp", &config.cpus.to_string()]);
     push(&["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"]);
-    push(&["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-drive"]);
+    push(&["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    if let Some(disk) = &config.disk {
+        // The machine's own disk, for `host:` regions; writes and flushes reach the file.
+        let mut drive = OsString::from("file=");
+        drive.push(qemu_option_value(disk.as_os_str()));
+        drive.push(",if=none,id=hostdisk,format=raw");
+        args.extend([OsString::from("-drive"), drive]);
+        args.extend(["-device", "virtio-blk-pci,drive=hostdisk"].map(OsString::from));
+    }
     let mut drive = OsString::from("format=raw,file=");
     drive.push(image);
-    args.push(drive);
+    args.extend([OsString::from("-drive"), drive]);
     args
+}
+
+/// A value inside a QEMU option list, where a comma is written twice.
+fn qemu_option_value(value: &std::ffi::OsStr) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut escaped = Vec::new();
+    for &byte in value.as_bytes() {
+        escaped.push(byte);
+        if byte == b',' {
+            escaped.push(b',');
+        }
+    }
+    OsString::from_vec(escaped)
 }
 
 fn launch_qemu(config: &RunConfig, image: &Path) -> Result<Launch, BootError> {
@@ -192,15 +213,33 @@ fn bochs_disk(image: &Path, dir: &Path) -> Result<(PathBuf, u64), BootError> {
     Ok((disk, cylinders))
 }
 
+/// Bochs's line for the machine's own disk (`--disk`, `bytes` long) as ata0-slave. Its
+/// geometry must not exceed the file, which is the user's and is not padded: whole 16-head,
+/// 63-sector cylinders, as many as fit; LBA48 reaches every sector whatever the geometry.
+pub(crate) fn bochs_host_disk(path: &Path, bytes: u64) -> String {
+    const CYLINDER: u64 = 16 * 63 * 512;
+    let cylinders = (bytes / CYLINDER).clamp(1, 65535);
+    format!("ata0-slave: type=disk, path=\"{}\", mode=flat, cylinders={cylinders}, heads=16, spt=63\n", path.display())
+}
+
 /// The bochsrc for booting `disk` (of `cylinders` 16-head, 63-sector cylinders) as `config`
-/// says, with the serial port written to `serial` and Bochs's own log to `bochs_log`.
-pub(crate) fn bochsrc(config: &RunConfig, disk: &Path, cylinders: u64, serial: &Path, bochs_log: &Path) -> String {
+/// says, with the serial port written to `serial` and Bochs's own log to `bochs_log`;
+/// `host_disk` is [`bochs_host_disk`]'s line or empty.
+pub(crate) fn bochsrc(
+    config: &RunConfig,
+    disk: &Path,
+    cylinders: u64,
+    host_disk: &str,
+    serial: &Path,
+    bochs_log: &Path,
+) -> String {
     format!(
         "megs: {}\n\
          cpu: model={}, count={}, ips=100000000, reset_on_triple_fault=0\n\
          romimage: file={BOCHS_BIOS}, options=fastboot\n\
          vgaromimage: file={BOCHS_VGA_BIOS}\n\
          ata0-master: type=disk, path=\"{}\", mode=flat, cylinders={cylinders}, heads=16, spt=63\n\
+         {host_disk}\
          boot: disk\n\
          display_library: sdl2\n\
          com1: enabled=1, mode=file, dev=\"{}\"\n\
@@ -223,7 +262,11 @@ fn launch_bochs(config: &RunConfig, image: &Path, dir: &Path) -> Result<Launch, 
     let (disk, cylinders) = bochs_disk(image, dir)?;
     let serial = dir.join("bochs-serial.log");
     let bochs_log = dir.join("bochs.log");
-    let bochsrc = bochsrc(config, &disk, cylinders, &serial, &bochs_log);
+    let host_disk = match &config.disk {
+        Some(path) => bochs_host_disk(path, crate::check_disk(path)?),
+        None => String::new(),
+    };
+    let bochsrc = bochsrc(config, &disk, cylinders, &host_disk, &serial, &bochs_log);
     let config_path = dir.join("bochsrc");
     fs::write(&config_path, bochsrc).map_err(io_error(format!("writing {}", config_path.display())))?;
     // Debian's Bochs is a debugger build: it reads commands from this file, not from a prompt.
@@ -300,10 +343,40 @@ mod tests {
     }
 
     #[test]
+    fn qemu_gets_the_host_disk_as_virtio_blk() {
+        let mut config = RunConfig::new(Platform::Tcg, Firmware::Bios, "k");
+        assert!(!args_of(&config).iter().any(|a| a.contains("virtio-blk") || a.contains("hostdisk")));
+        config.disk = Some(PathBuf::from("/data/my,disk.img"));
+        let args = args_of(&config);
+        let line = args.join(" ");
+        assert!(
+            line.contains(
+                "-drive file=/data/my,,disk.img,if=none,id=hostdisk,format=raw -device virtio-blk-pci,drive=hostdisk"
+            ),
+            "{line}"
+        );
+        assert_eq!(args.last().unwrap(), "format=raw,file=/tmp/hv.img", "the boot image stays the first disk");
+        assert_eq!(args.iter().filter(|a| *a == "-drive").count(), 2);
+    }
+
+    #[test]
+    fn bochs_gets_the_host_disk_as_ata0_slave() {
+        let line = bochs_host_disk(Path::new("/d/host.img"), 1 << 30);
+        // 1 GiB is 2080.5 cylinders of 16 x 63 sectors: the geometry stays inside the file.
+        assert_eq!(line, "ata0-slave: type=disk, path=\"/d/host.img\", mode=flat, cylinders=2080, heads=16, spt=63\n");
+        assert!(bochs_host_disk(Path::new("/d/h"), 1 << 20).contains("cylinders=2,"));
+        assert!(bochs_host_disk(Path::new("/d/h"), 1 << 42).contains("cylinders=65535,"));
+        let config = RunConfig::new(Platform::Bochs, Firmware::Bios, "k");
+        let text = bochsrc(&config, Path::new("/d/disk.img"), 7, &line, Path::new("/d/s"), Path::new("/d/l"));
+        assert!(text.contains("spt=63\nata0-slave: type=disk, path=\"/d/host.img\""), "{text}");
+        assert!(text.contains("cylinders=2080, heads=16, spt=63\nboot: disk\n"), "{text}");
+    }
+
+    #[test]
     fn bochs_gets_the_machine_size() {
         let mut config = RunConfig::new(Platform::Bochs, Firmware::Bios, "k");
         let text = |config: &RunConfig| {
-            bochsrc(config, Path::new("/d/disk.img"), 7, Path::new("/d/serial.log"), Path::new("/d/bochs.log"))
+            bochsrc(config, Path::new("/d/disk.img"), 7, "", Path::new("/d/serial.log"), Path::new("/d/bochs.log"))
         };
         let default = text(&config);
         assert!(default.starts_with("megs: 1024\n"), "{default}");
