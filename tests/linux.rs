@@ -299,8 +299,8 @@ fn vmx_distro_kernel_clocksource_is_not_jiffies() {
 
 /// Debian's kernel with its root on virtio-blk (`linux-virtio.vms`): the initramfs loads the
 /// virtio modules and switches to the ext4 root; the VM writes a file and reads it back from
-/// the disk with the page cache dropped, through MSI-X, and finds its read-only disk refuses a
-/// write.
+/// the disk with the page cache dropped, through MSI-X, finds its read-only disk refuses a
+/// write, and reads from its virtio entropy device.
 fn root_on_virtio_blk(platform: Platform) {
     for script in ["distro-kernel.sh", "rootfs.sh", "root-initramfs.sh"] {
         ensure_image(script);
@@ -312,6 +312,7 @@ fn root_on_virtio_blk(platform: Platform) {
     log.contains("[root] HV-ROOT-MARKER: userspace up on /dev/vda\n")
         .line_with_all(&["[root]", "PCI-MSI", "virtio0-req.0"])
         .contains("[root] HV-ROOT-RO-DISK: refused\n")
+        .line_with_all(&["[root] HV-ROOT-RNG: virtio_rng.0 "])
         .contains("VM-END vm=root reason=power-off status=0")
         .ended(RunStatus::Success, "1 VMs ran, all ended cleanly");
     let sum = |marker: &str| {

@@ -18,7 +18,7 @@ const BOCHS_SDL_PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_sd
 /// A Bochs model with VMX, EPT, VPID and unrestricted guest.
 pub const BOCHS_CPU_MODEL: &str = "corei7_skylake_x";
 /// The QEMU TCG CPU: SVM with nested paging (TCG has no VMX).
-pub const TCG_CPU: &str = "qemu64,+svm,+npt,+xsave,+xsaveopt,+rdtscp";
+pub const TCG_CPU: &str = "qemu64,+svm,+npt,+xsave,+xsaveopt,+rdtscp,+rdrand";
 /// Default RAM of the machine the hypervisor runs on, in MiB (`--memory`).
 pub const MACHINE_MEMORY_MIB: u64 = 1024;
 /// Default number of CPUs of the machine the hypervisor runs on (`--cpus`).

@@ -25,12 +25,13 @@ esac
 INIT=$LINUX_DIR/root-initramfs-init
 [ -r "$INIT" ] || die "init script not found: $INIT"
 # Bump when the recipe below changes in a way that changes the output.
-RECIPE=1
+RECIPE=2
 # What mounting an ext4 root on a virtio-blk disk takes, beyond what the kernel has built in:
 # the PCI transport, the disk driver and the file system. crc32c_generic stands for ext4's
 # soft dependency on crypto-crc32c (metadata checksums; no module names it as a symbol
-# dependency): the generic one loads on any CPU, crc32c-intel only with SSE4.2.
-ROOT_MODULES=(virtio_pci virtio_blk crc32c_generic ext4)
+# dependency): the generic one loads on any CPU, crc32c-intel only with SSE4.2. virtio_rng
+# takes a virtio entropy device if the VM has one (`devices = rng`).
+ROOT_MODULES=(virtio_pci virtio_blk crc32c_generic ext4 virtio_rng)
 
 ensure_packages cpio gzip xz-utils
 ensure_busybox

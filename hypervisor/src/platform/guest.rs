@@ -356,6 +356,20 @@ pub fn prepare(
     }
     let disks = crate::vm::storage::attach_disks(&mut vm, &config.disks, files, super::host_disk::get())?;
     let (ports, nics) = crate::vm::network::attach_nics(&mut vm, &config.nics, networks)?;
+    if config.devices.rng {
+        let source = super::entropy::rdrand_source().ok_or("devices = rng: this CPU has no RDRAND")?;
+        let rng = crate::devices::virtio::rng::Rng::new(source);
+        let function = crate::devices::virtio::pci::VirtioPci::new(
+            rng,
+            &config.name,
+            "rng0",
+            crate::loader::GuestMemory::size(&vm.memory),
+        )
+        .ok_or("devices = rng: the virtio-rng device could not be built")?;
+        let pci = vm.bus.pci_host().ok_or("the VM has no PCI bus")?;
+        let slot = pci.add_function(alloc::boxed::Box::new(function)).map_err(|e| format!("devices = rng: {e}"))?;
+        log::info!("vm {}: virtio-rng at PCI 00:{slot:02x}.0, from the host's RDRAND", config.name);
+    }
     let supported_xcr0 = xstate::enable().supported_xcr0;
     let second_level = match backend {
         Backend::Svm => SecondLevel::Npt(map_ram::<Npt>(&mut tables, PageSize::Size2M, &ram)?),

@@ -4,6 +4,7 @@ pub mod apic;
 pub mod cmos;
 pub mod cpu;
 pub mod debug_regs;
+pub mod entropy;
 pub mod exit;
 pub mod gdt;
 pub mod guest;

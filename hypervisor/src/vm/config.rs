@@ -14,7 +14,8 @@
 //! cpus    = 0-1,4              # host CPUs its vCPUs may run on (default: any); CPUs 0 to 255
 //! timeout = 300                # stop the VM after this many seconds, 1 to 86400 (default: none)
 //! entry   = long64             # long64 (64-bit, identity-mapped) or real (real mode at the ELF entry)
-//! devices = test               # extra devices: test (interrupt port 0xf5, MMIO page 0xd0000000)
+//! devices = test, rng          # extra devices: test (interrupt port 0xf5, MMIO page 0xd0000000),
+//!                              # rng (virtio-rng from the host's RDRAND)
 //! modules = a.bin arg, b.bin   # multiboot modules: file and the module's string
 //! disk    = root.ext4, blank:64M, host:64M+256M, data.img read-only
 //!                              # virtio-blk disks (/dev/vda, /dev/vdb, ...): an image packed
@@ -46,6 +47,8 @@ pub enum Entry {
 pub struct DeviceSet {
     /// The test device: interrupt-request port and an MMIO page.
     pub test: bool,
+    /// A virtio entropy device fed by the host CPU's RDRAND.
+    pub rng: bool,
 }
 
 /// Where a VM's disk keeps its data.
@@ -515,7 +518,10 @@ pub fn parse_set(text: &str) -> Result<VmSet, ConfigError> {
                 for device in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
                     match device {
                         "test" => draft.devices.test = true,
-                        other => return Err(error(field, alloc::format!("unknown device {other:?} (known: test)"))),
+                        "rng" => draft.devices.rng = true,
+                        other => {
+                            return Err(error(field, alloc::format!("unknown device {other:?} (known: test, rng)")))
+                        }
                     }
                 }
             }

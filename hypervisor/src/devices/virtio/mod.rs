@@ -16,6 +16,7 @@ pub mod blk;
 pub mod net;
 pub mod pci;
 pub mod queue;
+pub mod rng;
 #[cfg(test)]
 mod test_driver;
 
