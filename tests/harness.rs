@@ -42,6 +42,29 @@ pub fn boot_vms_on(platform: Platform, firmware: Firmware, vms: &str, cpu_model:
     }
 }
 
+/// Boots the VM set `vms_text` (file names relative to `guest-images/`) on `platform`, with
+/// `disk` as the machine's own disk (`boot run --disk`), the emulator's CPU model `cpu_model`
+/// if given, and `timeout`.
+pub fn boot_set_with_disk(
+    platform: Platform,
+    vms_text: &str,
+    disk: Option<&std::path::Path>,
+    cpu_model: Option<&str>,
+    timeout: Duration,
+) -> RunOutcome {
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images");
+    let mut config = boot::RunConfig::new(platform, Firmware::Bios, boot::HYPERVISOR_KERNEL);
+    config.timeout = timeout;
+    config.cpus = HOST_CPUS;
+    config.cpu_model = cpu_model.map(String::from);
+    config.disk = disk.map(std::path::Path::to_path_buf);
+    config.ramdisk = boot::ramdisk_files_for(vms_text, &base).unwrap_or_else(|e| panic!("VM set {vms_text:?}: {e}"));
+    match boot::run(&config) {
+        Ok(outcome) => outcome,
+        Err(e) => panic!("could not run the VM set on {platform}: {e}"),
+    }
+}
+
 /// Assertions over one run's serial log.
 pub struct Log<'a>(pub &'a RunOutcome);
 
