@@ -14,6 +14,7 @@
 //! [`PciHost::with_reset_control`], so a separate reset device can own it otherwise.
 
 pub mod config;
+pub mod msi;
 pub mod msix;
 
 use alloc::boxed::Box;

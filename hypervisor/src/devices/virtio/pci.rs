@@ -1,7 +1,7 @@
 //! Virtio over PCI, the "modern" interface only (virtio 1.2, 4.1): a PCI function whose
 //! vendor-specific capabilities point into one memory BAR holding the common configuration, the
 //! ISR status, the device configuration and the queue notification addresses, with MSI-X for
-//! interrupts (INTx while MSI-X is off).
+//! interrupts; while MSI-X is off, one MSI message or INTx, with the ISR saying why (4.1.4.5).
 //!
 //! A notification costs the driver one exit: the write to the notify address only marks the
 //! queue, and the device does the queue's work right after, with guest memory
@@ -16,6 +16,7 @@ use alloc::vec::Vec;
 
 use super::{DeviceStatus, Queue, StatusChange, VirtioDevice};
 use crate::devices::pci::config::{self, ConfigSpace, Identity, COMMAND_INTX_DISABLE, STATUS_INTERRUPT};
+use crate::devices::pci::msi::Msi;
 use crate::devices::pci::msix::{Msix, NO_VECTOR};
 use crate::devices::pci::PciFunction;
 use crate::devices::{ones, Events};
@@ -74,6 +75,7 @@ pub struct VirtioPci<D: VirtioDevice> {
     memory_size: u64,
     space: ConfigSpace,
     msix: Msix,
+    msi: Msi,
     /// Offset of the PCI configuration access capability.
     pci_cfg_cap: usize,
     status: DeviceStatus,
@@ -136,6 +138,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         space.add_memory_bar(usize::from(BAR), BAR_SIZE, false).then_some(())?;
         // One vector per queue and one for configuration changes.
         let msix = Msix::new(&mut space, queue_count as u16 + 1, BAR, MSIX_TABLE_OFFSET, MSIX_PBA_OFFSET)?;
+        let msi = Msi::new(&mut space)?;
         let device_len = device.config().len() as u32;
         virtio_cap(&mut space, CAP_COMMON, COMMON_OFFSET, COMMON_LEN as u32, &[])?;
         let notify_len = (queue_count as u32).max(1) * NOTIFY_MULTIPLIER;
@@ -154,6 +157,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             memory_size,
             space,
             msix,
+            msi,
             pci_cfg_cap,
             status: DeviceStatus::new(device.device_features()),
             queue_vectors: vec![NO_VECTOR; queue_count],
@@ -197,21 +201,25 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
     }
 
-    /// Interrupts the driver: through MSI-X `vector` when MSI-X is on, else through INTx.
+    /// Interrupts the driver: through MSI-X `vector` when MSI-X is on, else through the MSI
+    /// message or INTx, the ISR telling the driver why.
     fn interrupt(&mut self, vector: u16, isr_bit: u8, events: &mut Events) {
         self.isr |= isr_bit;
         if self.msix.enabled(&self.space) {
             self.msix.signal(&self.space, vector, events);
-        } else {
+        } else if !self.msi.signal(&self.space, events) {
             self.update_intx(events);
         }
     }
 
-    /// Drives INTx: asserted while the ISR has a bit set, MSI-X is off and INTx is allowed.
+    /// Drives INTx: asserted while the ISR has a bit set, MSI-X and MSI are off and INTx is
+    /// allowed.
     fn update_intx(&mut self, events: &mut Events) {
         let Some(gsi) = self.intx_gsi else { return };
-        let assert =
-            self.isr != 0 && !self.msix.enabled(&self.space) && self.space.command() & COMMAND_INTX_DISABLE == 0;
+        let assert = self.isr != 0
+            && !self.msix.enabled(&self.space)
+            && !self.msi.enabled(&self.space)
+            && self.space.command() & COMMAND_INTX_DISABLE == 0;
         if assert != self.intx_asserted {
             self.intx_asserted = assert;
             events.irq_lines.push((gsi, assert));
@@ -686,8 +694,10 @@ mod tests {
         assert_eq!(cfg_read(&mut host, 1, 0x3c, 2), 0x0100 | u32::from(intx_gsi(1, 0)), "INTA, routed");
         assert_eq!(cfg_read(&mut host, 2, 0, 4), 0xffff_ffff, "slot 2 is empty");
         let types: Vec<u8> = capabilities(&mut host, 1).iter().map(|c| c.2).collect();
-        assert_eq!(types, [0, CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE, CAP_PCI_CFG], "MSI-X first");
-        let notify = capabilities(&mut host, 1)[2].0;
+        assert_eq!(types, [0, 0, CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE, CAP_PCI_CFG], "MSI-X and MSI first");
+        let ids: Vec<u8> = capabilities(&mut host, 1).iter().map(|c| c.1).collect();
+        assert_eq!(ids[..2], [0x11, 0x05]);
+        let notify = capabilities(&mut host, 1)[3].0;
         assert_eq!(cfg_read(&mut host, 1, notify + 8, 4), NOTIFY_OFFSET as u32);
         assert_eq!(cfg_read(&mut host, 1, notify + 16, 4), NOTIFY_MULTIPLIER);
 
@@ -772,6 +782,23 @@ mod tests {
         assert!(events.irq_lines.is_empty());
         let events = cfg_write(&mut host, 1, 0x04, 2, 0x0006);
         assert_eq!(events.irq_lines, [(gsi, true)], "re-enabled with the ISR set");
+    }
+
+    #[test]
+    fn with_msi_on_and_msix_off_completions_send_the_one_message() {
+        let mut host = host(1);
+        bring_up(&mut host, 1, BAR0, false);
+        let msi = capabilities(&mut host, 1).iter().find(|c| c.1 == 0x05).unwrap().0;
+        cfg_write(&mut host, 1, msi + 4, 4, 0xfee0_0000);
+        cfg_write(&mut host, 1, msi + 12, 2, 0x0052);
+        cfg_write(&mut host, 1, msi + 2, 2, 1);
+        let mut bytes = memory();
+        let mut mem = SliceMemory(&mut bytes);
+        let mut driver = Driver::new(16);
+        let events = submit_read(&mut host, BAR0, &mut mem, &mut driver, 0);
+        assert_eq!(events.msi, [Msi { address: 0xfee0_0000, data: 0x52 }]);
+        assert!(events.irq_lines.is_empty(), "no INTx while MSI is on");
+        assert_eq!(read(&mut host, BAR0 + ISR_OFFSET, 1), u64::from(ISR_QUEUE), "the ISR says why");
     }
 
     #[test]
