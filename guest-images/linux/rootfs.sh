@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the test root file system: a 32 MiB ext4 image with busybox-static (/bin/busybox plus
+# Builds the test root file system: a 12 MiB ext4 image with busybox-static (/bin/busybox plus
 # a symlink per applet), guest-images/linux/root-init as /sbin/init, an empty /data for its
 # disk checks and /dev/console. No root needed: mke2fs -d copies a staged tree, and debugfs
 # makes every file owned by root and adds the device node.
@@ -24,8 +24,8 @@ esac
 INIT=$LINUX_DIR/root-init
 [ -r "$INIT" ] || die "init script not found: $INIT"
 # Bump when the recipe below changes in a way that changes the output.
-RECIPE=1
-SIZE=32M
+RECIPE=2
+SIZE=12M
 
 ensure_packages e2fsprogs
 ensure_busybox
