@@ -9,6 +9,7 @@ pub mod exit;
 pub mod gdt;
 pub mod guest;
 pub mod host_disk;
+pub mod host_nic;
 pub mod idt;
 pub mod memory;
 pub mod pci_config;
@@ -18,6 +19,8 @@ pub mod serial;
 pub mod smp;
 pub mod svm;
 pub mod virtio_disk;
+pub mod virtio_hal;
+pub mod virtio_nic;
 pub mod vmx;
 pub mod xstate;
 
@@ -119,6 +122,7 @@ pub fn run(host: Host) -> ! {
     };
     log::info!("ramdisk: {} bytes, {} files", host.ramdisk.len(), files.len());
     host_disk::init();
+    host_nic::init();
     let config::VmSet { host: host_config, vms } = match ramdisk::find(&files, VM_CONFIG_FILE) {
         None => config::VmSet::default(),
         Some(file) => match core::str::from_utf8(file.data) {
@@ -157,6 +161,9 @@ pub fn run(host: Host) -> ! {
     scheduler::begin(vms.iter().map(|vm| vm.name.clone()).collect(), host_config.slice_us, host_config.raw_console);
     // The networks live as long as the run: every VM on one shares its switch.
     let mut networks = crate::vm::network::Networks::new();
+    if vms.iter().any(|vm| vm.nics.iter().any(|nic| nic.network == crate::net::UPLINK_NETWORK)) {
+        host_nic::bridge(&mut networks);
+    }
     for (index, vm) in vms.iter().enumerate() {
         match guest::prepare(backend, index, vm, &files, &mut networks) {
             Ok(tasks) => scheduler::add(tasks, vm.cpus.unwrap_or_else(config::CpuSet::all)),

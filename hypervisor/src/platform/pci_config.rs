@@ -1,6 +1,7 @@
 //! The machine's PCI configuration space, through configuration mechanism #1 (ports 0xcf8 and
 //! 0xcfc), which every PC chipset and both emulators have. Only the boot CPU uses it, while it
-//! looks for the host disk; guests never reach these ports (their port I/O is intercepted).
+//! looks for the host disk and the host NIC; guests never reach these ports (their port I/O is
+//! intercepted).
 
 use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction};
 use x86_64::instructions::port::Port;

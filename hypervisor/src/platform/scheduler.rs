@@ -15,7 +15,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use spin::Mutex;
 
 use super::guest::{SharedVm, Task, NOT_RUNNING};
-use super::{apic, exit, percpu, serial};
+use super::{apic, exit, host_nic, percpu, serial};
 use crate::sched::{next_input_vm, Readiness, RunQueue, DEFAULT_SLICE_US, SWITCH_INPUT};
 use crate::status::RunStatus;
 use crate::vm::config::CpuSet;
@@ -118,6 +118,8 @@ pub fn run_cpu() -> ! {
         if exit::ending() {
             exit::park();
         }
+        // Between slices and after every idle wake: frames from and to the machine's NIC.
+        host_nic::poll();
         let now = serial::uptime_micros();
         let taken = {
             let mut queue = QUEUE.lock();
@@ -238,13 +240,15 @@ fn record_end(index: usize, name: &str, end: &VmEnd) {
 }
 
 /// Nothing to run here: sleep until the earliest halted task this CPU could run is due, a
-/// wake-up IPI, or the periodic re-check.
+/// wake-up IPI, or the periodic re-check (every [`host_nic::POLL_INTERVAL_US`] while there is an
+/// uplink to poll).
 fn idle(cpu: usize) {
     let bit = 1u64 << (cpu % 64);
     IDLE_CPUS.fetch_or(bit, Ordering::AcqRel);
     let now = serial::uptime_micros();
     let next = QUEUE.lock().next_wake_us(cpu);
-    let sleep_us = next.map_or(IDLE_RECHECK_US, |at| at.saturating_sub(now).min(IDLE_RECHECK_US));
+    let recheck_us = if host_nic::active() { host_nic::POLL_INTERVAL_US } else { IDLE_RECHECK_US };
+    let sleep_us = next.map_or(recheck_us, |at| at.saturating_sub(now).min(recheck_us));
     if sleep_us > 0 {
         // A wake-up IPI sent after the queue was read stays pending until `sleep` enables
         // interrupts, and then ends the HLT at once: no wake-up is lost.
@@ -269,10 +273,18 @@ fn wake_idle_cpus() {
     }
 }
 
+/// Set by the CPU that reports the end of the run; any other CPU that finds the run over parks,
+/// so the report's lines are written once and whole.
+static FINISHING: AtomicBool = AtomicBool::new(false);
+
 fn finish_run() -> ! {
+    if FINISHING.swap(true, Ordering::AcqRel) {
+        exit::park();
+    }
     let outcome = OUTCOME.lock();
     let (total, failed) = (outcome.names.len(), outcome.failed.clone());
     drop(outcome);
+    host_nic::report();
     let nmis = super::idt::platform_nmis();
     if nmis > 0 {
         log::warn!("host: {nmis} platform NMIs taken and ignored");

@@ -3,90 +3,22 @@
 //! queue's used ring is polled until the device answers, and only then does the call return.
 //! Data moves through one DMA buffer of our own, so the device only ever sees frames we own.
 
-use core::ptr::NonNull;
-
 use virtio_drivers::device::blk::VirtIOBlk;
-use virtio_drivers::transport::pci::bus::{Command, DeviceFunction, PciRoot};
+use virtio_drivers::transport::pci::bus::DeviceFunction;
 use virtio_drivers::transport::pci::PciTransport;
-use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 
-use super::memory::{self, FRAMES};
-use super::pci_config::{self, PortAccess};
+use super::memory;
+use super::pci_config;
+use super::virtio_hal::{self, FrameHal, VIRTIO_VENDOR};
 use crate::host_disk::{HostDisk, HostDiskError, HOST_SECTOR};
 use crate::mm::frames::FRAME_SIZE;
 
-/// The PCI vendor of virtio devices, and the device IDs of a block device (transitional and
-/// modern).
-const VIRTIO_VENDOR: u16 = 0x1af4;
+/// The PCI device IDs of a virtio block device (transitional and modern).
 const BLOCK_DEVICE_IDS: [u16; 2] = [0x1001, 0x1042];
 
 /// Frames of the buffer each request's data goes through: 64 KiB, 128 sectors a request.
 const BUFFER_FRAMES: u64 = 16;
 const BUFFER_BYTES: usize = (BUFFER_FRAMES * FRAME_SIZE) as usize;
-
-/// DMA memory and address translation for `virtio-drivers`: frames from the frame allocator,
-/// reached through the physical-memory window; BARs through [`memory::device_memory`].
-pub struct FrameHal;
-
-// SAFETY: `dma_alloc` hands out zeroed frames that the frame allocator gives to no one else until
-// `dma_dealloc`; `mmio_phys_to_virt` returns the window (or newly mapped) address of the BAR
-// region; `share` returns the physical address the buffer's own bytes or its bounce copy are at.
-unsafe impl Hal for FrameHal {
-    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
-        match memory::alloc_zeroed(pages as u64, FRAME_SIZE) {
-            Some(phys) => (phys, NonNull::new(memory::phys_map().virt(phys) as *mut u8).unwrap_or(NonNull::dangling())),
-            None => (0, NonNull::dangling()),
-        }
-    }
-
-    unsafe fn dma_dealloc(paddr: PhysAddr, _vaddr: NonNull<u8>, pages: usize) -> i32 {
-        match FRAMES.lock().free(paddr, pages as u64) {
-            Ok(()) => 0,
-            Err(_) => -1,
-        }
-    }
-
-    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
-        match memory::device_memory(paddr, size as u64) {
-            Ok(virt) => NonNull::new(virt as *mut u8).unwrap_or(NonNull::dangling()),
-            Err(why) => panic!("host disk: BAR region {paddr:#x}+{size:#x} cannot be mapped: {why}"),
-        }
-    }
-
-    unsafe fn share(buffer: NonNull<[u8]>, direction: BufferDirection) -> PhysAddr {
-        let (virt, len) = (buffer.as_ptr() as *mut u8 as u64, buffer.len());
-        if let Some(phys) = memory::contiguous_phys(virt, len as u64) {
-            return phys;
-        }
-        // The request header and status live on the caller's stack, which may cross into a
-        // frame that is not the next one: give the device a contiguous copy.
-        let frames = (len as u64).div_ceil(FRAME_SIZE);
-        let phys = memory::alloc_zeroed(frames, FRAME_SIZE).expect("host disk: no memory for a bounce buffer");
-        if direction != BufferDirection::DeviceToDriver {
-            // SAFETY: the caller guarantees `buffer` is valid for `len` bytes; the bounce frames
-            // were just allocated, so the ranges do not overlap.
-            unsafe { core::ptr::copy_nonoverlapping(virt as *const u8, memory::phys_map().virt(phys) as *mut u8, len) };
-        }
-        phys
-    }
-
-    unsafe fn unshare(paddr: PhysAddr, buffer: NonNull<[u8]>, direction: BufferDirection) {
-        let (virt, len) = (buffer.as_ptr() as *mut u8 as u64, buffer.len());
-        if memory::contiguous_phys(virt, len as u64) == Some(paddr) {
-            return;
-        }
-        if direction != BufferDirection::DriverToDevice {
-            // SAFETY: `paddr` is the bounce copy `share` made for this buffer, still allocated,
-            // and the caller guarantees `buffer` is valid and not otherwise accessed.
-            unsafe {
-                core::ptr::copy_nonoverlapping(memory::phys_map().virt(paddr) as *const u8, virt as *mut u8, len)
-            };
-        }
-        if FRAMES.lock().free(paddr, (len as u64).div_ceil(FRAME_SIZE)).is_err() {
-            log::error!("host disk: freeing bounce buffer at {paddr:#x} failed");
-        }
-    }
-}
 
 /// A virtio-blk device found on the host's PCI bus.
 pub struct VirtioDisk {
@@ -121,13 +53,7 @@ impl VirtioDisk {
     }
 
     fn open(location: DeviceFunction) -> Result<Self, &'static str> {
-        let mut root = PciRoot::new(PortAccess);
-        // Firmware assigned the BARs; the device must decode them and may master the bus for
-        // its rings and buffers.
-        let (_, command) = root.get_status_command(location);
-        root.set_command(location, command | Command::MEMORY_SPACE | Command::BUS_MASTER);
-        let transport = PciTransport::new::<FrameHal, _>(&mut root, location)
-            .map_err(|_| "its virtio-pci capabilities or BARs are unusable")?;
+        let transport = virtio_hal::transport(location)?;
         let mut blk =
             VirtIOBlk::<FrameHal, _>::new(transport).map_err(|_| "the virtio-blk device did not initialise")?;
         // Polled: the device need not interrupt (the host's interrupt handlers only acknowledge).

@@ -25,6 +25,14 @@
 //!                              # machine's own disk (whole MiB; no two VMs' regions overlap),
 //!                              # which keeps what is written; `read-only` refuses the guest's
 //!                              # writes
+//! net     = lan, uplink mac=52:54:00:ab:cd:ef ip=10.0.2.15
+//!                              # virtio-net devices (eth0, eth1, ...; up to 4), each a port of
+//!                              # the named network's switch; `mac=` sets its MAC. The network
+//!                              # named `uplink` is bridged to the machine's own NIC (a
+//!                              # virtio-net PCI device: QEMU's user network); without one, a VM
+//!                              # on it is refused. `ip=` records the address the guest gives
+//!                              # itself there: the hypervisor only checks that it is an IPv4
+//!                              # address, the host tools read it (`boot run --forward`).
 //! ```
 //!
 //! Errors name the VM, the line and the field; unknown fields are errors, not ignored.
@@ -112,6 +120,9 @@ pub struct NicConfig {
     /// Its MAC address: configured with `mac=`, or 52:54:00:12:VV:NN for VM number VV of the set
     /// and NIC number NN of the VM.
     pub mac: [u8; 6],
+    /// The IPv4 address the guest gives this interface (`ip=`), if the configuration says: not
+    /// used by the hypervisor, only by host tools (port forwarding to the guest on the uplink).
+    pub ip: Option<[u8; 4]>,
 }
 
 /// Most network devices one VM may have.
@@ -553,10 +564,10 @@ pub fn parse_set(text: &str) -> Result<VmSet, ConfigError> {
     Ok(VmSet { host, vms })
 }
 
-/// A NIC as written: its network, and its MAC if one was given.
-type NicDraft = (String, Option<[u8; 6]>);
+/// A NIC as written: its network, its MAC and address if they were given.
+type NicDraft = (String, Option<[u8; 6]>, Option<[u8; 4]>);
 
-/// `net = NETWORK [mac=XX:XX:XX:XX:XX:XX], ...`.
+/// `net = NETWORK [mac=XX:XX:XX:XX:XX:XX] [ip=A.B.C.D], ...`.
 fn parse_nics(value: &str) -> Result<Vec<NicDraft>, String> {
     let mut nics = Vec::new();
     for entry in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -565,19 +576,22 @@ fn parse_nics(value: &str) -> Result<Vec<NicDraft>, String> {
         if !network.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(alloc::format!("network name {network:?} must be letters, digits, '-' or '_'"));
         }
-        let mut mac = None;
+        let (mut mac, mut ip) = (None, None);
         for option in words {
-            match option.strip_prefix("mac=") {
-                Some(text) => {
-                    let parsed = parse_mac(text).ok_or_else(|| {
-                        alloc::format!("net {network}: {text:?} is not a unicast MAC address like 52:54:00:12:34:56")
-                    })?;
-                    mac = Some(parsed);
-                }
-                None => return Err(alloc::format!("net {network}: unknown option {option:?} (known: mac=)")),
+            if let Some(text) = option.strip_prefix("mac=") {
+                let parsed = parse_mac(text).ok_or_else(|| {
+                    alloc::format!("net {network}: {text:?} is not a unicast MAC address like 52:54:00:12:34:56")
+                })?;
+                mac = Some(parsed);
+            } else if let Some(text) = option.strip_prefix("ip=") {
+                let parsed = parse_ipv4(text)
+                    .ok_or_else(|| alloc::format!("net {network}: {text:?} is not an IPv4 address like 10.0.2.15"))?;
+                ip = Some(parsed);
+            } else {
+                return Err(alloc::format!("net {network}: unknown option {option:?} (known: mac=, ip=)"));
             }
         }
-        nics.push((network.to_string(), mac));
+        nics.push((network.to_string(), mac, ip));
     }
     if nics.len() > MAX_NICS {
         return Err(alloc::format!("{} network devices; a VM has at most {MAX_NICS}", nics.len()));
@@ -597,6 +611,21 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
         *byte = u8::from_str_radix(part, 16).ok()?;
     }
     (parts.next().is_none() && mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+}
+
+/// Four decimal bytes separated by '.', without leading zeros (`10.0.2.15`).
+pub fn parse_ipv4(text: &str) -> Option<[u8; 4]> {
+    let mut ip = [0u8; 4];
+    let mut parts = text.split('.');
+    for byte in &mut ip {
+        let part = parts.next()?;
+        let canonical = !part.is_empty() && part.len() <= 3 && part.bytes().all(|b| b.is_ascii_digit());
+        if !canonical || (part.len() > 1 && part.starts_with('0')) {
+            return None;
+        }
+        *byte = part.parse().ok()?;
+    }
+    parts.next().is_none().then_some(ip)
 }
 
 /// A MAC address as `52:54:00:12:34:56`.
@@ -629,9 +658,10 @@ fn finish(draft: Draft, vm_index: usize) -> Result<VmConfig, ConfigError> {
             .nics
             .into_iter()
             .enumerate()
-            .map(|(nic, (network, mac))| NicConfig {
+            .map(|(nic, (network, mac, ip))| NicConfig {
                 network,
                 mac: mac.unwrap_or([0x52, 0x54, 0x00, 0x12, vm_index as u8, nic as u8]),
+                ip,
             })
             .collect(),
     })
@@ -780,8 +810,8 @@ mod tests {
     fn nics_join_networks_with_unique_macs() {
         let vms =
             parse("[vm a]\nkernel = k\nnet = lan, wan mac=02:00:00:00:00:01\n[vm b]\nkernel = k\nnet = lan\n").unwrap();
-        assert_eq!(vms[0].nics[0], NicConfig { network: "lan".into(), mac: [0x52, 0x54, 0, 0x12, 0, 0] });
-        assert_eq!(vms[0].nics[1], NicConfig { network: "wan".into(), mac: [2, 0, 0, 0, 0, 1] });
+        assert_eq!(vms[0].nics[0], NicConfig { network: "lan".into(), mac: [0x52, 0x54, 0, 0x12, 0, 0], ip: None });
+        assert_eq!(vms[0].nics[1], NicConfig { network: "wan".into(), mac: [2, 0, 0, 0, 0, 1], ip: None });
         assert_eq!(format_mac(&vms[1].nics[0].mac), "52:54:00:12:01:00");
         for bad in [
             "lan mac=01:00:00:00:00:01",
@@ -798,6 +828,30 @@ mod tests {
         let e = error_of("[vm a]\nkernel = k\nnet = lan mac=52:54:00:12:01:00\n[vm b]\nkernel = k\nnet = lan\n");
         assert_eq!((e.vm.as_deref(), e.field.as_deref()), (Some("b"), Some("net")));
         assert_eq!(e.message, "MAC address 52:54:00:12:01:00 is also vm a's");
+    }
+
+    #[test]
+    fn a_nic_may_record_the_guests_ipv4_address() {
+        let vms = parse("[vm a]\nkernel = k\nnet = uplink ip=10.0.2.15, lan mac=02:00:00:00:00:01 ip=192.168.1.255\n")
+            .unwrap();
+        assert_eq!(
+            vms[0].nics[0],
+            NicConfig { network: "uplink".into(), mac: [0x52, 0x54, 0, 0x12, 0, 0], ip: Some([10, 0, 2, 15]) }
+        );
+        assert_eq!((vms[0].nics[1].mac, vms[0].nics[1].ip), ([2, 0, 0, 0, 0, 1], Some([192, 168, 1, 255])));
+        for bad in
+            ["10.0.2", "10.0.2.15.1", "10.0.2.256", "10.0.02.15", "10.0.2.15/24", "10..2.15", "ip", "-1.0.0.0", ""]
+        {
+            let e = error_of(&alloc::format!("[vm a]\nkernel = k\nnet = uplink ip={bad}\n"));
+            assert_eq!(
+                e.to_string(),
+                alloc::format!("line 3, vm a, field net: net uplink: {bad:?} is not an IPv4 address like 10.0.2.15")
+            );
+        }
+        let e = error_of("[vm a]\nkernel = k\nnet = uplink gw=10.0.2.2\n");
+        assert!(e.message.ends_with("unknown option \"gw=10.0.2.2\" (known: mac=, ip=)"), "{e}");
+        assert_eq!(parse_ipv4("0.0.0.0"), Some([0; 4]));
+        assert_eq!(parse_ipv4("255.255.255.255"), Some([255; 4]));
     }
 
     #[test]
