@@ -1,6 +1,7 @@
 //! The bare-metal layer: host bring-up on top of what the bootloader hands over.
 
 pub mod apic;
+pub mod ata_disk;
 pub mod cmos;
 pub mod cpu;
 pub mod debug_regs;
