@@ -45,6 +45,7 @@ pub fn run(name: &str) -> CaseResult {
         "string-io" => string_io(),
         "exit-storm" => exit_storm(),
         "phys-sweep" => phys_sweep(),
+        "virtio-hostile" => crate::virtio::virtio_hostile(),
         _ => Err(fail!("unknown case")),
     }
 }

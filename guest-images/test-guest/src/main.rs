@@ -13,6 +13,7 @@ mod cpu;
 mod serial;
 mod smp;
 mod traps;
+mod virtio;
 
 use core::arch::global_asm;
 use core::cell::UnsafeCell;
