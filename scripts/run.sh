@@ -2,7 +2,7 @@
 # Boots the hypervisor and its VM set, with the serial console on this terminal.
 #
 #   scripts/run.sh [--platform auto|kvm|tcg|bochs] [--firmware bios|uefi] [--vms FILE] [--timeout SECONDS]
-#                  [--cpus N] [--memory MIB] [--disk FILE] [--log FILE]
+#                  [--cpus N] [--memory MIB] [--disk FILE] [--forward HOSTPORT:VM:GUESTPORT]... [--log FILE]
 #
 # Without --vms it boots Linux (the small 6.1 kernel and a busybox initramfs, built and cached
 # by guest-images/linux/) to a shell on this terminal; leaving the shell powers the VM off.
@@ -15,6 +15,9 @@
 # --disk FILE attaches a raw image (e.g. from `truncate -s 1G disk.img`) as the machine's own
 # disk (QEMU: virtio-blk-pci; Bochs: ata0-slave); VMs given `disk = host:START+LEN` read and
 # write those bytes of FILE, so what they write is there on the next run.
+# --forward HOSTPORT:VM:GUESTPORT (QEMU only, repeatable) makes TCP port GUESTPORT of VM reachable
+# from this host at 127.0.0.1:HOSTPORT, through the uplink (QEMU's user network): VM must be on
+# the network `uplink` with the address its guest takes, e.g. `net = uplink ip=10.0.2.15`.
 set -euo pipefail
 SCRIPT_NAME=run.sh
 cd "$(dirname "$0")/.."
@@ -26,7 +29,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --platform) platform=${2:?--platform needs a value}; shift 2 ;;
         --vms) vms=${2:?--vms needs a value}; shift 2 ;;
-        --firmware|--timeout|--cpus|--memory|--disk|--log|--kernel) args+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
+        --firmware|--timeout|--cpus|--memory|--disk|--forward|--log|--kernel) args+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
         --quiet) args+=("$1"); shift ;;
         -h|--help) sed -n '/^set -euo pipefail/q; 2,$p' "$0"; exit 0 ;;
         *) say "unknown option $1 (see --help)"; exit 2 ;;

@@ -19,8 +19,10 @@ pub use hypervisor::status::{EndLine, RunStatus};
 
 mod platforms;
 pub mod terminal;
+pub mod uplink;
 
 pub use platforms::{detect_kvm, Platform, MACHINE_CPUS, MACHINE_MEMORY_MIB};
+pub use uplink::Forward;
 
 /// The hypervisor image that users run.
 pub const HYPERVISOR_KERNEL: &str = env!("CARGO_BIN_FILE_HYPERVISOR_hypervisor");
@@ -270,6 +272,12 @@ pub struct RunConfig {
     /// Bochs's ata0-slave. VMs get regions of it (`disk = host:START+LEN`) and what they write
     /// stays in the file.
     pub disk: Option<PathBuf>,
+    /// `--forward HOSTPORT:VM:GUESTPORT`: host ports forwarded to TCP ports of VMs on the
+    /// uplink (QEMU only; see [`uplink`]).
+    pub forwards: Vec<Forward>,
+    /// Every piece of serial output as it arrives (raw, with CR LF line ends), for callers that
+    /// act during the run, like a test that connects to a guest once it says it is ready.
+    pub serial_tap: Option<std::sync::mpsc::Sender<Vec<u8>>>,
 }
 
 impl RunConfig {
@@ -290,6 +298,8 @@ impl RunConfig {
             cpus: MACHINE_CPUS,
             memory_mib: MACHINE_MEMORY_MIB,
             disk: None,
+            forwards: Vec::new(),
+            serial_tap: None,
         }
     }
 
@@ -393,6 +403,13 @@ fn prune_old_runs(root: &Path) {
 /// Builds the image and runs it to its end, its crash or the timeout.
 pub fn run(config: &RunConfig) -> Result<RunOutcome, BootError> {
     config.check()?;
+    let uplink = uplink::plan(config.platform, &config.ramdisk, &config.forwards)?;
+    if config.platform == Platform::Bochs && uplink::uses_uplink(&uplink::vms_of(&config.ramdisk)?) {
+        eprintln!(
+            "boot: warning: the VM set has VMs on the uplink network, which needs QEMU (Bochs has no virtio-net \
+             device): the hypervisor refuses them"
+        );
+    }
     platforms::check_available(config.platform, config.firmware)?;
     let dir = run_directory()?;
     let image = dir.join(format!("hypervisor-{}.img", config.firmware));
@@ -402,7 +419,7 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, BootError> {
     }
     build_image(&config.kernel, config.firmware, &pack_ramdisk(&ramdisk), &image)?;
     let log_path = config.log_path.clone().unwrap_or_else(|| dir.join("serial.log"));
-    let launch = platforms::launch(config, &image, &dir)?;
+    let launch = platforms::launch(config, &image, &dir, uplink.as_ref())?;
     supervise(config, launch, log_path)
 }
 
@@ -439,8 +456,13 @@ fn supervise(config: &RunConfig, mut launch: Launch, log_path: PathBuf) -> Resul
     let sink = {
         let captured = Arc::clone(&captured);
         let terminal_bytes = Arc::clone(&terminal_bytes);
+        let tap = config.serial_tap.clone();
         move |bytes: &[u8]| {
             captured.lock().unwrap().extend_from_slice(bytes);
+            if let Some(tap) = &tap {
+                // A caller that stopped listening does not stop the run.
+                let _ = tap.send(bytes.to_vec());
+            }
             let shown = view.lock().unwrap().as_mut().map(|view| view.feed(bytes));
             if let Some(shown) = &shown {
                 terminal_bytes.lock().unwrap().extend_from_slice(shown);

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! boot run   [--platform auto|kvm|tcg|bochs] [--firmware bios|uefi] [--vms FILE] [--timeout SECONDS]
-//!            [--cpus N] [--memory MIB] [--disk FILE] [--log FILE] [--kernel hypervisor|fault-test] [--quiet]
+//!            [--cpus N] [--memory MIB] [--disk FILE] [--forward HOSTPORT:VM:GUESTPORT]... [--log FILE]
+//!            [--kernel hypervisor|fault-test] [--quiet]
 //! boot image [--firmware bios|uefi] [--vms FILE] [--kernel ...] --out FILE
 //! boot detect
 //! ```
@@ -16,12 +17,15 @@ use boot::{BootError, Firmware, Platform, RunConfig};
 
 const USAGE: &str = "usage:
   boot run   [--platform auto|kvm|tcg|bochs] [--firmware bios|uefi] [--vms FILE] [--timeout SECONDS]
-             [--cpus N] [--memory MIB] [--disk FILE] [--log FILE] [--kernel hypervisor|fault-test] [--quiet]
+             [--cpus N] [--memory MIB] [--disk FILE] [--forward HOSTPORT:VM:GUESTPORT]... [--log FILE]
+             [--kernel hypervisor|fault-test] [--quiet]
              --cpus: machine CPUs, 1 to 64 (default 1); --memory: machine RAM in MiB, 64 to 65536
              (default 1024); --disk: a raw image (e.g. from `truncate -s 1G FILE`) as the
              machine's own disk, which `disk = host:START+LEN` regions of the VM set read and
-             write; on a terminal the VM with the input is shown raw (escape sequences intact),
-             the log keeps prefixed lines
+             write; --forward (QEMU only, repeatable): 127.0.0.1:HOSTPORT on this host reaches
+             TCP port GUESTPORT of VM, which is on the uplink with its address given
+             (`net = uplink ip=10.0.2.15`); on a terminal the VM with the input is shown raw
+             (escape sequences intact), the log keeps prefixed lines
   boot image [--firmware bios|uefi] [--vms FILE] [--kernel hypervisor|fault-test] --out FILE
   boot detect";
 
@@ -38,6 +42,7 @@ struct Options {
     memory_mib: u64,
     log: Option<PathBuf>,
     disk: Option<PathBuf>,
+    forwards: Vec<boot::Forward>,
     kernel: PathBuf,
     out: Option<PathBuf>,
     quiet: bool,
@@ -53,6 +58,7 @@ fn parse_options(args: &[String]) -> Result<Options, BootError> {
         memory_mib: boot::MACHINE_MEMORY_MIB,
         log: None,
         disk: None,
+        forwards: Vec::new(),
         kernel: boot::HYPERVISOR_KERNEL.into(),
         out: None,
         quiet: false,
@@ -84,6 +90,7 @@ fn parse_options(args: &[String]) -> Result<Options, BootError> {
                 boot::check_disk(&path)?;
                 o.disk = Some(path);
             }
+            "--forward" => o.forwards.push(boot::Forward::parse(value)?),
             "--kernel" => {
                 o.kernel = match value.as_str() {
                     "hypervisor" => boot::HYPERVISOR_KERNEL.into(),
@@ -113,6 +120,7 @@ fn run(o: Options) -> Result<ExitCode, BootError> {
     config.memory_mib = o.memory_mib;
     config.log_path = o.log;
     config.disk = o.disk;
+    config.forwards = o.forwards;
     config.echo = !o.quiet;
     // On a terminal, full-screen programs in the VM with the input work (as with `xl console`).
     config.raw_terminal = config.echo && std::io::stdout().is_terminal() && o.vms.is_some();
@@ -127,6 +135,12 @@ fn run(o: Options) -> Result<ExitCode, BootError> {
         o.memory_mib,
         o.timeout
     );
+    for forward in &config.forwards {
+        eprintln!(
+            "boot: 127.0.0.1:{} on this host reaches TCP port {} of vm {} (over the uplink)",
+            forward.host_port, forward.guest_port, forward.vm
+        );
+    }
     let outcome = boot::run(&config)?;
     if o.quiet || outcome.timed_out {
         println!("{}", outcome.serial);
@@ -215,5 +229,18 @@ mod tests {
         assert!(parse(&["--disk"]).unwrap_err().to_string().starts_with("--disk needs a value"));
         assert!(USAGE.contains("[--disk FILE]"));
         let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn forward_options_add_up() {
+        assert!(parse(&["--platform", "tcg"]).unwrap().forwards.is_empty());
+        let o = parse(&["--forward", "8080:web:80", "--cpus", "2", "--forward", "2222:db:22"]).unwrap();
+        let given: Vec<String> = o.forwards.iter().map(ToString::to_string).collect();
+        assert_eq!((given.as_slice(), o.cpus), (["8080:web:80".to_string(), "2222:db:22".to_string()].as_slice(), 2));
+        let e = parse(&["--forward", "8080:web"]).unwrap_err();
+        assert!(matches!(e, BootError::Usage(_)));
+        assert!(e.to_string().starts_with("--forward \"8080:web\": not three fields"), "{e}");
+        assert!(parse(&["--forward"]).unwrap_err().to_string().starts_with("--forward needs a value"));
+        assert!(USAGE.contains("[--forward HOSTPORT:VM:GUESTPORT]..."));
     }
 }

@@ -6,6 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
+use crate::uplink::UplinkPlan;
 use crate::{io_error, BootError, Firmware, Launch, RunConfig, RunStatus, SerialSource};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -127,15 +128,21 @@ pub(crate) fn check_available(platform: Platform, firmware: Firmware) -> Result<
     }
 }
 
-pub(crate) fn launch(config: &RunConfig, image: &Path, dir: &Path) -> Result<Launch, BootError> {
+pub(crate) fn launch(
+    config: &RunConfig,
+    image: &Path,
+    dir: &Path,
+    uplink: Option<&UplinkPlan>,
+) -> Result<Launch, BootError> {
     match config.platform {
-        Platform::Kvm | Platform::Tcg => launch_qemu(config, image),
+        Platform::Kvm | Platform::Tcg => launch_qemu(config, image, uplink),
         Platform::Bochs => launch_bochs(config, image, dir),
     }
 }
 
-/// QEMU's command line (without the program) for booting `image` as `config` says.
-pub(crate) fn qemu_args(config: &RunConfig, image: &Path) -> Vec<OsString> {
+/// QEMU's command line (without the program) for booting `image` as `config` says, with the
+/// uplink's user network and NIC if there is one.
+pub(crate) fn qemu_args(config: &RunConfig, image: &Path, uplink: Option<&UplinkPlan>) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
     let default_cpu = match config.platform {
@@ -166,6 +173,9 @@ pub(crate) fn qemu_args(config: &RunConfig, image: &Path) -> Vec<OsString> {
         args.extend([OsString::from("-drive"), drive]);
         args.extend(["-device", "virtio-blk-pci,drive=hostdisk"].map(OsString::from));
     }
+    if let Some(uplink) = uplink {
+        args.extend(crate::uplink::qemu_args(uplink));
+    }
     let mut drive = OsString::from("format=raw,file=");
     drive.push(image);
     args.extend([OsString::from("-drive"), drive]);
@@ -185,9 +195,9 @@ fn qemu_option_value(value: &std::ffi::OsStr) -> OsString {
     OsString::from_vec(escaped)
 }
 
-fn launch_qemu(config: &RunConfig, image: &Path) -> Result<Launch, BootError> {
+fn launch_qemu(config: &RunConfig, image: &Path, uplink: Option<&UplinkPlan>) -> Result<Launch, BootError> {
     let mut qemu = Command::new(QEMU);
-    qemu.args(qemu_args(config, image))
+    qemu.args(qemu_args(config, image, uplink))
         .stdin(if !config.typed_input.is_empty() {
             Stdio::piped()
         } else if config.interactive {
@@ -309,7 +319,7 @@ mod tests {
     use super::*;
 
     fn args_of(config: &RunConfig) -> Vec<String> {
-        qemu_args(config, Path::new("/tmp/hv.img")).into_iter().map(|a| a.into_string().unwrap()).collect()
+        qemu_args(config, Path::new("/tmp/hv.img"), None).into_iter().map(|a| a.into_string().unwrap()).collect()
     }
 
     /// The value after `flag`, which must occur exactly once.
@@ -357,6 +367,29 @@ mod tests {
         );
         assert_eq!(args.last().unwrap(), "format=raw,file=/tmp/hv.img", "the boot image stays the first disk");
         assert_eq!(args.iter().filter(|a| *a == "-drive").count(), 2);
+    }
+
+    #[test]
+    fn qemu_gets_the_uplink_before_the_boot_image() {
+        let mut config = RunConfig::new(Platform::Tcg, Firmware::Bios, "k");
+        assert!(!args_of(&config).iter().any(|a| a.contains("netdev")), "no uplink, no NIC");
+        config.disk = Some(PathBuf::from("/d/host.img"));
+        let plan = UplinkPlan {
+            forwards: vec![crate::uplink::HostForward { host_port: 18080, guest_ip: [10, 0, 2, 15], guest_port: 8080 }],
+        };
+        let args: Vec<String> = qemu_args(&config, Path::new("/tmp/hv.img"), Some(&plan))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let line = args.join(" ");
+        assert!(
+            line.contains(
+                "-device virtio-blk-pci,drive=hostdisk -netdev user,id=uplink,hostfwd=tcp:127.0.0.1:18080-10.0.2.15:8080 \
+                 -device virtio-net-pci,netdev=uplink,romfile= -drive format=raw,file=/tmp/hv.img"
+            ),
+            "{line}"
+        );
+        assert_eq!(value_of(&args, "-netdev"), "user,id=uplink,hostfwd=tcp:127.0.0.1:18080-10.0.2.15:8080");
     }
 
     #[test]
