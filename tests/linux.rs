@@ -8,7 +8,9 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{mpsc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use integration_tests::{Firmware, Log, Platform, RunOutcome, RunStatus, HOST_CPUS, TIMEOUT};
 
@@ -443,4 +445,94 @@ fn svm_two_shells_at_once_take_input_in_turn() {
         "the terminal did not show the VM with the input raw:\n{terminal}"
     );
     assert!(!outcome.serial.contains("HV-RAW"), "the log holds raw records");
+}
+
+/// A free TCP port on the host's 127.0.0.1 (free when asked: QEMU binds it a moment later).
+fn free_host_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a port on 127.0.0.1");
+    listener.local_addr().expect("the bound port").port()
+}
+
+/// One HTTP GET of `/` on 127.0.0.1:`port`: the whole response, or why not.
+fn http_get(port: u16) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        .map_err(|e| format!("connecting: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| format!("sending: {e}"))?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| format!("reading: {e}"))?;
+    Ok(response)
+}
+
+/// The uplink (`linux-uplink.vms`): one distro-kernel VM on the network bridged to the
+/// machine's NIC, QEMU's user network, takes 10.0.2.15 and serves a page on port 8080; the run
+/// forwards a free host port to it (`--forward PORT:server:8080`), and this test, on the host,
+/// fetches the page through QEMU's forward, the NIC, the hypervisor's switch and the guest's
+/// virtio-net once the guest says it serves. The guest powers off after that one request.
+#[test]
+fn svm_the_host_reaches_a_guest_service_over_the_uplink() {
+    for script in ["distro-kernel.sh", "net-initramfs.sh"] {
+        ensure_image(script);
+    }
+    let port = free_host_port();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images/linux-uplink.vms");
+    let mut config = boot::RunConfig::new(Platform::Tcg, Firmware::Bios, boot::HYPERVISOR_KERNEL);
+    config.timeout = TIMEOUT * 4;
+    config.cpus = HOST_CPUS;
+    config.ramdisk = boot::ramdisk_files(Some(&path)).unwrap_or_else(|e| panic!("linux-uplink.vms: {e}"));
+    config.forwards = vec![boot::Forward::parse(&format!("{port}:server:8080")).unwrap()];
+    let (tap, serial) = mpsc::channel::<Vec<u8>>();
+    config.serial_tap = Some(tap);
+    let started = Instant::now();
+    let run = thread::spawn(move || boot::run(&config));
+
+    // The guest's marker, then the page; both bounded (the run's own timeout ends the tap).
+    const SERVING: &[u8] = b"[server] HV-NET-MARKER: serving http on port 8080";
+    let mut seen = Vec::new();
+    let serving = loop {
+        match serial.recv() {
+            Ok(bytes) => {
+                seen.extend_from_slice(&bytes);
+                if seen.windows(SERVING.len()).any(|w| w == SERVING) {
+                    break Some(Instant::now());
+                }
+            }
+            Err(_) => break None,
+        }
+    };
+    let mut fetched = Err("the guest never said it serves".to_string());
+    if let Some(serving) = serving {
+        for _ in 0..30 {
+            fetched = http_get(port).and_then(|response| {
+                response.contains("HV-NET-SERVICE-OK").then_some(response.clone()).ok_or(response)
+            });
+            if fetched.is_ok() {
+                break;
+            }
+            thread::sleep(Duration::from_secs(1));
+        }
+        if fetched.is_ok() {
+            eprintln!(
+                "uplink: the guest served {:.1} s after the run started; the host had the page {:.3} s later",
+                serving.duration_since(started).as_secs_f64(),
+                serving.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let outcome = run.join().expect("the run thread").unwrap_or_else(|e| panic!("could not run linux-uplink.vms: {e}"));
+    let log = Log(&outcome);
+    log.guest_kernels_are_quiet();
+    if let Err(why) = &fetched {
+        log.contains(&format!("(the host could not fetch http://127.0.0.1:{port}/: {why:?})"));
+    }
+    log.line_with_all(&["host NIC: virtio-net at 00:", "MAC 52:54:00:12:34:56"])
+        .contains("uplink: network uplink bridged to the host NIC (port 0)")
+        .contains("[server] HV-NET-MARKER: up 10.0.2.15/24 52:54:00:12:00:00 via 10.0.2.2\n")
+        .line_with_all(&["[server] HV-NET-SERVED: 200 ", "10.0.2.2"])
+        .contains("[server] HV-NET-MARKER: done\n")
+        .line_with_all(&["uplink: to the wire ", "0 refused by the NIC"])
+        .vm_ended("server", "power-off")
+        .ended(RunStatus::Success, "1 VMs ran, all ended cleanly");
 }
