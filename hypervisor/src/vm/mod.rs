@@ -1124,6 +1124,11 @@ fn slice<M: GuestMemory>(
         }
         if cx.halted {
             if !guard.wakes_from_halt(cpu, vcpu) {
+                // Device work left (served a bounded amount per pass) may still wake the vCPU:
+                // finish it before sleeping, within the slice.
+                if guard.bus.dma_pending() && (env.now_micros)() < slice_end_us {
+                    continue;
+                }
                 return guard.halted_until(cx, env);
             }
             cx.halted = false;

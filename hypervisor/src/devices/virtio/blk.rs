@@ -54,6 +54,9 @@ pub const QUEUE_SIZE: u16 = 256;
 const HEADER_LEN: usize = 16;
 /// Bytes moved between guest memory and the backend at a time.
 const CHUNK: usize = 4096;
+/// Request bytes served per call before the rest is left for the next (a request itself is
+/// bounded by the disk's size, a chain by the queue size).
+const WORK_PER_CALL: u64 = 1 << 20;
 /// Offered data segments per request: a direct chain also needs a descriptor for the header
 /// and one for the status (the limit QEMU uses too).
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
@@ -450,12 +453,20 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
         if queue_index != 0 {
             return Err(DeviceError::NoSuchQueue(queue_index));
         }
-        // At most one queue's worth per call, so that a driver adding requests as fast as they
-        // complete cannot keep the device here: the transport calls again for the rest.
+        // At most one queue's worth, and about WORK_PER_CALL bytes, per call, so that a driver
+        // adding requests as fast as they complete, or making each one as large as it may,
+        // cannot keep the device (and the host CPU) here: the transport calls again for the rest.
+        let mut work = 0u64;
         for _ in 0..queue.size() {
             let Some(chain) = queue.pop(mem)? else { break };
             let used_len = self.serve(&chain, mem)?;
             queue.push_used(mem, chain.head(), used_len)?;
+            // Each descriptor counts as a page, so that chains of many tiny buffers add up too.
+            let segments = (chain.readable().len() + chain.writable().len()) as u64;
+            work += u64::from(chain.readable_len()) + u64::from(chain.writable_len()) + segments * 4096;
+            if work >= WORK_PER_CALL {
+                break;
+            }
         }
         Ok(queue.should_interrupt(mem)?)
     }
@@ -558,6 +569,28 @@ mod tests {
         // Only whole sectors are exposed.
         let odd = Block::new(RamOverlay::new(vec![0u8; 1000]).with_capacity(4097), "disk0");
         assert_eq!(odd.read_config(0, 8), Some(8));
+    }
+
+    #[test]
+    fn a_call_serves_a_bounded_amount_and_leaves_the_rest() {
+        let mut backing = memory();
+        let mut mem = SliceMemory(&mut backing);
+        // 64 entries: room for fifteen chains of three descriptors.
+        let mut driver = Driver::new(64);
+        let mut queue = driver.queue(&mem, FEATURES);
+        let mut block = Block::new(RamOverlay::new(image()), "disk0");
+        block.activate(FEATURES).unwrap();
+        // Fifteen reads of the whole 64 KiB disk into one buffer: over 1 MiB of work in all.
+        write_header(&mut mem, VIRTIO_BLK_T_IN, 0);
+        for _ in 0..15 {
+            driver.chain(&mut mem, &[readable(HEADER, 16), writable(BUF, IMAGE_LEN as u32), writable(STATUS, 1)]);
+        }
+        block.process(0, &mut queue, &mut mem).unwrap();
+        let first = driver.used_idx(&mem);
+        assert!((1..15).contains(&first), "served {first} of 15 in one call");
+        assert!(queue.has_available(&mem).unwrap(), "the rest waits");
+        block.process(0, &mut queue, &mut mem).unwrap();
+        assert_eq!(driver.used_idx(&mem), 15, "the next call serves the rest");
     }
 
     #[test]

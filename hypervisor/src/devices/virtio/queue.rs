@@ -32,9 +32,6 @@ const DESCRIPTOR_LEN: u64 = 16;
 const USED_ELEMENT_LEN: u64 = 8;
 /// Offset of the ring entries in the available and used rings, after `flags` and `idx`.
 const RING_ENTRIES: u64 = 4;
-/// Largest indirect table walked. 2.7.4.1 lets a device limit the descriptors in a chain; this
-/// bounds the host memory one chain can make the device allocate.
-const MAX_INDIRECT_DESCRIPTORS: u32 = MAX_QUEUE_SIZE as u32;
 
 /// One of the three parts of a split virtqueue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,6 +217,8 @@ pub enum QueueError {
         desc: u16,
         /// Entries in the table.
         entries: u32,
+        /// The most a chain may have: the queue size.
+        limit: u32,
     },
     /// An indirect table is not inside guest memory.
     IndirectTableOutsideMemory {
@@ -287,10 +286,10 @@ impl fmt::Display for QueueError {
                 f,
                 "descriptor {desc} refers to an indirect table of {len:#x} bytes, not a non-zero multiple of 16"
             ),
-            QueueError::IndirectTableTooLong { desc, entries } => write!(
+            QueueError::IndirectTableTooLong { desc, entries, limit } => write!(
                 f,
-                "descriptor {desc} refers to an indirect table of {entries} descriptors, more than \
-                 {MAX_INDIRECT_DESCRIPTORS}"
+                "descriptor {desc} refers to an indirect table of {entries} descriptors, more than the queue \
+                 size {limit}"
             ),
             QueueError::IndirectTableOutsideMemory { desc, addr, len } => {
                 write!(f, "descriptor {desc} refers to an indirect table outside guest memory ({addr:#x} + {len:#x})")
@@ -733,7 +732,7 @@ impl Queue {
                     return Err(QueueError::IndirectWithNext { desc: index });
                 }
                 // The indirect descriptor's own WRITE flag is ignored (2.7.5.3.2).
-                walk_indirect(mem, index, &desc, &mut builder)?;
+                walk_indirect(mem, index, &desc, limit, &mut builder)?;
                 break;
             }
             builder.add(DescriptorRef::Direct(index), &desc)?;
@@ -808,14 +807,17 @@ fn walk_indirect(
     mem: &(impl GuestMemory + ?Sized),
     index: u16,
     table: &Descriptor,
+    limit: u32,
     builder: &mut ChainBuilder,
 ) -> Result<(), QueueError> {
     if table.len == 0 || !table.len.is_multiple_of(DESCRIPTOR_LEN as u32) {
         return Err(QueueError::IndirectTableLength { desc: index, len: table.len });
     }
     let entries = table.len / DESCRIPTOR_LEN as u32;
-    if entries > MAX_INDIRECT_DESCRIPTORS {
-        return Err(QueueError::IndirectTableTooLong { desc: index, entries });
+    // No chain may be longer than the queue (2.7.5.3.1: "A driver MUST NOT create a descriptor
+    // chain longer than the Queue Size"): this bounds what one chain costs the device to walk.
+    if entries > limit {
+        return Err(QueueError::IndirectTableTooLong { desc: index, entries, limit });
     }
     if table.addr.checked_add(u64::from(table.len)).is_none_or(|end| end > builder.mem_size) {
         return Err(QueueError::IndirectTableOutsideMemory { desc: index, addr: table.addr, len: table.len });
@@ -1113,10 +1115,11 @@ mod tests {
             pop_error(features, refer(32, u64::MAX - 15)),
             QueueError::IndirectTableOutsideMemory { desc: 0, addr: u64::MAX - 15, len: 32 }
         );
-        let too_many = 16 * (MAX_INDIRECT_DESCRIPTORS + 1);
+        let size = u32::from(Driver::new(8).size);
         assert_eq!(
-            pop_error(features, refer(too_many, DATA)),
-            QueueError::IndirectTableTooLong { desc: 0, entries: MAX_INDIRECT_DESCRIPTORS + 1 }
+            pop_error(features, refer(16 * (size + 1), DATA)),
+            QueueError::IndirectTableTooLong { desc: 0, entries: size + 1, limit: size },
+            "a chain is never longer than the queue"
         );
     }
 
