@@ -354,7 +354,13 @@ pub fn prepare(
             .add(alloc::boxed::Box::new(crate::devices::test_device::TestDevice::default()))
             .map_err(|e| format!("{e}"))?;
     }
-    let disks = crate::vm::storage::attach_disks(&mut vm, &config.disks, files, super::host_disk::get())?;
+    let disks = crate::vm::storage::attach_disks(
+        &mut vm,
+        &config.disks,
+        files,
+        super::host_disk::get(),
+        &super::memory::overlay_pool(),
+    )?;
     let (ports, nics) = crate::vm::network::attach_nics(&mut vm, &config.nics, networks)?;
     if config.devices.rng {
         let source = super::entropy::rdrand_source().ok_or("devices = rng: this CPU has no RDRAND")?;

@@ -10,6 +10,9 @@ use x86_64::structures::paging::{
 };
 use x86_64::{PhysAddr, VirtAddr};
 
+use alloc::sync::Arc;
+
+use crate::devices::virtio::blk::OverlayPool;
 use crate::mm::frames::{FrameAllocator, PhysRange, FRAME_SIZE};
 use crate::mm::second_level::TableMemory;
 
@@ -23,6 +26,8 @@ pub static FRAMES: Mutex<Frames> = Mutex::new(Frames::new());
 static HEAP: LockedHeap = LockedHeap::empty();
 
 const HEAP_BYTES: u64 = 16 << 20;
+/// The largest heap: with it, the overlay pool of in-RAM disks.
+const MAX_HEAP_BYTES: u64 = 256 << 20;
 const MIN_HEAP_BYTES: u64 = 1 << 20;
 /// Real-mode IVT, BIOS data and option ROMs live below 1 MiB: never hand it out.
 const LOW_MEMORY: PhysRange = PhysRange { start: 0, end: 1 << 20 };
@@ -315,7 +320,9 @@ pub fn init(boot_info: &BootInfo) -> MemorySummary {
     TRAMPOLINE.call_once(|| low_pages(frames.free_ranges(), TRAMPOLINE_PAGES));
     reserve(&mut frames, LOW_MEMORY, "low memory");
 
-    let mut heap_bytes = HEAP_BYTES;
+    // The heap also holds what guests write to their in-RAM disks (the overlay pool): an
+    // eighth of the machine, at least HEAP_BYTES, at most MAX_HEAP_BYTES.
+    let mut heap_bytes = (usable_bytes / 8).clamp(HEAP_BYTES, MAX_HEAP_BYTES) & !(FRAME_SIZE - 1);
     let heap_start = loop {
         if let Some(start) = frames.alloc(heap_bytes / FRAME_SIZE, FRAME_SIZE) {
             break start;
@@ -329,5 +336,14 @@ pub fn init(boot_info: &BootInfo) -> MemorySummary {
     if frames.lost_bytes() > 0 {
         log::warn!("memory: {} KiB unusable because the memory map is too fragmented", frames.lost_bytes() / 1024);
     }
+    OVERLAY_POOL.call_once(|| Arc::new(OverlayPool::new(heap_bytes.saturating_sub(HEAP_BYTES))));
     MemorySummary { phys, usable_bytes, heap_bytes }
+}
+
+/// The heap beyond HEAP_BYTES, shared by every VM's in-RAM disk overlays.
+static OVERLAY_POOL: spin::Once<Arc<OverlayPool>> = spin::Once::new();
+
+/// The pool in-RAM disks take their written pages from (empty before [`init`]).
+pub fn overlay_pool() -> Arc<OverlayPool> {
+    OVERLAY_POOL.get().cloned().unwrap_or_else(|| Arc::new(OverlayPool::new(0)))
 }

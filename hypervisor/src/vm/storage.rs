@@ -3,11 +3,12 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use super::config::{DiskConfig, DiskSource};
 use super::Vm;
-use crate::devices::virtio::blk::{Block, BlockBackend, RamOverlay};
+use crate::devices::virtio::blk::{Block, BlockBackend, OverlayPool, RamOverlay};
 use crate::devices::virtio::pci::VirtioPci;
 use crate::host_disk::{HostRegion, SharedHostDisk};
 use crate::loader::GuestMemory;
@@ -29,6 +30,7 @@ pub fn attach_disks<M: GuestMemory>(
     disks: &[DiskConfig],
     files: &[File<'static>],
     host_disk: Option<SharedHostDisk>,
+    overlay_pool: &Arc<OverlayPool>,
 ) -> Result<Vec<String>, String> {
     let mut lines = Vec::new();
     for (index, disk) in disks.iter().enumerate() {
@@ -37,7 +39,8 @@ pub fn attach_disks<M: GuestMemory>(
             DiskSource::Image(file) => {
                 let image =
                     ramdisk::find(files, file).ok_or_else(|| format!("disk {file:?} is not in the ramdisk"))?.data;
-                let mut backend = RamOverlay::new(image).with_budget(image.len() as u64);
+                let mut backend =
+                    RamOverlay::new(image).with_budget(image.len() as u64).with_pool(overlay_pool.clone());
                 if disk.read_only {
                     backend = backend.write_protected();
                 }
@@ -51,7 +54,8 @@ pub fn attach_disks<M: GuestMemory>(
             &DiskSource::Blank(len) => {
                 // Zeros until written; what is written takes host memory, up to the size.
                 let empty: &'static [u8] = &[];
-                let mut backend = RamOverlay::new(empty).with_capacity(len).with_budget(len);
+                let mut backend =
+                    RamOverlay::new(empty).with_capacity(len).with_budget(len).with_pool(overlay_pool.clone());
                 if disk.read_only {
                     backend = backend.write_protected();
                 }
@@ -106,6 +110,10 @@ mod tests {
     use crate::host_disk::{HostDisk, HostDiskError, HOST_SECTOR};
     use crate::loader::SliceMemory;
 
+    fn pool() -> Arc<OverlayPool> {
+        Arc::new(OverlayPool::new(1 << 20))
+    }
+
     struct Zeros(u64);
 
     impl HostDisk for Zeros {
@@ -137,15 +145,16 @@ mod tests {
 
     #[test]
     fn host_regions_need_a_host_disk_that_holds_them() {
-        let e = attach_disks(&mut vm(), &[region(64, 256, false)], &[], None).unwrap_err();
+        let e = attach_disks(&mut vm(), &[region(64, 256, false)], &[], None, &pool()).unwrap_err();
         assert_eq!(
             e,
             "vm store: disk host:64M+256M: there is no host disk (the hypervisor was started without --disk FILE)"
         );
         let disk: SharedHostDisk = Box::leak(Box::new(spin::Mutex::new(Zeros((128 << 20) / HOST_SECTOR))));
-        let e = attach_disks(&mut vm(), &[region(64, 256, false)], &[], Some(disk)).unwrap_err();
+        let e = attach_disks(&mut vm(), &[region(64, 256, false)], &[], Some(disk), &pool()).unwrap_err();
         assert_eq!(e, "vm store: disk host:64M+256M: the host disk has 128 MiB");
-        let lines = attach_disks(&mut vm(), &[region(0, 64, false), region(64, 64, true)], &[], Some(disk)).unwrap();
+        let lines =
+            attach_disks(&mut vm(), &[region(0, 64, false), region(64, 64, true)], &[], Some(disk), &pool()).unwrap();
         assert_eq!(lines.len(), 2);
         assert!(lines[0].starts_with("vda = host:0M+64M (host disk bytes 0x0..0x4000000) at PCI 00:"), "{}", lines[0]);
         assert!(

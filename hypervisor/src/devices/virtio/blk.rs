@@ -9,8 +9,10 @@
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
     DescriptorChain, DeviceError, Queue, VirtioDevice, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1,
@@ -79,6 +81,8 @@ pub enum BackendError {
         /// The budget in bytes.
         budget: u64,
     },
+    /// The host memory for in-RAM disks' written pages is used up ([`OverlayPool`]).
+    PoolExhausted,
     /// The storage behind the backend failed.
     Io(&'static str),
 }
@@ -93,6 +97,7 @@ impl fmt::Display for BackendError {
             BackendError::BudgetExhausted { budget } => {
                 write!(f, "the disk overlay would grow past its budget of {budget:#x} bytes")
             }
+            BackendError::PoolExhausted => f.write_str("the host memory for written disk pages is used up"),
             BackendError::Io(what) => write!(f, "disk I/O failed: {what}"),
         }
     }
@@ -113,6 +118,35 @@ pub trait BlockBackend {
     fn flush(&mut self) -> Result<(), BackendError>;
 }
 
+/// Host memory the copy-on-write pages of every overlay may take together. What guests write
+/// to in-RAM disks comes out of it, so no VM can run the host out of memory through its disks:
+/// a write that finds the pool empty fails (VIRTIO_BLK_S_IOERR) and the host carries on.
+#[derive(Debug)]
+pub struct OverlayPool {
+    free_pages: AtomicU64,
+}
+
+impl OverlayPool {
+    /// A pool of `bytes` (whole pages).
+    pub const fn new(bytes: u64) -> Self {
+        OverlayPool { free_pages: AtomicU64::new(bytes / OVERLAY_PAGE as u64) }
+    }
+
+    /// Bytes still free.
+    pub fn free_bytes(&self) -> u64 {
+        self.free_pages.load(Ordering::Relaxed) * OVERLAY_PAGE as u64
+    }
+
+    /// Takes `pages` pages; false (and nothing taken) if there are not that many.
+    fn take(&self, pages: u64) -> bool {
+        self.free_pages.try_update(Ordering::AcqRel, Ordering::Acquire, |free| free.checked_sub(pages)).is_ok()
+    }
+
+    fn give_back(&self, pages: u64) {
+        self.free_pages.fetch_add(pages, Ordering::AcqRel);
+    }
+}
+
 /// Granularity of [`RamOverlay`]'s copy-on-write pages.
 pub const OVERLAY_PAGE: usize = 4096;
 const PAGE: u64 = OVERLAY_PAGE as u64;
@@ -127,14 +161,23 @@ pub struct RamOverlay<B> {
     capacity: u64,
     read_only: bool,
     budget: Option<u64>,
+    pool: Option<Arc<OverlayPool>>,
     pages: BTreeMap<u64, Box<[u8; OVERLAY_PAGE]>>,
+}
+
+impl<B> Drop for RamOverlay<B> {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.give_back(self.pages.len() as u64);
+        }
+    }
 }
 
 impl<B: AsRef<[u8]>> RamOverlay<B> {
     /// A writable disk the size of `base`, with no overlay budget.
     pub fn new(base: B) -> Self {
         let capacity = base.as_ref().len() as u64;
-        RamOverlay { base, capacity, read_only: false, budget: None, pages: BTreeMap::new() }
+        RamOverlay { base, capacity, read_only: false, budget: None, pool: None, pages: BTreeMap::new() }
     }
 
     /// Sets the disk size: beyond the base image it reads as zero, below it the image is cut.
@@ -152,6 +195,12 @@ impl<B: AsRef<[u8]>> RamOverlay<B> {
     /// Caps the overlay at `bytes` of copied pages; writes that need more fail.
     pub fn with_budget(mut self, bytes: u64) -> Self {
         self.budget = Some(bytes);
+        self
+    }
+
+    /// Takes the written pages' memory from `pool`, shared with other overlays.
+    pub fn with_pool(mut self, pool: Arc<OverlayPool>) -> Self {
+        self.pool = Some(pool);
         self
     }
 
@@ -231,12 +280,16 @@ impl<B: AsRef<[u8]>> BlockBackend for RamOverlay<B> {
             return Ok(());
         }
         // Refuse before changing anything, so a failed write leaves the disk as it was.
+        let (first, last) = (offset / PAGE, (end - 1) / PAGE);
+        let new = (last - first + 1) - self.pages.range(first..=last).count() as u64;
         if let Some(budget) = self.budget {
-            let (first, last) = (offset / PAGE, (end - 1) / PAGE);
-            let touched = last - first + 1;
-            let new = touched - self.pages.range(first..=last).count() as u64;
             if (self.pages.len() as u64 + new).saturating_mul(PAGE) > budget {
                 return Err(BackendError::BudgetExhausted { budget });
+            }
+        }
+        if let Some(pool) = &self.pool {
+            if !pool.take(new) {
+                return Err(BackendError::PoolExhausted);
             }
         }
         let mut done = 0usize;
@@ -591,6 +644,25 @@ mod tests {
         assert!(queue.has_available(&mem).unwrap(), "the rest waits");
         block.process(0, &mut queue, &mut mem).unwrap();
         assert_eq!(driver.used_idx(&mem), 15, "the next call serves the rest");
+    }
+
+    #[test]
+    fn overlays_share_the_pool_and_give_it_back() {
+        let pool = Arc::new(OverlayPool::new(3 * PAGE));
+        let mut a = RamOverlay::new(image()).with_pool(pool.clone());
+        let mut b = RamOverlay::new(image()).with_pool(pool.clone());
+        a.write(0, &[1; 2 * OVERLAY_PAGE]).unwrap();
+        assert_eq!(pool.free_bytes(), PAGE);
+        assert_eq!(b.write(0, &[2; 2 * OVERLAY_PAGE]), Err(BackendError::PoolExhausted), "two pages, one free");
+        let mut unchanged = [0u8; 8];
+        b.read(0, &mut unchanged).unwrap();
+        assert_eq!(unchanged, image()[..8], "a refused write changes nothing");
+        b.write(PAGE * 4, &[3; 16]).unwrap();
+        assert_eq!(pool.free_bytes(), 0);
+        a.write(0, &[4; 16]).unwrap();
+        assert_eq!(pool.free_bytes(), 0, "rewriting a copied page takes nothing");
+        drop(a);
+        assert_eq!(pool.free_bytes(), 2 * PAGE, "a dropped overlay gives its pages back");
     }
 
     #[test]
