@@ -147,6 +147,8 @@ pub trait Device {
     fn dma_pending(&self) -> bool {
         false
     }
+    /// Lines for the VM's end report (what a device counted), if any.
+    fn report(&self, _lines: &mut Vec<alloc::string::String>) {}
     /// The PCI host, for plugging functions in while the VM is built.
     fn as_pci_host(&mut self) -> Option<&mut pci::PciHost> {
         None
@@ -263,6 +265,15 @@ impl Bus {
                 device.run_dma(memory, now_ns, events);
             }
         }
+    }
+
+    /// What the devices counted, one line each, for the VM's end report.
+    pub fn reports(&self) -> Vec<alloc::string::String> {
+        let mut lines = Vec::new();
+        for device in &self.devices {
+            device.report(&mut lines);
+        }
+        lines
     }
 
     /// The PCI host on this bus, if there is one.

@@ -277,7 +277,11 @@ impl Task {
         let end = {
             let vm = shared.vm.lock();
             let end = vm.ended().cloned().unwrap_or(VmEnd::Error("ended without a reason".into()));
-            serial::write_str(&format!("{}\n{}", end.end_line(&shared.name), vm.stats.table(&shared.name)));
+            let mut report = format!("{}\n{}", end.end_line(&shared.name), vm.stats.table(&shared.name));
+            for line in vm.bus.reports() {
+                report.push_str(&format!("  {line}\n"));
+            }
+            serial::write_str(&report);
             end
         };
         if let Some((second_level, ram)) = shared.memory.lock().take() {

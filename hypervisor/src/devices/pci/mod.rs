@@ -112,6 +112,10 @@ pub trait PciFunction {
     fn dma_pending(&self) -> bool {
         false
     }
+    /// A line for the VM's end report, if the function counted something.
+    fn report(&self) -> Option<alloc::string::String> {
+        None
+    }
 }
 
 /// Why a function could not be plugged in.
@@ -400,6 +404,10 @@ impl Device for PciHost {
 
     fn dma_pending(&self) -> bool {
         self.functions.iter().any(|(_, function)| function.dma_pending())
+    }
+
+    fn report(&self, lines: &mut Vec<alloc::string::String>) {
+        lines.extend(self.functions.iter().filter_map(|(_, function)| function.report()));
     }
 
     fn as_pci_host(&mut self) -> Option<&mut PciHost> {

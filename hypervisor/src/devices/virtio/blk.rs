@@ -116,6 +116,10 @@ pub trait BlockBackend {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError>;
     /// Makes completed writes durable.
     fn flush(&mut self) -> Result<(), BackendError>;
+    /// Host memory the backend holds for what was written, if it keeps writes in memory.
+    fn held_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Host memory the copy-on-write pages of every overlay may take together. What guests write
@@ -314,6 +318,10 @@ impl<B: AsRef<[u8]>> BlockBackend for RamOverlay<B> {
     fn flush(&mut self) -> Result<(), BackendError> {
         Ok(())
     }
+
+    fn held_bytes(&self) -> Option<u64> {
+        Some(self.overlay_bytes())
+    }
 }
 
 /// A virtio block device with one request queue.
@@ -324,6 +332,9 @@ pub struct Block<B> {
     features: u64,
     config: Vec<u8>,
     driver_features: u64,
+    /// Requests served, and those that completed with an error status.
+    requests: u64,
+    failed: u64,
 }
 
 /// How a request ended: its status and the bytes written from the start of the writable part.
@@ -366,7 +377,7 @@ impl<B: BlockBackend> Block<B> {
         config.extend_from_slice(&SEG_MAX.to_le_bytes()); // seg_max
         config.extend_from_slice(&[0; 4]); // geometry: VIRTIO_BLK_F_GEOMETRY not offered
         config.extend_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
-        Block { backend, id: id_bytes, features, config, driver_features: 0 }
+        Block { backend, id: id_bytes, features, config, driver_features: 0, requests: 0, failed: 0 }
     }
 
     /// The backend, for inspecting the disk.
@@ -410,6 +421,8 @@ impl<B: BlockBackend> Block<B> {
             _ => Outcome::status(VIRTIO_BLK_S_UNSUPP),
         };
         chain.write_at(mem, u64::from(status_at), &[outcome.status])?;
+        self.requests += 1;
+        self.failed += u64::from(outcome.status != VIRTIO_BLK_S_OK);
         // The used length counts bytes written from the start of the writable part: everything
         // when the data ran up to the status byte, else only the data (an underestimate is
         // allowed, an overestimate is not).
@@ -500,6 +513,14 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
 
     fn reset(&mut self) {
         self.driver_features = 0;
+    }
+
+    fn report(&self) -> Option<alloc::string::String> {
+        let held = self
+            .backend
+            .held_bytes()
+            .map_or(alloc::string::String::new(), |bytes| alloc::format!(", {} KiB written held in RAM", bytes / 1024));
+        Some(alloc::format!("{} requests, {} failed{held}", self.requests, self.failed))
     }
 
     fn process(&mut self, queue_index: u16, queue: &mut Queue, mem: &mut dyn GuestMemory) -> Result<bool, DeviceError> {

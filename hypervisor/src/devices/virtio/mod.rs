@@ -145,6 +145,11 @@ pub trait VirtioDevice {
     fn pending_queues(&self) -> u64 {
         0
     }
+
+    /// What the device counted, for the VM's end report (the transport adds who it is).
+    fn report(&self) -> Option<alloc::string::String> {
+        None
+    }
 }
 
 /// What a status write asks of the transport.

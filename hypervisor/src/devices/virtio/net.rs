@@ -262,6 +262,12 @@ impl VirtioDevice for Net {
         }
     }
 
+    fn report(&self) -> Option<alloc::string::String> {
+        let switch = self.switch.lock();
+        let summary = switch.summary(self.port)?;
+        Some(alloc::format!("{summary}, {} too large for their receive buffer", self.rx_dropped_too_small))
+    }
+
     fn pending_queues(&self) -> u64 {
         if self.active && !self.rx_starved && self.switch.lock().has_frames(self.port) {
             1 << RX_QUEUE

@@ -539,6 +539,14 @@ impl<D: VirtioDevice> PciFunction for VirtioPci<D> {
     fn dma_pending(&self) -> bool {
         self.notified != 0 || (self.status.is_live() && self.device.pending_queues() != 0)
     }
+
+    fn report(&self) -> Option<String> {
+        let mut parts: Vec<String> = self.device.report().into_iter().collect();
+        if self.errors > 0 {
+            parts.push(format!("{} device errors (each needed a reset)", self.errors));
+        }
+        (!parts.is_empty()).then(|| format!("{}: {}", self.label, parts.join("; ")))
+    }
 }
 
 #[cfg(test)]
@@ -716,6 +724,9 @@ mod tests {
         assert_eq!(mem.read_u16(DATA + 0x100).unwrap() & 0xff, 0, "VIRTIO_BLK_S_OK");
         assert_eq!(driver.used_idx(&mem), 1);
         assert!(!host.dma_pending());
+        let mut lines = Vec::new();
+        host.report(&mut lines);
+        assert_eq!(lines, ["vm t: virtio-blk vda: 1 requests, 0 failed, 0 KiB written held in RAM"]);
     }
 
     #[test]
@@ -738,6 +749,10 @@ mod tests {
         let mut events = write(&mut host, BAR0 + NOTIFY_OFFSET, 2, 0);
         host.run_dma(&mut mem, 0, &mut events);
         assert!(events.msi.is_empty(), "a device that needs a reset uses no buffers");
+        let mut lines = Vec::new();
+        host.report(&mut lines);
+        assert!(lines[0]
+            .ends_with("0 requests, 0 failed, 0 KiB written held in RAM; 1 device errors (each needed a reset)"));
 
         // The other disk works meanwhile, with its own rings.
         let mut other_bytes = memory();

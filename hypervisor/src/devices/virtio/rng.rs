@@ -66,6 +66,10 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {}
 
+    fn report(&self) -> Option<alloc::string::String> {
+        Some(alloc::format!("{} random bytes given", self.bytes_given))
+    }
+
     fn process(&mut self, queue_index: u16, queue: &mut Queue, mem: &mut dyn GuestMemory) -> Result<bool, DeviceError> {
         if queue_index != 0 {
             return Err(DeviceError::NoSuchQueue(queue_index));
