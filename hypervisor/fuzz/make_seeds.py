@@ -608,10 +608,209 @@ def run_loop():
     write("run_loop", "mmio-unclaimed", header() + step(mmio_exit(0xE000_0000)))
 
 
+# ---------------------------------------------------------------------------------------------
+# virtio: options (bit 0: memory work right after each notification, bit 1: the disk's page
+# pool), entropy failure period,
+# switch limits (frames, bytes, MACs, MACs per port), then `Op`s.
+
+class Virtio:
+    """Encoder for the virtio target's `Op` stream."""
+
+    N = 15
+    # Queues, as the target numbers them: blk rw, blk ro, net A rx/tx, net B rx/tx, rng.
+    BLK, BLK_RO, RX_A, TX_A, RX_B, TX_B, RNG = range(7)
+    # Functions.
+    F_BLK, F_BLK_RO, F_NET_A, F_NET_B, F_RNG = range(5)
+    # Request kinds: block IN, OUT, FLUSH, GET_ID, other; a frame to A, B, the third port,
+    # broadcast, multicast, itself.
+    IN, OUT, FLUSH, GET_ID, OTHER = range(5)
+    TO_A, TO_B, TO_SPARE, TO_ALL, TO_GROUP, TO_SELF = range(6)
+    # Regions of a BAR.
+    COMMON, ISR, DEVICE, NOTIFY, MSIX, PBA, BAR = range(7)
+
+    def __init__(self):
+        self.b = b""
+
+    def config(self, slot, register, size=4, write=False, value=0, raw=None):
+        address = variant(1, 2) + u32(raw) if raw is not None else variant(0, 2) + u8(slot) + u8(register & 0xFC)
+        self.b += variant(0, self.N) + address + u8(register & 3) + u8({1: 0, 2: 1, 4: 2}[size]) + boolean(write) + u32(value)
+        return self
+
+    def port(self, port, size=1, write=False, value=0):
+        self.b += variant(1, self.N) + u8(port - 0xCF8) + u8({1: 0, 2: 1, 4: 2}[size]) + boolean(write) + u32(value)
+        return self
+
+    def mmio(self, function, region, offset=0, size=4, write=False, value=0):
+        if region == self.ISR:
+            where = variant(region, 7)
+        elif region == self.BAR:
+            where = variant(region, 7) + u16(offset)
+        else:
+            where = variant(region, 7) + u8(offset)
+        self.b += variant(2, self.N) + variant(0, 2) + u8(function) + where
+        self.b += u8({1: 0, 2: 1, 4: 2, 8: 3}[size]) + boolean(write) + u64(value)
+        return self
+
+    def window(self, offset, size=4, write=False, value=0):
+        self.b += variant(2, self.N) + variant(1, 2) + u32(offset) + u8({1: 0, 2: 1, 4: 2, 8: 3}[size]) + boolean(write) + u64(value)
+        return self
+
+    def poke(self, gpa, data):
+        assert len(data) <= 16
+        self.b += variant(3, self.N) + u16(gpa) + u8(len(data)) + data.ljust(16, b"\0")
+        return self
+
+    def chain(self, queue, bufs, indirect=None, notify=True):
+        assert 1 <= len(bufs) <= 4
+        padded = list(bufs) + [(0, 0, False)] * (4 - len(bufs))
+        self.b += variant(4, self.N) + u8(queue) + u8(len(bufs) - 1)
+        self.b += b"".join(u16(gpa) + u16(length) + boolean(w) for gpa, length, w in padded)
+        self.b += option(None if indirect is None else u16(indirect)) + boolean(notify)
+        return self
+
+    def publish(self, queue, head, notify=True):
+        self.b += variant(5, self.N) + u8(queue) + u16(head) + boolean(notify)
+        return self
+
+    def avail(self, queue, flags=0, idx=0, used_event=0):
+        self.b += variant(6, self.N) + u8(queue) + u16(flags) + u16(idx) + u16(used_event)
+        return self
+
+    def request(self, queue, kind, data, length, arg=0, notify=True):
+        self.b += variant(7, self.N) + u8(queue) + u8(kind) + u32(arg) + u16(data) + u16(length) + boolean(notify)
+        return self
+
+    def notify(self, queue):
+        self.b += variant(8, self.N) + u8(queue)
+        return self
+
+    def bring_up(self, function, features="offered", size_log=4, rings=None, irq="msix", steps=0xFF):
+        if features == "offered":
+            f = variant(0, 3)
+        elif features == "version1":
+            f = variant(1, 3)
+        else:
+            f = variant(2, 3) + u64(features)
+        r = variant(0, 2) if rings is None else variant(1, 2) + u16(rings[0]) + u16(rings[1]) + u16(rings[2])
+        i = variant({"intx": 0, "msix": 1, "msi": 2}[irq], 3)
+        self.b += variant(9, self.N) + u8(function) + f + u8(size_log) + r + i + u8(steps)
+        return self
+
+    def inject(self, dst, length, src=2, tag=0x5A):
+        def mac(m):
+            return variant(5, 6) + bytes(m) if isinstance(m, (bytes, list)) else variant(m, 6)
+        self.b += variant(10, self.N) + mac(dst) + mac(src) + u16(length) + u8(tag)
+        return self
+
+    def take(self, count=8):
+        self.b += variant(11, self.N) + u8(count - 1)
+        return self
+
+    def run_dma(self, calls=1):
+        self.b += variant(12, self.N) + u8(calls - 1)
+        return self
+
+    def drain(self):
+        self.b += variant(13, self.N)
+        return self
+
+    def desc(self, queue, index, addr, length, flags, next_index):
+        self.b += variant(14, self.N) + u8(queue) + u8(index) + u16(addr) + u16(length) + u8(flags) + u8(next_index)
+        return self
+
+
+def virtio_header(auto=True, pool=False, fail_every=0, frames=16, queue_bytes=3, macs=8, per_port=4):
+    return u8((1 if auto else 0) | (2 if pool else 0)) + u8(fail_every) + u8(frames) + u8(queue_bytes) + u8(macs) + u8(per_port)
+
+
+def virtio():
+    v = Virtio
+    data = 0x4000
+
+    # virtio-blk with MSI-X: a read, a write read back, a flush, GET_ID, an unknown type, a
+    # read past the end; the ISR and the status.
+    o = Virtio().bring_up(v.F_BLK, "offered", 4)
+    o.request(v.BLK, v.IN, data, 512, arg=1).request(v.BLK, v.OUT, data, 1024, arg=2)
+    o.request(v.BLK, v.IN, data + 0x1000, 1024, arg=2).request(v.BLK, v.FLUSH, data, 0)
+    o.request(v.BLK, v.GET_ID, data, 20).request(v.BLK, v.OTHER, data, 16, arg=0x77)
+    o.request(v.BLK, v.IN, data, 1024, arg=31).mmio(v.F_BLK, v.DEVICE, 0, 8).mmio(v.F_BLK, v.ISR, size=1)
+    for sector in (8, 16, 24):
+        o.request(v.BLK, v.OUT, data, 512, arg=sector)  # the third page is past the overlay budget
+    o.mmio(v.F_BLK, v.COMMON, 0x14, 1).drain()
+    write("virtio", "blk-msix", virtio_header() + o.b)
+    write("virtio", "blk-msix-pool", virtio_header(pool=True) + o.b)
+
+    # The read-only disk on INTx, memory work left to explicit calls: a refused write, the last
+    # whole sector and the partial one after it; the ISR read lowers the line.
+    o = Virtio().bring_up(v.F_BLK_RO, "version1", 3, irq="intx")
+    o.request(v.BLK_RO, v.OUT, data, 512, arg=0).run_dma().config(2, 0x04, 4).mmio(v.F_BLK_RO, v.ISR, size=1)
+    o.request(v.BLK_RO, v.IN, data, 512, arg=7).request(v.BLK_RO, v.IN, data, 512, arg=8).run_dma(2)
+    o.config(2, 0x04, 4).mmio(v.F_BLK_RO, v.ISR, size=1).config(2, 0x04, 4).drain()
+    write("virtio", "blk-ro-intx", virtio_header(auto=False) + o.b)
+
+    # Two virtio-net devices on one switch: receive buffers, a frame from A to B, a broadcast
+    # from B, frames from the third port, which takes what was flooded to it.
+    o = Virtio().bring_up(v.F_NET_A, "offered", 4).bring_up(v.F_NET_B, "offered", 4)
+    for i in range(2):
+        o.request(v.RX_A, 0, data + 0x800 * i, 1530).request(v.RX_B, 0, data + 0x1000 + 0x800 * i, 1530)
+    o.request(v.TX_A, v.TO_B, data + 0x2000, 60, arg=1).request(v.TX_B, v.TO_ALL, data + 0x2800, 100, arg=2)
+    o.inject(v.TO_A, 64).inject(3, 1518).inject(4, 13).inject(0, 1530).take().drain()
+    o.request(v.TX_A, v.TO_SELF, data + 0x2000, 1518 + 12).request(v.TX_B, v.TO_A, data + 0x2800, 200).drain()
+    write("virtio", "net-pair", virtio_header() + o.b)
+
+    # Tight switch limits: two frames per port, 1518 bytes; flooding with no receive buffers,
+    # buffers too small for what waits, random source MACs filling the table.
+    o = Virtio().bring_up(v.F_NET_A, "version1", 2).bring_up(v.F_NET_B, "offered", 0, irq="intx")
+    for i in range(4):
+        o.inject(v.TO_ALL, 600, src=bytes([2, 0, 0, 0, 0, i]))
+    o.request(v.TX_A, v.TO_ALL | 0x80, data, 300, arg=0x1234).request(v.RX_B, 0, data + 0x800, 100).drain()
+    o.request(v.RX_A, 0, data + 0x1000, 1530).request(v.RX_A, 0, data + 0x1800, 1530).drain().take()
+    write("virtio", "net-limits", virtio_header(frames=2, queue_bytes=1, macs=3, per_port=1) + o.b)
+
+    # virtio-rng through MSI: small and oversized requests, a failing source every third call.
+    o = Virtio().bring_up(v.F_RNG, "version1", 6, irq="msi")
+    o.request(v.RNG, 0, data, 32).request(v.RNG, 0, data, 5000).request(v.RNG, 0, data, 1)
+    o.request(v.RNG, 0, data, 64).chain(v.RNG, [(data, 16, True), (data + 0x100, 16, True)]).drain()
+    write("virtio", "rng-msi", virtio_header(fail_every=3) + o.b)
+
+    # Raw chains on the disk: a request through an indirect table, scattered descriptors, a head
+    # beyond the table, then a reset and a fresh start.
+    header = u32(0) + u32(0) + u64(3)
+    o = Virtio().bring_up(v.F_BLK, "offered", 3).poke(0x4800, header).poke(0x4810, b"\xff")
+    o.chain(v.BLK, [(0x4800, 16, False), (data, 512, True), (0x4810, 1, True)], indirect=0x5000)
+    o.chain(v.BLK, [(0x4800, 8, False), (0x4808, 8, False), (data, 256, True), (0x4810, 1, True)])
+    o.desc(v.BLK, 5, 0x4800, 16, 1, 6).desc(v.BLK, 6, data, 16, 1, 5).publish(v.BLK, 5)  # a loop
+    o.publish(v.BLK, 200).mmio(v.F_BLK, v.COMMON, 0x14, 1).mmio(v.F_BLK, v.COMMON, 0x14, 1, write=True, value=0)
+    o.bring_up(v.F_BLK, "offered", 3, rings=(0x2000, 0x2400, 0x2600)).avail(v.BLK, idx=5).notify(v.BLK).drain()
+    write("virtio", "blk-chains", virtio_header() + o.b)
+
+    # Registers as a hostile driver reaches them: the PCI configuration window, the MSI-X table
+    # under the function mask, a moved BAR, other buses and functions, byte accesses to 0xcf8,
+    # reads across the window.
+    o = Virtio().bring_up(v.F_NET_A, "version1", 4)
+    o.config(3, 0x42, 2, write=True, value=0xC000).mmio(v.F_NET_A, v.MSIX, 0x1C, 4, write=True, value=1)
+    o.request(v.RX_A, 0, 0x4000, 1530).inject(v.TO_A, 100).run_dma().mmio(v.F_NET_A, v.PBA, 0, 8)
+    o.config(3, 0x42, 2, write=True, value=0x8000).mmio(v.F_NET_A, v.MSIX, 0x1C, 4, write=True, value=0)
+    o.config(3, 0xA4, 1, write=True, value=0).config(3, 0xA8, 4, write=True, value=0x12)
+    o.config(3, 0xAC, 4, write=True, value=2).config(3, 0xB0, 2).config(3, 0x10, 4, write=True, value=0xFFFFFFFF)
+    o.config(3, 0x10, 4).config(3, 0x10, 4, write=True, value=0xE0100000).window(0x100000 + 0x14, 1)
+    o.config(0, 0, raw=0x8001_0000).config(0, 0, raw=0x8000_1900).port(0xCF8, 1, write=True, value=1).port(0xCF8, 1)
+    o.port(0xCFB, 2).window(0x2_0000 + 0x2000, 8).window(0x3_0000, 4).mmio(v.F_RNG, v.DEVICE, 0, 4)
+    write("virtio", "hostile-registers", virtio_header() + o.b)
+
+    # Bring-ups cut short: notifications before DRIVER_OK, a queue enabled outside memory,
+    # features that were not offered.
+    o = Virtio().bring_up(v.F_BLK, "offered", 4, steps=3).notify(v.BLK).run_dma()
+    o.bring_up(v.F_BLK_RO, "offered", 4, rings=(0xFF00, 0xFF00, 0xFF00)).notify(v.BLK_RO)
+    o.bring_up(v.F_RNG, 1 << 40 | 1 << 32, 4).mmio(v.F_RNG, v.COMMON, 0x14, 1).bring_up(v.F_NET_B, "offered", 9)
+    o.drain()
+    write("virtio", "partial-bring-up", virtio_header() + o.b)
+
+
 def main():
     if CORPUS.exists():
         shutil.rmtree(CORPUS)
-    for make in (mmio_decode, guest_walk, elf, bzimage, multiboot, vm_config, ramdisk, devices, run_loop):
+    for make in (mmio_decode, guest_walk, elf, bzimage, multiboot, vm_config, ramdisk, devices, run_loop, virtio):
         make()
     total = sum(f.stat().st_size for f in CORPUS.rglob("*") if f.is_file())
     count = sum(1 for f in CORPUS.rglob("*") if f.is_file())

@@ -10,12 +10,11 @@
 use hypervisor::loader::guest_walk::{self, Access, WalkError, PF_FETCH, PF_PRESENT, PF_RSVD, PF_USER, PF_WRITE};
 use hypervisor::loader::{GuestMemory, SliceMemory};
 use hypervisor::vcpu::GuestMode;
-use hypervisor_fuzz::{MirrorMemory, Reader};
-use libfuzzer_sys::fuzz_target;
 use hypervisor::vm::control_regs::{
     CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PSE, CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE,
 };
-
+use hypervisor_fuzz::{MirrorMemory, Reader};
+use libfuzzer_sys::fuzz_target;
 
 /// A paging mode: the raw registers, or a preset with the raw values' optional bits.
 fn mode(preset: u8, cr0: u64, cr3: u64, cr4: u64, efer: u64) -> GuestMode {

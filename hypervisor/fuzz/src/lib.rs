@@ -284,6 +284,8 @@ pub fn vm_config(entry: Entry, memory: u64, cmdline: &str) -> VmConfig {
         devices: DeviceSet::default(),
         timeout_seconds: None,
         cpus: None,
+        disks: Vec::new(),
+        nics: Vec::new(),
     }
 }
 
