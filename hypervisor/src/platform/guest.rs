@@ -369,15 +369,7 @@ pub fn prepare(
     if config.devices.rng {
         let source = super::entropy::rdrand_source().ok_or("devices = rng: this CPU has no RDRAND")?;
         let rng = crate::devices::virtio::rng::Rng::new(source);
-        let function = crate::devices::virtio::pci::VirtioPci::new(
-            rng,
-            &config.name,
-            "rng0",
-            crate::loader::GuestMemory::size(&vm.memory),
-        )
-        .ok_or("devices = rng: the virtio-rng device could not be built")?;
-        let pci = vm.bus.pci_host().ok_or("the VM has no PCI bus")?;
-        let slot = pci.add_function(alloc::boxed::Box::new(function)).map_err(|e| format!("devices = rng: {e}"))?;
+        let slot = vm.plug_virtio(rng, "rng0").map_err(|e| format!("devices = rng: {e}"))?;
         log::info!("vm {}: virtio-rng at PCI 00:{slot:02x}.0, from the host's RDRAND", config.name);
     }
     let supported_xcr0 = xstate::enable().supported_xcr0;

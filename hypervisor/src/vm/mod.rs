@@ -296,6 +296,20 @@ impl<M: GuestMemory> Vm<M> {
         self.clock = if self.vcpus() == 1 { GuestClock::new(host_tsc, hz) } else { GuestClock::shared(host_tsc, hz) };
     }
 
+    /// Plugs `device` into the VM's PCI bus as a virtio function known to the logs as `name`;
+    /// returns its slot.
+    pub fn plug_virtio<D: devices::virtio::VirtioDevice + 'static>(
+        &mut self,
+        device: D,
+        name: &str,
+    ) -> Result<u8, String> {
+        let kind = devices::virtio::pci::type_name(device.device_id());
+        let function = devices::virtio::pci::VirtioPci::new(device, &self.name, name, self.memory.size())
+            .ok_or_else(|| format!("the {kind} device could not be built"))?;
+        let pci = self.bus.pci_host().ok_or("the VM has no PCI bus")?;
+        pci.add_function(Box::new(function)).map_err(|e| format!("{e}"))
+    }
+
     /// The VM's vCPU count.
     pub fn vcpus(&self) -> usize {
         self.router.vcpus()

@@ -25,7 +25,6 @@ use spin::Mutex;
 use super::config::{format_mac, NicConfig};
 use super::Vm;
 use crate::devices::virtio::net::Net;
-use crate::devices::virtio::pci::VirtioPci;
 use crate::loader::GuestMemory;
 use crate::net::switch::{PortId, Switch};
 use crate::net::UPLINK_NETWORK;
@@ -134,10 +133,7 @@ pub fn attach_nics<M: GuestMemory>(
         let waking = network.clone();
         let device = Net::new(nic.mac, network.switch.clone(), port).with_waker(Arc::new(move |p| waking.wake(p)));
         let name = format!("eth{index}");
-        let function = VirtioPci::new(device, &vm.name, &name, vm.memory.size())
-            .ok_or_else(|| format!("net {}: the virtio-net device could not be built", nic.network))?;
-        let pci = vm.bus.pci_host().ok_or("the VM has no PCI bus")?;
-        let slot = pci.add_function(Box::new(function)).map_err(|e| format!("net {}: {e}", nic.network))?;
+        let slot = vm.plug_virtio(device, &name).map_err(|e| format!("net {}: {e}", nic.network))?;
         lines.push(format!(
             "{name} on network {} (port {port}), MAC {}, at PCI 00:{slot:02x}.0",
             nic.network,

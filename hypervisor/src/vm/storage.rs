@@ -1,6 +1,5 @@
 //! A VM's disks: virtio-blk devices on its PCI bus over the images the configuration names.
 
-use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -8,8 +7,7 @@ use alloc::vec::Vec;
 
 use super::config::{DiskConfig, DiskSource};
 use super::Vm;
-use crate::devices::virtio::blk::{Block, BlockBackend, OverlayPool, RamOverlay};
-use crate::devices::virtio::pci::VirtioPci;
+use crate::devices::virtio::blk::{Block, OverlayPool, RamOverlay};
 use crate::host_disk::{HostRegion, SharedHostDisk};
 use crate::loader::GuestMemory;
 use crate::ramdisk::{self, File};
@@ -44,7 +42,7 @@ pub fn attach_disks<M: GuestMemory>(
                 if disk.read_only {
                     backend = backend.write_protected();
                 }
-                let slot = plug(vm, Block::new(backend, file), &name, file)?;
+                let slot = vm.plug_virtio(Block::new(backend, file), &name).map_err(|e| format!("disk {file}: {e}"))?;
                 format!(
                     "{name} = {file} ({} bytes{}) at PCI 00:{slot:02x}.0",
                     image.len(),
@@ -60,7 +58,7 @@ pub fn attach_disks<M: GuestMemory>(
                     backend = backend.write_protected();
                 }
                 let id = format!("{}", disk.source);
-                let slot = plug(vm, Block::new(backend, &id), &name, &id)?;
+                let slot = vm.plug_virtio(Block::new(backend, &id), &name).map_err(|e| format!("disk {id}: {e}"))?;
                 format!("{name} = {id} (empty, in RAM) at PCI 00:{slot:02x}.0")
             }
             &DiskSource::HostRegion { start, len } => {
@@ -76,7 +74,7 @@ pub fn attach_disks<M: GuestMemory>(
                     (false, false) => "",
                 };
                 let id = format!("{source}");
-                let slot = plug(vm, Block::new(backend, &id), &name, &id)?;
+                let slot = vm.plug_virtio(Block::new(backend, &id), &name).map_err(|e| format!("disk {id}: {e}"))?;
                 format!(
                     "{name} = {source} (host disk bytes {start:#x}..{:#x}{read_only}) at PCI 00:{slot:02x}.0",
                     start + len
@@ -86,19 +84,6 @@ pub fn attach_disks<M: GuestMemory>(
         lines.push(line);
     }
     Ok(lines)
-}
-
-/// Adds `block` to `vm`'s PCI bus as virtio-blk function `name`; returns its slot.
-fn plug<M: GuestMemory, B: BlockBackend + 'static>(
-    vm: &mut Vm<M>,
-    block: Block<B>,
-    name: &str,
-    what: &str,
-) -> Result<u8, String> {
-    let function = VirtioPci::new(block, &vm.name, name, vm.memory.size())
-        .ok_or_else(|| format!("disk {what}: the virtio-blk device could not be built"))?;
-    let pci = vm.bus.pci_host().ok_or("the VM has no PCI bus")?;
-    pci.add_function(Box::new(function)).map_err(|e| format!("disk {what}: {e}"))
 }
 
 #[cfg(test)]

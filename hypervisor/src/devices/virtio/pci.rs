@@ -105,7 +105,7 @@ fn class_of(device_id: u16) -> u32 {
 }
 
 /// The device type's name in logs.
-fn type_name(device_id: u16) -> &'static str {
+pub fn type_name(device_id: u16) -> &'static str {
     match device_id {
         1 => "virtio-net",
         2 => "virtio-blk",
