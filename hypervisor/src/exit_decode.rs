@@ -17,6 +17,12 @@ pub mod vmx {
     pub const HLT: u32 = 12;
     pub const INVD: u32 = 13;
     pub const RDPMC: u32 = 15;
+    pub const VMCALL: u32 = 18;
+    /// VMCLEAR, VMLAUNCH, VMPTRLD, VMPTRST, VMREAD, VMRESUME, VMWRITE, VMXOFF, VMXON.
+    pub const VMX_INSTRUCTIONS: core::ops::RangeInclusive<u32> = 19..=27;
+    pub const INVEPT: u32 = 50;
+    pub const INVVPID: u32 = 53;
+    pub const VMFUNC: u32 = 59;
     pub const MWAIT: u32 = 36;
     pub const MONITOR: u32 = 39;
     pub const CR_ACCESS: u32 = 28;
@@ -64,6 +70,9 @@ pub mod vmx {
             INVD => Exit::Invd,
             MONITOR | MWAIT => Exit::MonitorMwait,
             RDPMC => Exit::Rdpmc,
+            VMCALL => Exit::Hypercall,
+            INVEPT | INVVPID | VMFUNC => Exit::VirtualizationInstruction,
+            other if VMX_INSTRUCTIONS.contains(&other) => Exit::VirtualizationInstruction,
             // Access type 0 MOV to CR, 1 MOV from CR, 2 CLTS, 3 LMSW (both write CR0; the run
             // loop decodes them).
             CR_ACCESS => Exit::CrAccess {
@@ -104,6 +113,7 @@ pub mod svm {
     pub const SHUTDOWN: u64 = 0x7f;
     /// VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT.
     pub const SVM_INSTRUCTIONS: core::ops::RangeInclusive<u64> = 0x80..=0x86;
+    pub const VMMCALL: u64 = 0x81;
     /// MONITOR, MWAIT, MWAIT conditional (MONITORX/MWAITX exit as MONITOR/MWAIT).
     pub const MONITOR_MWAIT: core::ops::RangeInclusive<u64> = 0x8a..=0x8c;
     pub const XSETBV: u64 = 0x8d;
@@ -139,6 +149,9 @@ pub mod svm {
             PAUSE => Exit::Pause,
             INVD => Exit::Invd,
             RDPMC => Exit::Rdpmc,
+            VMMCALL => Exit::Hypercall,
+            INVLPGA => Exit::VirtualizationInstruction,
+            code if SVM_INSTRUCTIONS.contains(&code) => Exit::VirtualizationInstruction,
             code if MONITOR_MWAIT.contains(&code) => Exit::MonitorMwait,
             SHUTDOWN => Exit::TripleFault,
             // With decode assists, EXITINFO1 bit 63 says a MOV CR gave its register in bits 3:0;
@@ -266,6 +279,13 @@ mod tests {
         }
         assert_eq!(svm::decode(svm::INVALID, 0, 0), Exit::EntryFailed { code: u64::MAX });
         assert_eq!(svm::decode(0xffff_ffff, 0, 0), Exit::EntryFailed { code: u64::MAX }, "stored as 32 bits");
-        assert_eq!(svm::decode(0x81, 5, 0), Exit::Unhandled { reason: 0x81, info: 5 });
+        assert_eq!(svm::decode(0x81, 5, 0), Exit::Hypercall);
+        assert_eq!(vmx::decode(18, 0, 0, 0), Exit::Hypercall);
+        for code in [0x80, 0x82, 0x86, svm::INVLPGA] {
+            assert_eq!(svm::decode(code, 0, 0), Exit::VirtualizationInstruction, "{code:#x}");
+        }
+        for reason in [19, 24, 27, 50, 53, 59] {
+            assert_eq!(vmx::decode(reason, 0, 0, 0), Exit::VirtualizationInstruction, "{reason}");
+        }
     }
 }

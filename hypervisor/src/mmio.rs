@@ -462,12 +462,20 @@ mod tests {
     }
     use alloc::vec::Vec;
 
-    const M64: GuestMode =
-        GuestMode { cr0: 0x8000_0011, cr3: 0, cr4: 0x20, efer: 0x500, long_code: true, default_32: false, cs_base: 0 };
+    const M64: GuestMode = GuestMode {
+        cr0: 0x8000_0011,
+        cr3: 0,
+        cr4: 0x20,
+        efer: 0x500,
+        long_code: true,
+        default_32: false,
+        cs_base: 0,
+        cpl: 0,
+    };
     const M32: GuestMode =
-        GuestMode { cr0: 0x11, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: true, cs_base: 0 };
+        GuestMode { cr0: 0x11, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: true, cs_base: 0, cpl: 0 };
     const M16: GuestMode =
-        GuestMode { cr0: 0x10, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: false, cs_base: 0 };
+        GuestMode { cr0: 0x10, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: false, cs_base: 0, cpl: 0 };
 
     const ONES: u64 = u64::MAX;
 
@@ -783,6 +791,7 @@ mod tests {
                 long_code: rng.next().is_multiple_of(2),
                 default_32: rng.next().is_multiple_of(2),
                 cs_base: 0,
+                cpl: 0,
             };
             let r = rng.next();
             let access = Access { write: r & 1 != 0, fetch: r & 2 != 0, user: r & 4 != 0 };

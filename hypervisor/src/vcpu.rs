@@ -180,6 +180,11 @@ pub enum Exit {
     MonitorMwait,
     /// RDPMC: no PMU is offered, and natively it would read the host's counters.
     Rdpmc,
+    /// VMCALL or VMMCALL: a hypercall (the KVM ABI: number in RAX, result back in RAX).
+    Hypercall,
+    /// Another VMX or SVM instruction (VMXON, VMRUN, INVEPT, INVLPGA, ...): virtualization is
+    /// not offered to guests, so they are undefined (#UD).
+    VirtualizationInstruction,
     /// MOV to or from a control register that the backend intercepts.
     CrAccess {
         /// Control register number.
@@ -231,6 +236,8 @@ impl Exit {
             Exit::Invd => "invd",
             Exit::MonitorMwait => "monitor-mwait",
             Exit::Rdpmc => "rdpmc",
+            Exit::Hypercall => "hypercall",
+            Exit::VirtualizationInstruction => "vmx-svm-instruction",
             Exit::CrAccess { .. } => "cr-access",
             Exit::TripleFault => "triple-fault",
             Exit::EntryFailed { .. } => "entry-failed",
@@ -257,6 +264,8 @@ pub struct GuestMode {
     pub default_32: bool,
     /// CS base (for real and protected mode).
     pub cs_base: u64,
+    /// Current privilege level (SS.DPL; 0 in real mode).
+    pub cpl: u8,
 }
 
 impl GuestMode {

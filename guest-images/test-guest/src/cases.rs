@@ -14,8 +14,20 @@ use crate::serial::{self, println};
 use crate::traps::{self, Caught, VECTOR_BP, VECTOR_GP, VECTOR_TEST_IRQ, VECTOR_UD};
 
 /// What `cases=all` runs, in order. `triple-fault` is left out: it ends the VM.
-pub const ALL: [&str; 11] =
-    ["cpuid", "msr", "io", "hlt", "mmio", "cr", "xsetbv", "exceptions", "prefixed-exits", "cr-patterns", "string-io"];
+pub const ALL: [&str; 12] = [
+    "cpuid",
+    "msr",
+    "io",
+    "hlt",
+    "mmio",
+    "cr",
+    "xsetbv",
+    "exceptions",
+    "prefixed-exits",
+    "cr-patterns",
+    "string-io",
+    "paravirt",
+];
 
 pub type CaseResult = Result<(), Msg>;
 
@@ -43,6 +55,7 @@ pub fn run(name: &str) -> CaseResult {
         "prefixed-exits" => prefixed_exits(),
         "cr-patterns" => cr_patterns(),
         "string-io" => string_io(),
+        "paravirt" => paravirt(),
         "exit-storm" => exit_storm(),
         "phys-sweep" => phys_sweep(),
         "virtio-hostile" => crate::virtio::virtio_hostile(),
@@ -519,6 +532,80 @@ fn exceptions() -> CaseResult {
     // SAFETY: the guest keeps nothing in caches that memory does not have.
     unsafe { asm!("wbinvd", "invd", options(nostack, preserves_flags)) };
     Ok(())
+}
+
+/// Memory the hypervisor writes kvm-clock structures into (identity-mapped: its address is
+/// its guest-physical address).
+#[repr(C, align(64))]
+struct ClockArea(UnsafeCell<[u8; 64]>);
+// SAFETY: the test guest runs on one vCPU; only the hypervisor writes it besides.
+unsafe impl Sync for ClockArea {}
+static CLOCK_AREA: ClockArea = ClockArea(UnsafeCell::new([0; 64]));
+
+const MSR_KVM_WALL_CLOCK: u32 = 0x4b56_4d00;
+const MSR_KVM_SYSTEM_TIME: u32 = 0x4b56_4d01;
+
+/// The paravirtual interface Linux uses here: KVM's signature in the second hypervisor range,
+/// kvm-clock (the TSC's rate agrees with the timing leaf, the wall clock with today), and
+/// hypercalls, which fail with -KVM_ENOSYS instead of faulting.
+fn paravirt() -> CaseResult {
+    let kvm = cpu::cpuid(0x4000_0100, 0);
+    let words = [kvm.ebx, kvm.ecx, kvm.edx];
+    ensure!(words == [0x4b4d_564b, 0x564b_4d56, 0x4d], "expected KVM's signature at 0x40000100, saw {words:x?}");
+    let features = cpu::cpuid(0x4000_0101, 0).eax;
+    ensure!(features == (1 << 3) | (1 << 24), "expected kvm-clock (and its stable bit) only, saw {features:#x}");
+    let tsc_khz = u64::from(cpu::cpuid(0x4000_0010, 0).eax);
+    ensure!(tsc_khz > 0, "the timing leaf gives no TSC frequency");
+
+    let area = CLOCK_AREA.0.get();
+    let gpa = area as u64;
+    // SAFETY: the hypervisor writes 32 bytes at `gpa` (the time) and 12 at `gpa + 32` (the
+    // wall clock), both inside CLOCK_AREA.
+    unsafe {
+        cpu::wrmsr(MSR_KVM_SYSTEM_TIME, gpa | 1);
+        cpu::wrmsr(MSR_KVM_WALL_CLOCK, gpa + 32);
+    }
+    ensure!(cpu::rdmsr(MSR_KVM_SYSTEM_TIME) == gpa | 1, "MSR_KVM_SYSTEM_TIME does not read back");
+    // SAFETY: the area is only read after the writes above.
+    let info = unsafe { core::ptr::read_volatile(area) };
+    let word = |at: usize| u32::from_le_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
+    let (version, mul, shift, flags) = (word(0), u64::from(word(24)), info[28] as i8, info[29]);
+    ensure!(version != 0 && version % 2 == 0, "kvm-clock version {version} (not a finished update)");
+    // Linux's pvclock_tsc_khz.
+    let khz = (1_000_000u64 << 32) / mul.max(1);
+    let khz = if shift < 0 { khz << -shift } else { khz >> shift };
+    ensure!(khz.abs_diff(tsc_khz) <= tsc_khz / 1000 + 1, "kvm-clock says {khz} kHz, the timing leaf {tsc_khz}");
+    ensure!(flags & 1 != 0, "the TSC-stable flag is not set");
+    let seconds = word(32 + 4);
+    ensure!(seconds > 1_600_000_000, "the wall clock says {seconds} s since 1970");
+    // A structure placed outside RAM is accepted (and not written); then switch it off.
+    // SAFETY: the hypervisor writes nothing at an address without RAM.
+    unsafe {
+        cpu::wrmsr(MSR_KVM_SYSTEM_TIME, 0xffff_f001);
+        cpu::wrmsr(MSR_KVM_SYSTEM_TIME, 0);
+    }
+
+    let amd = cpu::cpuid(0, 0).ebx == 0x6874_7541;
+    let result: u64;
+    // SAFETY: a hypercall with an unknown number changes nothing but RAX.
+    unsafe {
+        if amd {
+            asm!("vmmcall", inout("rax") 9u64 => result, options(nostack, preserves_flags));
+        } else {
+            asm!("vmcall", inout("rax") 9u64 => result, options(nostack, preserves_flags));
+        }
+    }
+    ensure!(result as i64 == -1000, "expected -KVM_ENOSYS from a hypercall, saw {:#x}", result);
+
+    // VMX is not offered: VMCLEAR (4 bytes with this operand) is undefined, on either vendor.
+    traps::expect(VECTOR_UD, 4);
+    let vmclear_at: u64;
+    // SAFETY: the #UD handler skips it; its operand is only read.
+    unsafe {
+        asm!("lea {}, [rip + 2f]", "2:", "vmclear qword ptr [rax]", out(reg) vmclear_at, in("rax") gpa,
+             options(nostack, preserves_flags))
+    };
+    check_caught("vmclear", traps::caught(), vmclear_at, 0)
 }
 
 fn triple_fault() -> CaseResult {

@@ -27,7 +27,7 @@ fn mode(preset: u8, cr0: u64, cr3: u64, cr4: u64, efer: u64) -> GuestMode {
         4 => (CR0_PE | CR0_PG | wp, CR4_PAE | smep, EFER_LME | EFER_LMA | nxe, true),
         _ => (CR0_PE | CR0_PG | wp, CR4_PAE | CR4_LA57 | smep, EFER_LME | EFER_LMA | nxe, true),
     };
-    GuestMode { cr0, cr3, cr4, efer, long_code, default_32: !long_code, cs_base: 0 }
+    GuestMode { cr0, cr3, cr4, efer, long_code, default_32: !long_code, cs_base: 0, cpl: 0 }
 }
 
 fn check_translate(mem: &impl GuestMemory, mode: &GuestMode, gva: u64, access: Access) -> Result<u64, WalkError> {

@@ -280,11 +280,11 @@ impl Mode {
         match self {
             Mode::Long => long_mode(),
             Mode::Protected32 => {
-                GuestMode { cr0: 0x11, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: true, cs_base: 0 }
+                GuestMode { cr0: 0x11, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: true, cs_base: 0, cpl: 0 }
             }
             Mode::Real(cs) => real_mode(cs),
             Mode::Raw { cr0, cr3, cr4, efer, long_code, default_32 } => {
-                GuestMode { cr0, cr3, cr4, efer, long_code, default_32, cs_base: 0 }
+                GuestMode { cr0, cr3, cr4, efer, long_code, default_32, cs_base: 0, cpl: 0 }
             }
         }
     }
@@ -299,11 +299,12 @@ fn long_mode() -> GuestMode {
         long_code: true,
         default_32: false,
         cs_base: 0,
+        cpl: 0,
     }
 }
 
 fn real_mode(cs: u16) -> GuestMode {
-    GuestMode { cr0: 0x10, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: false, cs_base: u64::from(cs) << 4 }
+    GuestMode { cr0: 0x10, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: false, cs_base: u64::from(cs) << 4, cpl: 0 }
 }
 
 /// One exit of one vCPU, and what the guest changed before it.

@@ -442,6 +442,7 @@ mod tests {
             long_code: true,
             default_32: false,
             cs_base: 0,
+            cpl: 0,
         }
     }
 

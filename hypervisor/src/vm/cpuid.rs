@@ -1,13 +1,29 @@
 //! The CPU model guests see: the host's CPUID with the hypervisor bit set, our signature at
-//! 0x4000_0000, VMX/SVM hidden, and extended-state features limited to what the world switch
-//! saves (x87, SSE, AVX).
+//! 0x4000_0000 with a timing leaf, KVM's paravirtual clock interface at 0x4000_0100, VMX/SVM
+//! hidden, and extended-state features limited to what the world switch saves (x87, SSE, AVX).
 
 use crate::vcpu::{XCR0_AVX, XCR0_SSE, XCR0_X87};
 
 /// The hypervisor's CPUID signature (leaf 0x4000_0000, EBX:ECX:EDX).
 pub const SIGNATURE: &[u8; 12] = b"RsHypervisor";
-/// Highest hypervisor leaf.
-pub const MAX_HYPERVISOR_LEAF: u32 = 0x4000_0001;
+/// Highest leaf of our own range: the timing leaf.
+pub const MAX_HYPERVISOR_LEAF: u32 = TIMING_LEAF;
+/// The timing leaf many hypervisors offer (VMware's layout): EAX the TSC's frequency in kHz,
+/// EBX the local APIC timer's input clock in kHz.
+pub const TIMING_LEAF: u32 = 0x4000_0010;
+/// Where the KVM-compatible leaves start. Linux scans 0x4000_0000 + N * 0x100 for KVM's
+/// signature, so our own stays at 0x4000_0000 (as Hyper-V-compatible hypervisors do).
+pub const KVM_LEAVES: u32 = 0x4000_0100;
+/// KVM's signature, EBX:ECX:EDX of [`KVM_LEAVES`].
+const KVM_SIGNATURE: &[u8; 12] = b"KVMKVMKVM\0\0\0";
+/// KVM_FEATURE_CLOCKSOURCE2 (the kvm-clock MSRs at 0x4b56_4d00) and
+/// KVM_FEATURE_CLOCKSOURCE_STABLE_BIT (all vCPUs' clocks agree). Nothing else of KVM's
+/// interface is offered: no steal time, PV EOI, PV TLB flush, async page faults or PV IPIs.
+pub const KVM_FEATURES: u32 = (1 << 3) | (1 << 24);
+/// The APIC timer's input clock: one tick per nanosecond ([`super::lapic`]).
+const APIC_TIMER_KHZ: u32 = 1_000_000;
+/// Leaf 0x8000_0007 EDX: invariant TSC (constant rate in every P-, C- and T-state).
+pub const EXT7_EDX_INVARIANT_TSC: u32 = 1 << 8;
 
 /// EAX, EBX, ECX, EDX.
 pub type Regs = [u32; 4];
@@ -85,6 +101,12 @@ const TSC_LEAF: u32 = 0x15;
 const FREQUENCY_LEAF: u32 = 0x16;
 const LEAF7_EBX_TSC_ADJUST: u32 = 1 << 1;
 
+/// A signature leaf: the highest leaf of its range, then 12 bytes of text in EBX, ECX, EDX.
+fn signature_leaf(max_leaf: u32, text: &[u8; 12]) -> Regs {
+    let word = |i: usize| u32::from_le_bytes([text[i], text[i + 1], text[i + 2], text[i + 3]]);
+    [max_leaf, word(0), word(4), word(8)]
+}
+
 /// Whether the host CPU is AMD's (its topology leaves differ from Intel's).
 pub fn amd(host: &dyn Fn(u32, u32) -> Regs) -> bool {
     let [_, ebx, ecx, edx] = host(0, 0);
@@ -147,12 +169,17 @@ pub fn guest_cpuid(
         0x8000_001e if amd(host) => [model.apic_id, model.apic_id & 0xff, 0, 0],
         // Leaves the host does not have but the raised maximum now covers.
         l if l < 0x4000_0000 && l > host_max && l <= FREQUENCY_LEAF => [0; 4],
-        0x4000_0000 => {
-            let word =
-                |i: usize| u32::from_le_bytes([SIGNATURE[i], SIGNATURE[i + 1], SIGNATURE[i + 2], SIGNATURE[i + 3]]);
-            [MAX_HYPERVISOR_LEAF, word(0), word(4), word(8)]
-        }
+        0x4000_0000 => signature_leaf(MAX_HYPERVISOR_LEAF, SIGNATURE),
+        TIMING_LEAF => [(model.tsc_hz / 1000).min(u32::MAX as u64) as u32, APIC_TIMER_KHZ, 0, 0],
+        KVM_LEAVES => signature_leaf(KVM_LEAVES + 1, KVM_SIGNATURE),
+        // KVM_CPUID_FEATURES: EAX the features, EDX the hints (none: KVM_HINTS_REALTIME would
+        // tell the guest its vCPUs never share a host CPU).
+        l if l == KVM_LEAVES + 1 => [KVM_FEATURES, 0, 0, 0],
         0x4000_0001..=0x4fff_ffff => [0; 4],
+        // Power management: only the invariant-TSC bit, where the host's TSC is invariant (the
+        // guest's TSC is the host's plus an offset). Hardware P-states, boost and the rest
+        // would lead the guest to MSRs that are not modelled.
+        0x8000_0007 => [0, 0, 0, host(leaf, subleaf)[3] & EXT7_EDX_INVARIANT_TSC],
         // MONITOR/MWAIT, thermal/power management (APERF/MPERF) and the architectural PMU
         // (leaf 0xA) are not virtualized.
         5 | 6 | 0xa => [0; 4],
@@ -281,11 +308,7 @@ mod tests {
     fn signature_and_hypervisor_bit() {
         let regs = guest_cpuid(0x4000_0000, 0, &generous_host, false, &model(X87_SSE_AVX, 0));
         assert_eq!(regs[0], MAX_HYPERVISOR_LEAF);
-        let mut text = [0u8; 12];
-        for (i, r) in regs[1..].iter().enumerate() {
-            text[i * 4..i * 4 + 4].copy_from_slice(&r.to_le_bytes());
-        }
-        assert_eq!(&text, SIGNATURE);
+        assert_eq!(&text(regs), SIGNATURE);
         let leaf1 = guest_cpuid(1, 0, &generous_host, false, &model(X87_SSE_AVX, 0));
         assert_ne!(leaf1[2] & LEAF1_ECX_HYPERVISOR, 0);
         assert_eq!(leaf1[1] >> 16 & 0xff, 1, "one logical processor");
@@ -297,6 +320,43 @@ mod tests {
         assert_eq!((leaf1[3] & LEAF1_EDX_THERMAL, leaf1[2] & LEAF1_ECX_TM2), (0, 0), "no thermal MSRs");
         assert_eq!(guest_cpuid(6, 0, &generous_host, false, &model(X87_SSE_AVX, 0)), [0; 4]);
         assert_eq!(guest_cpuid(0x4000_0001, 0, &generous_host, false, &model(X87_SSE_AVX, 0)), [0; 4]);
+    }
+
+    fn text(regs: Regs) -> [u8; 12] {
+        let mut text = [0u8; 12];
+        for (i, r) in regs[1..].iter().enumerate() {
+            text[i * 4..i * 4 + 4].copy_from_slice(&r.to_le_bytes());
+        }
+        text
+    }
+
+    /// Linux finds KVM's signature in the second range and then uses kvm-clock, which gives it
+    /// the TSC's frequency; our own timing leaf gives it to guests that read 0x4000_0010.
+    #[test]
+    fn paravirtual_clock_leaves() {
+        let m = model(X87_SSE_AVX, 2_500_000_000);
+        let kvm = guest_cpuid(KVM_LEAVES, 0, &generous_host, false, &m);
+        assert_eq!((kvm[0], &text(kvm)), (0x4000_0101, b"KVMKVMKVM\0\0\0"));
+        assert_eq!(guest_cpuid(0x4000_0101, 0, &generous_host, false, &m), [(1 << 3) | (1 << 24), 0, 0, 0]);
+        assert_eq!(guest_cpuid(0x4000_0000, 0, &generous_host, false, &m)[0], TIMING_LEAF);
+        assert_eq!(guest_cpuid(TIMING_LEAF, 0, &generous_host, false, &m), [2_500_000, 1_000_000, 0, 0]);
+        assert_eq!(guest_cpuid(0x4000_0102, 0, &generous_host, false, &m), [0; 4]);
+    }
+
+    #[test]
+    fn invariant_tsc_only_where_the_host_has_it() {
+        let m = model(X87_SSE_AVX, 0);
+        let invariant = |leaf: u32, subleaf: u32| {
+            if leaf == 0x8000_0007 {
+                [1, 2, 3, u32::MAX]
+            } else {
+                generous_host(leaf, subleaf)
+            }
+        };
+        assert_eq!(guest_cpuid(0x8000_0007, 0, &invariant, false, &m), [0, 0, 0, EXT7_EDX_INVARIANT_TSC]);
+        let variant =
+            |leaf: u32, subleaf: u32| if leaf == 0x8000_0007 { [0, 0, 0, 0x6ff] } else { generous_host(leaf, subleaf) };
+        assert_eq!(guest_cpuid(0x8000_0007, 0, &variant, false, &m), [0; 4], "P-states and boost hidden");
     }
 
     #[test]
@@ -362,7 +422,6 @@ mod tests {
         let model = model(X87_SSE_AVX, 0);
         assert_eq!(guest_cpuid(2, 3, &generous_host, false, &model), [2, 3, 0x1111, 0x2222]);
         assert_eq!(guest_cpuid(0x8000_0008, 0, &generous_host, false, &model), [0x8000_0008, 0, 0x1111, 0x2222]);
-        assert_eq!(guest_cpuid(0x8000_0007, 0, &generous_host, false, &model), [0x8000_0007, 0, 0x1111, 0x2222]);
         assert_eq!(guest_cpuid(0x16, 0, &generous_host, false, &model), [0; 4], "above the maximum without a TSC rate");
     }
 }

@@ -11,6 +11,7 @@ pub mod ipi;
 pub mod lapic;
 pub mod msr;
 pub mod network;
+pub mod pvclock;
 pub mod setup;
 pub mod stats;
 pub mod storage;
@@ -158,18 +159,31 @@ pub struct VcpuContext {
     halted: bool,
     /// Its clock was taken from the VM's.
     started: bool,
+    /// MSR_KVM_SYSTEM_TIME_NEW as last written: where its kvm-clock structure is.
+    kvm_clock: u64,
+    /// The kvm-clock structure's version (even; bumped by 2 at every write).
+    kvm_clock_version: u32,
 }
 
 impl VcpuContext {
     /// vCPU `index`; its clock starts with the VM's ([`Vm::start`]).
     pub fn new(index: usize) -> Self {
-        VcpuContext { index, clock: GuestClock::new(0, 0), msrs: MsrModel::default(), halted: false, started: false }
+        VcpuContext {
+            index,
+            clock: GuestClock::new(0, 0),
+            msrs: MsrModel::default(),
+            halted: false,
+            started: false,
+            kvm_clock: 0,
+            kvm_clock_version: 0,
+        }
     }
 
     /// Back to the power-up state (INIT): fresh MSRs, not halted; the clock keeps running.
     fn reset(&mut self) {
         self.msrs = MsrModel::default();
         self.halted = false;
+        self.kvm_clock = 0;
     }
 }
 
@@ -210,6 +224,12 @@ pub struct Vm<M: GuestMemory> {
     warned_pages: msr::FirstFew,
     /// An instruction whose length had to be decoded could not be (logged once).
     undecodable_logged: bool,
+    /// The wall-clock time at guest time 0 (seconds since 1970), as the RTC counts from it.
+    epoch_seconds: u64,
+    /// MSR_KVM_WALL_CLOCK_NEW as last written.
+    kvm_wall_clock: u64,
+    /// A kvm-clock structure outside guest RAM was reported (once per VM).
+    kvm_clock_misplaced_logged: bool,
 }
 
 enum Next {
@@ -284,6 +304,9 @@ impl<M: GuestMemory> Vm<M> {
             warned_ports: msr::FirstFew::default(),
             warned_pages: msr::FirstFew::default(),
             undecodable_logged: false,
+            epoch_seconds,
+            kvm_wall_clock: 0,
+            kvm_clock_misplaced_logged: false,
         }
     }
 
@@ -292,8 +315,11 @@ impl<M: GuestMemory> Vm<M> {
         self.started = true;
         self.stats.started_us = Some((env.now_micros)());
         let (host_tsc, hz) = ((env.host_tsc)(), self.clock.tsc_hz());
-        // One vCPU may hide exit handling from its clocks; several must agree on one TSC.
-        self.clock = if self.vcpus() == 1 { GuestClock::new(host_tsc, hz) } else { GuestClock::shared(host_tsc, hz) };
+        // Guest time is real time: the TSC (and every device clock, kvm-clock too) runs with the
+        // host's at one fixed offset, exits included, so a guest second is a wall-clock second
+        // and every vCPU reads the same TSC. Guests take the TSC's rate from kvm-clock or
+        // CPUID rather than calibrating it against slow emulated timers.
+        self.clock = GuestClock::shared(host_tsc, hz);
     }
 
     /// Plugs `device` into the VM's PCI bus as a virtio function known to the logs as `name`;
@@ -610,6 +636,20 @@ impl<M: GuestMemory> Vm<M> {
                 vcpu.inject_exception(VECTOR_GP, Some(0));
                 Next::Continue
             }
+            Exit::Hypercall => {
+                // KVM's answers: no hypercall is offered (KVM_FEATURES names none), and only
+                // the kernel may make one. A guest that probes gets an error, not a fault.
+                const KVM_ENOSYS: u64 = 1000;
+                const KVM_EPERM: u64 = 1;
+                let error = if vcpu.mode().cpl == 0 { KVM_ENOSYS } else { KVM_EPERM };
+                vcpu.gprs().rax = error.wrapping_neg();
+                self.skip(vcpu);
+                Next::Continue
+            }
+            Exit::VirtualizationInstruction => {
+                vcpu.inject_exception(VECTOR_UD, None);
+                Next::Continue
+            }
             Exit::Hlt => {
                 self.skip(vcpu);
                 if self.wakes_from_halt(cx.index, vcpu) {
@@ -696,7 +736,20 @@ impl<M: GuestMemory> Vm<M> {
         if msr == msr::IA32_EFER {
             return self.handle_efer(cx, vcpu, write, env);
         }
-        let result = if msr::amd_legacy_perf_counter(msr) && cpuid::amd(env.cpuid) {
+        let result = if msr == pvclock::MSR_SYSTEM_TIME || msr == pvclock::MSR_WALL_CLOCK {
+            let value = (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff);
+            match (write, msr == pvclock::MSR_SYSTEM_TIME) {
+                (true, true) => self.set_kvm_clock(cx, value, env),
+                (true, false) => self.set_kvm_wall_clock(value),
+                (false, system) => {
+                    let value = if system { cx.kvm_clock } else { self.kvm_wall_clock };
+                    let gprs = vcpu.gprs();
+                    gprs.rax = value & 0xffff_ffff;
+                    gprs.rdx = value >> 32;
+                }
+            }
+            Ok(())
+        } else if msr::amd_legacy_perf_counter(msr) && cpuid::amd(env.cpuid) {
             if !write {
                 let gprs = vcpu.gprs();
                 gprs.rax = 0;
@@ -732,6 +785,39 @@ impl<M: GuestMemory> Vm<M> {
             }
         }
         Next::Continue
+    }
+
+    /// MSR_KVM_SYSTEM_TIME_NEW: with the enable bit, writes the vCPU's kvm-clock structure at
+    /// the address given. Guest time is the TSC at a constant rate, so the one write stays true.
+    fn set_kvm_clock(&mut self, cx: &mut VcpuContext, value: u64, env: &Env<'_>) {
+        cx.kvm_clock = value;
+        let Some(scale) = pvclock::TimeScale::for_tsc_hz(cx.clock.tsc_hz()) else { return };
+        if value & pvclock::SYSTEM_TIME_ENABLE == 0 {
+            return;
+        }
+        let gpa = value & !pvclock::SYSTEM_TIME_ENABLE;
+        let host_tsc = (env.host_tsc)();
+        let (tsc, ns) = (cx.clock.tsc(host_tsc), cx.clock.ns(host_tsc));
+        cx.kvm_clock_version = cx.kvm_clock_version.wrapping_add(2);
+        // Every vCPU's TSC is the VM's one clock (no vCPU hides time of its own).
+        let info = pvclock::time_info(cx.kvm_clock_version, tsc, ns, scale, pvclock::FLAG_TSC_STABLE);
+        self.write_clock_structure(gpa, &info, "kvm-clock (MSR 0x4b564d01)");
+    }
+
+    /// MSR_KVM_WALL_CLOCK_NEW: writes the wall-clock time at guest time 0 at the address given.
+    fn set_kvm_wall_clock(&mut self, gpa: u64) {
+        self.kvm_wall_clock = gpa;
+        let clock = pvclock::wall_clock(2, self.epoch_seconds);
+        self.write_clock_structure(gpa, &clock, "kvm wall clock (MSR 0x4b564d00)");
+    }
+
+    /// Writes a clock structure the guest placed at `gpa`; one outside RAM is not written
+    /// (as on KVM, the MSR write itself succeeds) and reported once.
+    fn write_clock_structure(&mut self, gpa: u64, data: &[u8], what: &str) {
+        if self.memory.write(gpa, data).is_err() && !self.kvm_clock_misplaced_logged {
+            self.kvm_clock_misplaced_logged = true;
+            log::warn!("vm {}: {what} at {gpa:#x} is outside guest RAM: not written (reported once)", self.name);
+        }
     }
 
     fn handle_io(&mut self, cx: &VcpuContext, vcpu: &mut dyn Vcpu, io: IoExit, env: &mut Env<'_>) -> Next {
@@ -1169,8 +1255,15 @@ fn slice<M: GuestMemory>(
         let mut guard = vm.lock();
         guard.take_guest_cr8(cpu, vcpu);
         guard.stats.guest_micros += exited.saturating_sub(entered);
+        let target = match exit {
+            Exit::Io(io) => stats::ExitTarget::Port(io.port),
+            Exit::Rdmsr | Exit::Wrmsr => stats::ExitTarget::Msr(vcpu.gprs().rcx as u32),
+            Exit::NestedFault { gpa, .. } => stats::ExitTarget::Page(gpa >> 12),
+            _ => stats::ExitTarget::None,
+        };
         let next = guard.handle(cx, vcpu, exit, env);
         guard.stats.record(exit.kind(), (env.now_micros)().saturating_sub(exited));
+        guard.stats.record_target(target);
         let kicks = guard.router.take_kicks();
         drop(guard);
         kick(env, cpu, vcpus, kicks);

@@ -1,8 +1,62 @@
 //! Exit counts by reason and time spent, printed as a table when a VM ends.
 
+use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
+
+/// What one exit was about, for the top lists after the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitTarget {
+    Port(u16),
+    Msr(u32),
+    /// A nested-paging fault's guest-physical page (its address >> 12).
+    Page(u64),
+    None,
+}
+
+/// Distinct keys a [`TopCounts`] keeps; accesses to others are only summed, so a guest
+/// sweeping every port or page grows nothing.
+const TRACKED_KEYS: usize = 128;
+/// How many of the most frequent keys the report lists.
+const LISTED_KEYS: usize = 8;
+
+/// Exit counts by port, MSR or page: the first [`TRACKED_KEYS`] distinct keys, then "others".
+#[derive(Default)]
+pub struct TopCounts {
+    counts: BTreeMap<u64, u64>,
+    others: u64,
+}
+
+impl TopCounts {
+    pub fn count(&mut self, key: u64) {
+        if let Some(count) = self.counts.get_mut(&key) {
+            *count += 1;
+        } else if self.counts.len() < TRACKED_KEYS {
+            self.counts.insert(key, 1);
+        } else {
+            self.others += 1;
+        }
+    }
+
+    /// `0x3f8 1200, 0x3fd 1100, ... (N others)`, most frequent first; `None` if empty.
+    fn summary(&self, show: impl Fn(u64) -> String) -> Option<String> {
+        if self.counts.is_empty() {
+            return None;
+        }
+        let mut top: Vec<(u64, u64)> = self.counts.iter().map(|(&k, &c)| (k, c)).collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let rest: u64 = top.iter().skip(LISTED_KEYS).map(|(_, c)| c).sum::<u64>() + self.others;
+        let mut out = String::new();
+        for (i, (key, count)) in top.iter().take(LISTED_KEYS).enumerate() {
+            let _ = write!(out, "{}{} {count}", if i == 0 { "" } else { ", " }, show(*key));
+        }
+        if rest > 0 {
+            let _ = write!(out, ", others {rest}");
+        }
+        Some(out)
+    }
+}
 
 /// Counters for one VM.
 #[derive(Default)]
@@ -25,6 +79,9 @@ pub struct ExitStats {
     /// Message-signalled interrupts whose address is not the local APICs' (a device the guest
     /// pointed elsewhere): dropped, reported after the table.
     pub stray_msis: u64,
+    ports: TopCounts,
+    msrs: TopCounts,
+    pages: TopCounts,
 }
 
 struct Row {
@@ -44,6 +101,16 @@ impl ExitStats {
             None => self.rows.push(Row { kind, count: 1, micros }),
         }
         self.handling_micros += micros;
+    }
+
+    /// Counts what an exit was about, for the top lists.
+    pub fn record_target(&mut self, target: ExitTarget) {
+        match target {
+            ExitTarget::Port(port) => self.ports.count(port.into()),
+            ExitTarget::Msr(msr) => self.msrs.count(msr.into()),
+            ExitTarget::Page(page) => self.pages.count(page),
+            ExitTarget::None => {}
+        }
     }
 
     /// Total exits.
@@ -82,6 +149,14 @@ impl ExitStats {
                 seconds(row.micros),
                 row.micros / row.count.max(1)
             );
+        }
+        for (what, counts, page_numbers) in
+            [("ports", &self.ports, false), ("MSRs", &self.msrs, false), ("nested-fault pages", &self.pages, true)]
+        {
+            let show = |key: u64| alloc::format!("{:#x}", if page_numbers { key << 12 } else { key });
+            if let Some(summary) = counts.summary(show) {
+                let _ = writeln!(out, "  top {what}: {summary}");
+            }
         }
         if let Some(summary) = self.msr_refusals.summary() {
             let _ = writeln!(out, "  {summary}");
@@ -135,5 +210,29 @@ mod tests {
         ));
         assert!(lines[2].split_whitespace().eq(["io", "2", "0.000040", "s", "20"]));
         assert!(lines[3].split_whitespace().eq(["cpuid", "1", "0.000003", "s", "3"]));
+    }
+
+    #[test]
+    fn top_lists_name_the_busiest_ports_msrs_and_pages_and_stay_bounded() {
+        let mut stats = ExitStats::default();
+        for _ in 0..3 {
+            stats.record_target(ExitTarget::Port(0x3fd));
+        }
+        stats.record_target(ExitTarget::Port(0x3f8));
+        stats.record_target(ExitTarget::Msr(0x6e0));
+        stats.record_target(ExitTarget::Page(0xfee00));
+        stats.record_target(ExitTarget::None);
+        let table = stats.table("t");
+        assert!(table.contains("  top ports: 0x3fd 3, 0x3f8 1\n"), "{table}");
+        assert!(table.contains("  top MSRs: 0x6e0 1\n"), "{table}");
+        assert!(table.contains("  top nested-fault pages: 0xfee00000 1\n"), "{table}");
+        // A sweep of every port keeps 128 keys and sums the rest.
+        for port in 0..=u16::MAX {
+            stats.record_target(ExitTarget::Port(port));
+        }
+        assert_eq!(stats.ports.counts.len(), TRACKED_KEYS);
+        assert!(stats
+            .table("t")
+            .contains("  top ports: 0x3fd 4, 0x3f8 2, 0x0 1, 0x1 1, 0x2 1, 0x3 1, 0x4 1, 0x5 1, others 65528\n"));
     }
 }

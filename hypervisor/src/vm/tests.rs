@@ -63,6 +63,7 @@ fn long_mode() -> GuestMode {
         long_code: true,
         default_32: false,
         cs_base: 0,
+        cpl: 0,
     }
 }
 
@@ -280,6 +281,64 @@ fn unknown_msrs_get_gp_and_allowed_ones_round_trip() {
     assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0xffff_8000, 0x1000));
     step(&mut vm, &mut cx, &mut vcpu);
     assert_eq!((vcpu.gprs.rdx, vcpu.gprs.rax), (0, 42), "TSC reads the guest TSC");
+}
+
+/// kvm-clock: the structure lands where the guest said, gives back the TSC's frequency and
+/// today's guest time, and the MSRs read back; one outside RAM is accepted but not written.
+#[test]
+fn kvm_clock_msrs_write_the_guest_structures() {
+    let mut vm = Vm::new("t", memory(), 2_000_000_000, 1_700_000_000);
+    let mut cx = cx(&vm);
+    let wrmsr = |msr: u32, value: u64| {
+        (Exit::Wrmsr, Gprs { rcx: msr.into(), rax: value & 0xffff_ffff, rdx: value >> 32, ..Gprs::default() })
+    };
+    let (time_at, wall_at) = (0x20_0040u64, 0x20_0100u64);
+    let script = [
+        wrmsr(pvclock::MSR_SYSTEM_TIME, time_at | 1),
+        wrmsr(pvclock::MSR_WALL_CLOCK, wall_at),
+        (Exit::Rdmsr, Gprs { rcx: pvclock::MSR_SYSTEM_TIME.into(), ..Gprs::default() }),
+        wrmsr(pvclock::MSR_SYSTEM_TIME, (MEMORY as u64 - 8) | 1),
+    ];
+    let mut vcpu = Mock::new(vec![]);
+    for (exit, gprs) in script {
+        vcpu = vcpu.then(exit, gprs);
+    }
+    for _ in 0..3 {
+        assert_eq!(step(&mut vm, &mut cx, &mut vcpu), None);
+    }
+    assert_eq!(vcpu.gprs.rax, time_at | 1, "the MSR reads back");
+    assert_eq!(step(&mut vm, &mut cx, &mut vcpu), None);
+    assert_eq!((vcpu.skips, vcpu.injected_exceptions.len()), (4, 0));
+    let mut info = [0u8; 32];
+    vm.memory.read(time_at, &mut info).unwrap();
+    let word = |at: usize| u32::from_le_bytes(info[at..at + 4].try_into().unwrap());
+    assert_eq!(word(0) % 2, 0, "an even version: consistent");
+    assert_eq!(u64::from_le_bytes(info[8..16].try_into().unwrap()), 42, "the guest TSC now");
+    let scale = pvclock::TimeScale { mul: word(24), shift: info[28] as i8 };
+    assert_eq!(scale.ns(2_000_000_000), 1_000_000_000, "2 GHz");
+    assert_eq!(info[29], pvclock::FLAG_TSC_STABLE);
+    let mut wall = [0u8; 12];
+    vm.memory.read(wall_at, &mut wall).unwrap();
+    assert_eq!(u32::from_le_bytes(wall[4..8].try_into().unwrap()), 1_700_000_000);
+    assert!(vm.kvm_clock_misplaced_logged, "the structure past the end of RAM was reported");
+}
+
+/// VMCALL/VMMCALL answer as KVM does when no hypercall is offered; VMX and SVM's own
+/// instructions are undefined.
+#[test]
+fn hypercalls_fail_cleanly_and_virtualization_instructions_are_undefined() {
+    let mut vm = vm();
+    let mut cx = cx(&vm);
+    let mut vcpu = Mock::new(vec![]).then(Exit::Hypercall, Gprs { rax: 9, ..Gprs::default() });
+    assert_eq!(step(&mut vm, &mut cx, &mut vcpu), None);
+    assert_eq!((vcpu.gprs.rax, vcpu.skips), ((-1000i64) as u64, 1), "-KVM_ENOSYS");
+    vcpu.mode.cpl = 3;
+    vcpu = vcpu.then(Exit::Hypercall, Gprs { rax: 9, ..Gprs::default() });
+    step(&mut vm, &mut cx, &mut vcpu);
+    assert_eq!(vcpu.gprs.rax, u64::MAX, "-KVM_EPERM from user mode");
+    vcpu = vcpu.then(Exit::VirtualizationInstruction, Gprs::default());
+    step(&mut vm, &mut cx, &mut vcpu);
+    assert_eq!((vcpu.injected_exceptions.as_slice(), vcpu.skips), (&[(VECTOR_UD, None)][..], 2));
 }
 
 /// EFER follows the guest CPU's rules on either backend: reserved bits and LME under paging
@@ -535,8 +594,16 @@ fn mmio_through_rsp_and_from_a_code_segment_with_a_base() {
 
     // 32-bit protected mode without paging, CS base 1 MiB: mov eax, [ebx] at linear START_RIP + 0x10.
     vm.memory.write(START_RIP + 0x10, &[0x8b, 0x03]).unwrap();
-    vcpu.mode =
-        GuestMode { cr0: 0x11, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: true, cs_base: 0x10_0000 };
+    vcpu.mode = GuestMode {
+        cr0: 0x11,
+        cr3: 0,
+        cr4: 0,
+        efer: 0,
+        long_code: false,
+        default_32: true,
+        cs_base: 0x10_0000,
+        cpl: 0,
+    };
     vcpu.rip = START_RIP + 0x10 - 0x10_0000;
     vcpu = vcpu.then(
         Exit::NestedFault { gpa: MMIO_BASE, write: false, fetch: false },
@@ -647,7 +714,8 @@ fn string_io_in_real_mode_and_into_an_unmapped_page() {
     vm.memory.write(0x5000, b"b").unwrap();
     let outs = Exit::Io(IoExit { port: 0x3f8, size: 1, write: true, string: true, rep: true });
     let mut vcpu = Mock::new(vec![]).then(outs, Gprs { rsi: 0x7_ffff, rcx: 0x1_0002, ..Gprs::default() });
-    vcpu.mode = GuestMode { cr0: 0x10, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: false, cs_base: 0x1000 };
+    vcpu.mode =
+        GuestMode { cr0: 0x10, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: false, cs_base: 0x1000, cpl: 0 };
     vcpu.rip = 0x10;
     vcpu.ds_base = 0x5000;
     let exit = vcpu.run(&mut GuestClock::new(0, 0));

@@ -501,13 +501,6 @@ impl SvmVcpu {
                 self.intercept(misc1::IRET, false);
                 Some(Exit::InterruptWindow)
             }
-            // SVM is hidden from the guest: its instructions are undefined there.
-            Exit::Unhandled { reason, .. }
-                if exit_decode::svm::SVM_INSTRUCTIONS.contains(&reason) || reason == exit_decode::svm::INVLPGA =>
-            {
-                self.inject_exception(6, None);
-                None
-            }
             Exit::EntryFailed { .. } => {
                 self.report_invalid_state();
                 Some(exit)
@@ -671,6 +664,7 @@ impl Vcpu for SvmVcpu {
             long_code: cs_attrib & attrib::LONG != 0,
             default_32: cs_attrib & attrib::DEFAULT_32 != 0,
             cs_base: self.vmcb.read(save::CS + 8),
+            cpl: self.vmcb.read::<u8>(save::CPL) & 3,
         }
     }
 

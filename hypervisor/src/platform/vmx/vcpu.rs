@@ -976,6 +976,8 @@ impl Vcpu for VmxVcpu {
             long_code: cs_ar & (1 << 13) != 0,
             default_32: cs_ar & (1 << 14) != 0,
             cs_base: self.get(natural::GUEST_CS_BASE),
+            // SS.DPL is the CPL (SDM 24.4.1); real mode keeps it 0.
+            cpl: ((self.get(w32::GUEST_SS_ACCESS_RIGHTS) >> 5) & 3) as u8,
         }
     }
 
