@@ -9,7 +9,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -160,15 +160,58 @@ pub fn pack_ramdisk(files: &RamdiskFiles) -> Vec<u8> {
     hypervisor::ramdisk::build(&entries)
 }
 
-/// Builds a bootable disk image of `kernel` for `firmware` with `ramdisk` at `out`.
+/// Builds a bootable disk image of `kernel` for `firmware` with `ramdisk` at `out`. The image
+/// carries the kernel without its debug information and symbols; the full ELF is written beside
+/// the image as `<image>.debug`, for gdb ([`loadable_kernel`]).
 pub fn build_image(kernel: &Path, firmware: Firmware, ramdisk: &[u8], out: &Path) -> Result<(), BootError> {
     let ramdisk_path = out.with_extension("ramdisk.cpio");
     fs::write(&ramdisk_path, ramdisk).map_err(io_error(format!("writing {}", ramdisk_path.display())))?;
+    let kernel = &loadable_kernel(kernel, out)?;
     let result = match firmware {
         Firmware::Bios => bootloader::BiosBoot::new(kernel).set_ramdisk(&ramdisk_path).create_disk_image(out),
         Firmware::Uefi => bootloader::UefiBoot::new(kernel).set_ramdisk(&ramdisk_path).create_disk_image(out),
     };
     result.map_err(|e| BootError::Image(format!("{e:#}")))
+}
+
+/// The kernel to put in the image at `out`: a copy without debug information or symbols.
+/// The boot loader reads the whole file from the disk before it loads the segments, and in a
+/// debug build nine tenths of it are DWARF: under an emulated BIOS that read alone took
+/// seconds. The unstripped ELF goes to `<image>.debug`. Without an objcopy (the toolchain's
+/// llvm-objcopy, or binutils') the full kernel is used, with a warning.
+pub fn loadable_kernel(kernel: &Path, out: &Path) -> Result<PathBuf, BootError> {
+    let symbols = out.with_extension("debug");
+    let stripped = out.with_extension("kernel");
+    let _ = fs::remove_file(&symbols);
+    if fs::hard_link(kernel, &symbols).is_err() {
+        fs::copy(kernel, &symbols).map_err(io_error(format!("writing {}", symbols.display())))?;
+    }
+    for tool in objcopy_candidates() {
+        let status = Command::new(&tool).arg("--strip-all").arg(kernel).arg(&stripped).stderr(Stdio::null()).status();
+        if status.is_ok_and(|s| s.success()) {
+            return Ok(stripped);
+        }
+    }
+    eprintln!(
+        "boot: warning: no objcopy found (llvm-tools or binutils): the image carries the kernel's debug information"
+    );
+    Ok(kernel.to_path_buf())
+}
+
+/// The toolchain's llvm-objcopy (component llvm-tools), then binutils' objcopy.
+fn objcopy_candidates() -> Vec<PathBuf> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let sysroot = Command::new(rustc).args(["--print", "sysroot"]).output().ok().filter(|o| o.status.success());
+    let mut tools: Vec<PathBuf> = sysroot
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("lib/rustlib"))
+        .and_then(|dir| fs::read_dir(dir).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| Some(entry.ok()?.path().join("bin/llvm-objcopy")))
+        .filter(|tool| tool.is_file())
+        .collect();
+    tools.push("objcopy".into());
+    tools
 }
 
 /// CPUs the machine may have (`--cpus`).

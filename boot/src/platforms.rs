@@ -176,9 +176,13 @@ pub(crate) fn qemu_args(config: &RunConfig, image: &Path, uplink: Option<&Uplink
     if let Some(uplink) = uplink {
         args.extend(crate::uplink::qemu_args(uplink));
     }
-    let mut drive = OsString::from("format=raw,file=");
+    // The boot disk sits on an AHCI controller: the firmware reads it by DMA, where through
+    // the default IDE controller every word of the image was one emulated port read.
+    let mut drive = OsString::from("if=none,id=boot,format=raw,file=");
     drive.push(image);
-    args.extend([OsString::from("-drive"), drive]);
+    args.extend(["-device", "ahci,id=ahci", "-drive"].map(OsString::from));
+    args.push(drive);
+    args.extend(["-device", "ide-hd,drive=boot,bus=ahci.0,bootindex=0"].map(OsString::from));
     args
 }
 
@@ -336,7 +340,7 @@ mod tests {
         assert_eq!((value_of(&args, "-smp"), value_of(&args, "-m")), ("1", "1024"), "defaults: {args:?}");
         assert_eq!(value_of(&args, "-cpu"), TCG_CPU);
         assert_eq!(value_of(&args, "-accel"), "tcg");
-        assert_eq!(args.last().unwrap(), "format=raw,file=/tmp/hv.img");
+        assert_eq!(value_of(&args, "-drive"), "if=none,id=boot,format=raw,file=/tmp/hv.img");
         assert!(!args.contains(&"-bios".to_string()));
 
         config.platform = Platform::Kvm;
@@ -365,7 +369,12 @@ mod tests {
             ),
             "{line}"
         );
-        assert_eq!(args.last().unwrap(), "format=raw,file=/tmp/hv.img", "the boot image stays the first disk");
+        assert!(
+            line.ends_with(
+                "if=none,id=boot,format=raw,file=/tmp/hv.img -device ide-hd,drive=boot,bus=ahci.0,bootindex=0"
+            ),
+            "the firmware boots the image: {line}"
+        );
         assert_eq!(args.iter().filter(|a| *a == "-drive").count(), 2);
     }
 
@@ -385,7 +394,7 @@ mod tests {
         assert!(
             line.contains(
                 "-device virtio-blk-pci,drive=hostdisk -netdev user,id=uplink,hostfwd=tcp:127.0.0.1:18080-10.0.2.15:8080 \
-                 -device virtio-net-pci,netdev=uplink,romfile= -drive format=raw,file=/tmp/hv.img"
+                 -device virtio-net-pci,netdev=uplink,romfile= -device ahci,id=ahci -drive if=none,id=boot,format=raw,file=/tmp/hv.img"
             ),
             "{line}"
         );

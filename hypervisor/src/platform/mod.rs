@@ -74,7 +74,14 @@ pub fn bring_up(boot_info: &'static mut BootInfo) -> Host {
         memory.heap_bytes >> 10
     );
     if serial::tsc_per_microsecond() != 0 {
-        log::info!("tsc: {} MHz (calibrated against the PIT)", serial::tsc_per_microsecond());
+        // Leaf 0x8000_0007 EDX bit 8: the guests' invariant-TSC bit follows it.
+        let invariant = raw_cpuid::cpuid!(0x8000_0000).eax >= 0x8000_0007
+            && raw_cpuid::cpuid!(0x8000_0007).edx & crate::vm::cpuid::EXT7_EDX_INVARIANT_TSC != 0;
+        log::info!(
+            "tsc: {} MHz (calibrated against the PIT), {}",
+            serial::tsc_per_microsecond(),
+            if invariant { "invariant" } else { "not invariant: guests get kvm-clock as their clock" }
+        );
     }
     let ramdisk = match boot_info.ramdisk_addr.into_option() {
         // SAFETY: the bootloader maps the ramdisk at this address for `ramdisk_len` bytes, and

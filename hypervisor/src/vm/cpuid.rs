@@ -179,7 +179,8 @@ pub fn guest_cpuid(
         // Power management: only the invariant-TSC bit, where the host's TSC is invariant (the
         // guest's TSC is the host's plus an offset). Hardware P-states, boost and the rest
         // would lead the guest to MSRs that are not modelled.
-        0x8000_0007 => [0, 0, 0, host(leaf, subleaf)[3] & EXT7_EDX_INVARIANT_TSC],
+        0x8000_0007 if host(0x8000_0000, 0)[0] >= leaf => [0, 0, 0, host(leaf, subleaf)[3] & EXT7_EDX_INVARIANT_TSC],
+        0x8000_0007 => [0; 4],
         // MONITOR/MWAIT, thermal/power management (APERF/MPERF) and the architectural PMU
         // (leaf 0xA) are not virtualized.
         5 | 6 | 0xa => [0; 4],
@@ -346,12 +347,10 @@ mod tests {
     #[test]
     fn invariant_tsc_only_where_the_host_has_it() {
         let m = model(X87_SSE_AVX, 0);
-        let invariant = |leaf: u32, subleaf: u32| {
-            if leaf == 0x8000_0007 {
-                [1, 2, 3, u32::MAX]
-            } else {
-                generous_host(leaf, subleaf)
-            }
+        let invariant = |leaf: u32, subleaf: u32| match leaf {
+            0x8000_0000 => [0x8000_0008, 0, 0, 0],
+            0x8000_0007 => [1, 2, 3, u32::MAX],
+            _ => generous_host(leaf, subleaf),
         };
         assert_eq!(guest_cpuid(0x8000_0007, 0, &invariant, false, &m), [0, 0, 0, EXT7_EDX_INVARIANT_TSC]);
         let variant =
