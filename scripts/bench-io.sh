@@ -43,7 +43,7 @@ if ! [[ "$MIB" =~ ^[1-9][0-9]*$ ]] || [ "$MIB" -gt 1024 ]; then die "--mib must 
 [[ "$TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive number of seconds"
 case "$WHAT" in disk | net | all) ;; *) die "--what must be disk, net or all, not '$WHAT'" ;; esac
 
-CPU=qemu64,+svm,+npt,+xsave,+xsaveopt,+rdtscp,+rdrand
+CPU=$TCG_CPU
 CMDLINE='console=ttyS0 root=/dev/vda ro hv.disk=bench panic=-1'
 
 say "images: distro kernel, root file system, root-on-virtio and network initramfs"

@@ -39,7 +39,7 @@ case "$KIND" in small | distro) ;; *) die "--kernel must be small or distro, not
 
 MARKER='HV-LINUX-MARKER: userspace up'
 DONE_MARKER='HV-LINUX-MARKER: checks done'
-CPU=qemu64,+svm,+npt,+xsave,+xsaveopt,+rdtscp,+rdrand
+CPU=$TCG_CPU
 BARE_CMDLINE='console=ttyS0 panic=-1 quiet'
 HV_CMDLINE='console=ttyS0 panic=-1'
 

@@ -163,13 +163,27 @@ pub fn pack_ramdisk(files: &RamdiskFiles) -> Vec<u8> {
 /// Builds a bootable disk image of `kernel` for `firmware` with `ramdisk` at `out`. The image
 /// carries the kernel without its debug information and symbols; the full ELF is written beside
 /// the image as `<image>.debug`, for gdb ([`loadable_kernel`]).
+/// An empty `ramdisk` puts none in the image.
 pub fn build_image(kernel: &Path, firmware: Firmware, ramdisk: &[u8], out: &Path) -> Result<(), BootError> {
     let ramdisk_path = out.with_extension("ramdisk.cpio");
     fs::write(&ramdisk_path, ramdisk).map_err(io_error(format!("writing {}", ramdisk_path.display())))?;
     let kernel = &loadable_kernel(kernel, out)?;
+    let with_ramdisk = !ramdisk.is_empty();
     let result = match firmware {
-        Firmware::Bios => bootloader::BiosBoot::new(kernel).set_ramdisk(&ramdisk_path).create_disk_image(out),
-        Firmware::Uefi => bootloader::UefiBoot::new(kernel).set_ramdisk(&ramdisk_path).create_disk_image(out),
+        Firmware::Bios => {
+            let mut boot = bootloader::BiosBoot::new(kernel);
+            if with_ramdisk {
+                boot.set_ramdisk(&ramdisk_path);
+            }
+            boot.create_disk_image(out)
+        }
+        Firmware::Uefi => {
+            let mut boot = bootloader::UefiBoot::new(kernel);
+            if with_ramdisk {
+                boot.set_ramdisk(&ramdisk_path);
+            }
+            boot.create_disk_image(out)
+        }
     };
     result.map_err(|e| BootError::Image(format!("{e:#}")))
 }
@@ -460,9 +474,21 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, BootError> {
     if config.raw_terminal {
         ask_for_raw_console(&mut ramdisk);
     }
-    build_image(&config.kernel, config.firmware, &pack_ramdisk(&ramdisk), &image)?;
+    let packed = pack_ramdisk(&ramdisk);
+    // Under QEMU the ramdisk goes through fw_cfg, which the hypervisor reads by DMA: the boot
+    // loader would copy it from the disk a byte at a time (about a second per MB on TCG).
+    let fw_cfg_ramdisk = match config.platform {
+        Platform::Kvm | Platform::Tcg => {
+            let path = dir.join("ramdisk.cpio");
+            fs::write(&path, &packed).map_err(io_error(format!("writing {}", path.display())))?;
+            Some(path)
+        }
+        Platform::Bochs => None,
+    };
+    let in_image: &[u8] = if fw_cfg_ramdisk.is_some() { &[] } else { &packed };
+    build_image(&config.kernel, config.firmware, in_image, &image)?;
     let log_path = config.log_path.clone().unwrap_or_else(|| dir.join("serial.log"));
-    let launch = platforms::launch(config, &image, &dir, uplink.as_ref())?;
+    let launch = platforms::launch(config, &image, fw_cfg_ramdisk.as_deref(), &dir, uplink.as_ref())?;
     supervise(config, launch, log_path)
 }
 

@@ -4,6 +4,10 @@
 //! inspected with standard tools. `boot/` writes it with [`build`]; the hypervisor reads it with
 //! [`parse`], which treats the bytes as untrusted and never reads out of bounds.
 
+/// The fw_cfg file name under which QEMU runs hand the ramdisk to the hypervisor (read by
+/// DMA instead of through the boot loader).
+pub const FW_CFG_FILE: &str = "opt/rs-hypervisor/ramdisk";
+
 use alloc::vec::Vec;
 use core::fmt;
 

@@ -36,3 +36,7 @@ wait_exit() {
 }
 
 median() { sort -n | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
+
+# The CPU QEMU TCG emulates, on bare QEMU as under the hypervisor (boot/src/platforms.rs,
+# TCG_CPU): AMD family 16h with SVM and NPT.
+TCG_CPU=qemu64,family=22,model=48,stepping=1,+svm,+npt,+xsave,+xsaveopt,+rdtscp,+rdrand

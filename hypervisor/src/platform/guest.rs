@@ -132,6 +132,17 @@ pub struct SharedVm {
     memory: spin::Mutex<Option<(SecondLevel, GuestRam)>>,
     backend: Backend,
     supported_xcr0: u64,
+    /// Host memory the VM took at set-up besides its RAM, for the end report.
+    overhead: HostOverhead,
+}
+
+/// What a VM costs the host besides its guest RAM, measured around its set-up.
+#[derive(Clone, Copy, Default)]
+struct HostOverhead {
+    /// Frames: second-level tables, VMCBs/VMCSs and their bitmaps, device buffers.
+    frame_bytes: u64,
+    /// Heap: the VM's state, devices and queues (disk overlays are reported by the disks).
+    heap_bytes: u64,
 }
 
 /// How other host CPUs find one vCPU.
@@ -281,6 +292,13 @@ impl Task {
             for line in vm.bus.reports() {
                 report.push_str(&format!("  {line}\n"));
             }
+            let HostOverhead { frame_bytes, heap_bytes } = shared.overhead;
+            report.push_str(&format!(
+                "  host memory: {} MiB guest RAM, {} KiB of tables and vCPU state, {} KiB of heap\n",
+                crate::loader::GuestMemory::size(&vm.memory) >> 20,
+                frame_bytes >> 10,
+                heap_bytes >> 10
+            ));
             serial::write_str(&report);
             end
         };
@@ -343,8 +361,11 @@ pub fn prepare(
         let data = ramdisk::find(files, file).ok_or_else(|| format!("module {file:?} is not in the ramdisk"))?.data;
         modules.push((entry.as_str(), data));
     }
+    let started_us = serial::uptime_micros();
+    let (frames_before, heap_before) = (memory::FRAMES.lock().free_bytes(), memory::heap_used());
     let ram = GuestRam::allocate(config.memory)
         .ok_or_else(|| format!("not enough host memory for {} MiB of guest RAM", config.memory >> 20))?;
+    let zeroed_us = serial::uptime_micros();
     // The one view of guest RAM: the loader fills it, then the VM owns it.
     let mut guest_memory = ram.slice();
     let prepared = setup::prepare(config, kernel.data, initrd, &modules, &mut guest_memory)?;
@@ -400,15 +421,22 @@ pub fn prepare(
             }
         }
     }
+    let overhead = HostOverhead {
+        frame_bytes: frames_before.saturating_sub(memory::FRAMES.lock().free_bytes()).saturating_sub(config.memory),
+        heap_bytes: memory::heap_used().saturating_sub(heap_before),
+    };
+    let done_us = serial::uptime_micros();
     log::info!(
-        "vm {}: {} MiB RAM, {} vCPU{}, kernel {} ({} bytes): {}",
+        "vm {}: {} MiB RAM, {} vCPU{}, kernel {} ({} bytes): {}; set up in {} ms ({} ms zeroing RAM)",
         config.name,
         config.memory >> 20,
         vcpus,
         if vcpus == 1 { "" } else { "s" },
         config.kernel,
         kernel.data.len(),
-        prepared.summary
+        prepared.summary,
+        (done_us - started_us) / 1000,
+        (zeroed_us - started_us) / 1000
     );
     for disk in disks {
         log::info!("vm {}: disk {disk}", config.name);
@@ -430,6 +458,7 @@ pub fn prepare(
         memory: spin::Mutex::new(Some((second_level, ram))),
         backend,
         supported_xcr0,
+        overhead,
     });
     // Frames for this VM wake its vCPU 0, which serves the devices. Weak: the switch outlives
     // the VM, which must still be freed when it ends.

@@ -135,6 +135,11 @@ pub fn phys_map() -> PhysMap {
     PhysMap { offset: *PHYS_OFFSET.get().expect("memory::init has not run") }
 }
 
+/// Bytes of the heap in use.
+pub fn heap_used() -> u64 {
+    HEAP.lock().used() as u64
+}
+
 /// Allocates `frames` zeroed, contiguous frames aligned to `align` bytes; returns the physical
 /// address, or `None` when memory is exhausted.
 pub fn alloc_zeroed(frames: u64, align: u64) -> Option<u64> {

@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod debug_regs;
 pub mod entropy;
 pub mod exit;
+pub mod fw_cfg;
 pub mod gdt;
 pub mod guest;
 pub mod host_disk;
@@ -83,11 +84,17 @@ pub fn bring_up(boot_info: &'static mut BootInfo) -> Host {
             if invariant { "invariant" } else { "not invariant: guests get kvm-clock as their clock" }
         );
     }
-    let ramdisk = match boot_info.ramdisk_addr.into_option() {
+    // Under QEMU the run tool passes the ramdisk through fw_cfg (read by DMA); otherwise it is
+    // the boot loader's.
+    let ramdisk = match (fw_cfg::ramdisk(), boot_info.ramdisk_addr.into_option()) {
+        (Some(ramdisk), _) => {
+            log::info!("ramdisk: read from QEMU's fw_cfg");
+            ramdisk
+        }
         // SAFETY: the bootloader maps the ramdisk at this address for `ramdisk_len` bytes, and
         // its frames are reserved in the frame allocator, so nothing overwrites it.
-        Some(addr) => unsafe { core::slice::from_raw_parts(addr as *const u8, boot_info.ramdisk_len as usize) },
-        None => &[],
+        (None, Some(addr)) => unsafe { core::slice::from_raw_parts(addr as *const u8, boot_info.ramdisk_len as usize) },
+        (None, None) => &[],
     };
     let cpu = cpu::identify();
     log::info!("{cpu}");

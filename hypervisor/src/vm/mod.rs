@@ -749,7 +749,7 @@ impl<M: GuestMemory> Vm<M> {
                 }
             }
             Ok(())
-        } else if msr::amd_legacy_perf_counter(msr) && cpuid::amd(env.cpuid) {
+        } else if msr::amd_read_as_zero(msr) && cpuid::amd(env.cpuid) {
             if !write {
                 let gprs = vcpu.gprs();
                 gprs.rax = 0;

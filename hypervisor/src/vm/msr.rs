@@ -37,10 +37,12 @@ pub struct MsrModel {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refused;
 
-/// AMD's legacy performance counters (PERF_CTL0-3, PERF_CTR0-3): on every AMD CPU, with no
-/// CPUID bit. No PMU is offered, so they read as 0 and ignore writes, as KVM does.
-pub fn amd_legacy_perf_counter(msr: u32) -> bool {
-    (0xc001_0000..=0xc001_0007).contains(&msr)
+/// MSRs every AMD CPU has without a CPUID bit, which read as 0 and ignore writes, as on KVM:
+/// the legacy performance counters (PERF_CTL0-3, PERF_CTR0-3: no PMU is offered) and NB_CFG
+/// (0xc001_001f), which Linux reads and sets unchecked on family 10h and later to enable
+/// extended PCI configuration through port 0xcf8 (not offered: the bit reads back clear).
+pub fn amd_read_as_zero(msr: u32) -> bool {
+    (0xc001_0000..=0xc001_0007).contains(&msr) || msr == 0xc001_001f
 }
 
 /// Ranges refusals are counted in, for the VM's end report.

@@ -414,7 +414,7 @@ fn amd_host_cpuid(leaf: u32, subleaf: u32) -> cpuid::Regs {
 }
 
 #[test]
-fn amd_legacy_performance_counters_read_as_zero_on_amd_only() {
+fn amd_legacy_performance_counters_and_nb_cfg_read_as_zero_on_amd_only() {
     for (amd, expect_gp) in [(true, false), (false, true)] {
         let mut vm = vm();
         let mut cx = cx(&vm);
@@ -425,16 +425,18 @@ fn amd_legacy_performance_counters_read_as_zero_on_amd_only() {
         }
         let mut vcpu = Mock::new(vec![])
             .then(Exit::Rdmsr, Gprs { rcx: 0xc001_0004, rax: 0x55, rdx: 0x66, ..Gprs::default() })
-            .then(Exit::Wrmsr, Gprs { rcx: 0xc001_0000, rax: 0x43_0076, ..Gprs::default() });
-        for _ in 0..2 {
+            .then(Exit::Wrmsr, Gprs { rcx: 0xc001_0000, rax: 0x43_0076, ..Gprs::default() })
+            .then(Exit::Wrmsr, Gprs { rcx: 0xc001_001f, rdx: 1 << 14, ..Gprs::default() })
+            .then(Exit::Rdmsr, Gprs { rcx: 0xc001_001f, rax: 0x55, rdx: 0x66, ..Gprs::default() });
+        for _ in 0..4 {
             let exit = vcpu.run(&mut GuestClock::new(0, 0));
             vm.handle(&mut cx, &mut vcpu, exit, &mut env);
         }
         if expect_gp {
-            assert_eq!(vcpu.injected_exceptions, [(13, Some(0)), (13, Some(0))], "not an AMD CPU: #GP");
+            assert_eq!(vcpu.injected_exceptions, [(13, Some(0)); 4], "not an AMD CPU: #GP");
         } else {
             assert!(vcpu.injected_exceptions.is_empty());
-            assert_eq!((vcpu.skips, vcpu.gprs.rax, vcpu.gprs.rdx), (2, 0x43_0076, 0), "read 0, write ignored");
+            assert_eq!((vcpu.skips, vcpu.gprs.rax, vcpu.gprs.rdx), (4, 0, 0), "read 0, writes ignored");
         }
     }
 }
