@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Linux boot benchmark: time from start to the first "HV-LINUX-MARKER: userspace up" line on the
-# serial console, on bare QEMU TCG and inside the hypervisor (QEMU TCG, SVM), and their ratio.
+# Boot benchmark, in one invocation: Linux booted to "HV-LINUX-MARKER: userspace up" on bare
+# QEMU TCG and inside the hypervisor (QEMU TCG, SVM), the same kernel, initramfs, command line
+# and CPU on both sides, the median of N runs each, and their ratio; the exits each boot took
+# inside; the time from reset to the hypervisor's first log line; and micro-benchmarks from the
+# test guest on each backend.
 #
-# Usage: scripts/bench.sh [--kernel small|distro] [--runs N] [--timeout SECONDS]
-#                         [--hv-timeout SECONDS] [--bare-only]
-#   --kernel      small (default): guest-images/linux/small-kernel.sh; distro: Debian's kernel
-#   --runs        bare QEMU runs, the median is reported (default 3)
-#   --timeout     per bare run (default 60)
-#   --hv-timeout  the hypervisor run's --timeout (default 300)
-#   --bare-only   skip the run inside the hypervisor
-# Images are built (or taken from the cache, $HV_CACHE) by guest-images/linux/*.sh.
-# Progress goes to stderr; the result table to stdout. Serial logs of the last runs: $HV_CACHE/bench/.
+# Usage: scripts/bench.sh [--kernel small|distro|all] [--runs N] [--timeout SECONDS]
+#                         [--bare-only] [--no-micro] [--micro-only]
+#   --kernel      small (guest-images/linux/small-kernel.sh), distro (Debian's), all (default)
+#   --runs        runs per side and configuration; medians are reported (default 3)
+#   --timeout     per run (default 120)
+#   --bare-only   skip the runs inside the hypervisor (and the micro-benchmarks)
+#   --no-micro    skip the micro-benchmarks; --micro-only runs only them
+# Each kernel boots with "console=ttyS0 panic=-1 hv.quick=1" and again with "quiet" added
+# (hv.quick=1: /init powers off at the marker, so an exit count is the boot's). Bare times
+# run from starting QEMU (it loads the kernel itself); inside, from the hypervisor's first log
+# line (the firmware and boot loader before it are the "reset to first line" row).
+# Progress goes to stderr, the tables to stdout; the last serial logs go to $HV_CACHE/bench/.
 set -euo pipefail
 SCRIPT_NAME=bench
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,39 +25,31 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=lib/timing.sh
 . "$ROOT/scripts/lib/timing.sh"
 
-KIND=small RUNS=3 TIMEOUT=60 HV_TIMEOUT=300 BARE_ONLY=0
-usage() { sed -n '5,11p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+KINDS="small distro" RUNS=3 TIMEOUT=120 BARE_ONLY=0 MICRO=1 BOOTS=1
+usage() { sed -n '8,14p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 while [ $# -gt 0 ]; do
     case "$1" in
-        --kernel) KIND=${2:-}; shift 2 || die "--kernel needs small or distro" ;;
+        --kernel) KINDS=${2:-}; shift 2 || die "--kernel needs small, distro or all" ;;
         --runs) RUNS=${2:-}; shift 2 || die "--runs needs a number" ;;
         --timeout) TIMEOUT=${2:-}; shift 2 || die "--timeout needs seconds" ;;
-        --hv-timeout) HV_TIMEOUT=${2:-}; shift 2 || die "--hv-timeout needs seconds" ;;
-        --bare-only) BARE_ONLY=1; shift ;;
+        --bare-only) BARE_ONLY=1 MICRO=0; shift ;;
+        --no-micro) MICRO=0; shift ;;
+        --micro-only) BOOTS=0; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage; die "unknown argument: $1" ;;
     esac
 done
-case "$KIND" in small | distro) ;; *) die "--kernel must be small or distro, not '$KIND'" ;; esac
+case "$KINDS" in small | distro) ;; all) KINDS="small distro" ;; "small distro") ;; *) die "--kernel must be small, distro or all, not '$KINDS'" ;; esac
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive number"
 [[ "$TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive number of seconds"
-[[ "$HV_TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "--hv-timeout must be a positive number of seconds"
 
 MARKER='HV-LINUX-MARKER: userspace up'
-DONE_MARKER='HV-LINUX-MARKER: checks done'
-CPU=$TCG_CPU
-BARE_CMDLINE='console=ttyS0 panic=-1 quiet'
-HV_CMDLINE='console=ttyS0 panic=-1'
-
-say "images for the $KIND kernel"
-KERNEL=$("$ROOT/guest-images/linux/$KIND-kernel.sh" | tail -n1) || die "building the $KIND kernel failed"
-INITRD=$("$ROOT/guest-images/linux/initramfs.sh" | tail -n1) || die "building the initramfs failed"
-[ -f "$KERNEL" ] && [ -f "$INITRD" ] || die "image scripts printed no usable paths ($KERNEL, $INITRD)"
+FIRST_LINE='INFO +hypervisor .*starting'
+BASE_CMDLINE='console=ttyS0 panic=-1 hv.quick=1'
 command -v qemu-system-x86_64 >/dev/null || ensure_packages qemu-system-x86
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hv-bench.XXXXXX")
-# The serial logs of the last runs are kept here.
 LOGS=$HV_CACHE/bench
 mkcache "$LOGS"
 PIDS=()
@@ -62,130 +60,128 @@ cleanup() {
 }
 trap cleanup EXIT
 
+if [ "$BARE_ONLY" = 0 ]; then
+    say "building the hypervisor tools (cargo build -p boot)"
+    (cd "$ROOT" && cargo build -q -p boot) >"$WORK/build.log" 2>&1 || { tail -n 20 "$WORK/build.log" >&2; die "cargo build -p boot failed"; }
+fi
+# Runs the built boot tool (no cargo in the timed path).
+boot_tool() { "$ROOT/target/debug/boot" "$@"; }
 
-# (a) Bare QEMU TCG: wall time from starting QEMU to the marker.
-BARE_TIMES=()
-BARE_NOTES=""
-run_bare() {
-    local i log start seen rc t
-    for i in $(seq 1 "$RUNS"); do
-        log=$WORK/bare-$i.log
-        start=$(now)
-        qemu-system-x86_64 -accel tcg -cpu "$CPU" -m 512 -nographic -no-reboot \
-            -kernel "$KERNEL" -initrd "$INITRD" -append "$BARE_CMDLINE" </dev/null >"$log" 2>&1 &
-        local pid=$!
-        PIDS+=("$pid")
-        rc=0
-        seen=$(wait_for "$MARKER" "$log" "$pid" "$(awk -v s="$start" -v t="$TIMEOUT" 'BEGIN { printf "%.6f", s + t }')") || rc=$?
-        if [ $rc -ne 0 ]; then
-            kill "$pid" 2>/dev/null || true
-            wait "$pid" 2>/dev/null || true
-            tail -n 20 "$log" | tr -d '\r' >&2
-            say "bare run $i: no marker ($([ $rc -eq 2 ] && echo "timeout ${TIMEOUT}s" || echo "QEMU ended first"))"
-            continue
+deadline_in() { awk -v s="$(now)" -v t="$1" 'BEGIN { printf "%.6f", s + t }'; }
+
+# bare_run KERNEL INITRD CMDLINE LOG: seconds from starting QEMU to the marker, or nothing.
+bare_run() {
+    local start pid seen rc=0
+    start=$(now)
+    qemu-system-x86_64 -accel tcg -cpu "$TCG_CPU" -m 512 -nographic -no-reboot \
+        -kernel "$1" -initrd "$2" -append "$3" </dev/null >"$4" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    seen=$(wait_for "$MARKER" "$4" "$pid" "$(deadline_in "$TIMEOUT")") || rc=$?
+    wait_exit "$pid" 30 >/dev/null || true
+    [ $rc -eq 0 ] && elapsed "$start" "$seen"
+}
+
+# hv_run VMS LOG: "START BOOT EXITS": seconds from the emulator's start to the hypervisor's
+# first line, from that line to the marker, and the VM's exit count; nothing on failure.
+hv_run() {
+    local err=$WORK/hv.err pid started first seen rc=0
+    : >"$2"
+    boot_tool run --platform tcg --vms "$1" --timeout "$TIMEOUT" </dev/null >"$2" 2>"$err" &
+    pid=$!
+    PIDS+=("$pid")
+    started=$(wait_for "boot: emulator started" "$err" "$pid" "$(deadline_in 120)") || rc=$?
+    [ $rc -eq 0 ] && { first=$(wait_for "$FIRST_LINE" "$2" "$pid" "$(deadline_in "$TIMEOUT")") || rc=$?; }
+    [ $rc -eq 0 ] && { seen=$(wait_for "$MARKER" "$2" "$pid" "$(deadline_in "$TIMEOUT")") || rc=$?; }
+    wait_exit "$pid" $((TIMEOUT + 30)) >/dev/null || true
+    [ $rc -eq 0 ] || return 0
+    local exits
+    exits=$(tr -d '\r' <"$2" | sed -n 's/^vm [^ ]*: \([0-9]*\) exits;.*/\1/p' | head -n1)
+    echo "$(elapsed "$started" "$first") $(elapsed "$first" "$seen") ${exits:--}"
+}
+
+ROWS=() START_TIMES=()
+bench_kernel() {
+    local kind=$1 kernel initrd
+    say "images for the $kind kernel"
+    kernel=$("$ROOT/guest-images/linux/$kind-kernel.sh" | tail -n1) || die "building the $kind kernel failed"
+    initrd=$("$ROOT/guest-images/linux/initramfs.sh" | tail -n1) || die "building the initramfs failed"
+    local variant
+    for variant in console quiet; do
+        local cmdline=$BASE_CMDLINE
+        [ "$variant" = console ] || cmdline+=" quiet"
+        local bare=() inside=() exits=() i result
+        for i in $(seq 1 "$RUNS"); do
+            result=$(bare_run "$kernel" "$initrd" "$cmdline" "$WORK/bare.log")
+            say "$kind/$variant bare run $i: ${result:-no marker}"
+            [ -z "$result" ] || bare+=("$result")
+            cp "$WORK/bare.log" "$LOGS/$kind-$variant-bare.log"
+        done
+        if [ "$BARE_ONLY" = 0 ]; then
+            cat >"$WORK/linux.vms" <<VMS
+# Generated by scripts/bench.sh
+[vm linux]
+kernel = $kernel
+initrd = $initrd
+cmdline = $cmdline
+memory = 256M
+VMS
+            for i in $(seq 1 "$RUNS"); do
+                result=$(hv_run "$WORK/linux.vms" "$WORK/hv.log")
+                say "$kind/$variant hypervisor run $i: ${result:-no marker} (start, boot, exits)"
+                cp "$WORK/hv.log" "$LOGS/$kind-$variant-hypervisor.log"
+                [ -n "$result" ] || continue
+                local start boot count
+                read -r start boot count <<<"$result"
+                START_TIMES+=("$start")
+                inside+=("$boot")
+                exits+=("$count")
+            done
         fi
-        t=$(elapsed "$start" "$seen")
-        BARE_TIMES+=("$t")
-        # Let the guest finish its checks and power off; note it if it does not.
-        rc=0
-        wait_exit "$pid" "$TIMEOUT" || rc=$?
-        local total
-        total=$(elapsed "$start" "$(now)")
-        grep -qF "$DONE_MARKER" "$log" || BARE_NOTES+=" run $i: no '$DONE_MARKER';"
-        [ $rc -ne 124 ] || BARE_NOTES+=" run $i: did not power off;"
-        say "bare run $i: marker after ${t}s, QEMU ended after ${total}s (status $rc)"
-        cp "$log" "$LOGS/$KIND-bare.log"
+        local bare_median inside_median exits_median ratio=-
+        bare_median=$(printf '%s\n' "${bare[@]}" | median)
+        inside_median=$(printf '%s\n' "${inside[@]}" | median)
+        exits_median=$(printf '%s\n' "${exits[@]}" | median)
+        [ -z "$bare_median" ] || [ -z "$inside_median" ] ||
+            ratio=$(awk -v b="$bare_median" -v h="$inside_median" 'BEGIN { printf "%.2f", h / b }')
+        ROWS+=("$(printf '  %-7s %-8s %8s %8s %7s %8s   bare [%s] inside [%s]' "$kind" "$variant" \
+            "${bare_median:--}" "${inside_median:--}" "$ratio" "${exits_median:--}" "${bare[*]}" "${inside[*]}")")
     done
 }
 
-# (b) Inside the hypervisor: a VM set with the same kernel and initramfs, run on QEMU TCG (SVM).
-# Times are taken on the live serial output: from the hypervisor's "starting" line to the
-# marker (hypervisor boot + Linux boot inside it), and from the command's start (includes
-# building the image and firmware). Not expected to work until the hypervisor boots Linux.
-HV_TIME="" HV_TOTAL="" HV_STATUS="" HV_TABLE=""
-run_inside_hypervisor() {
-    local vms=$WORK/linux.vms out=$WORK/hv.out log=$WORK/hv-serial.log
-    cat >"$vms" <<VMS
+MICRO_ROWS=()
+# micro PLATFORM: the test guest's HV-BENCH lines on that backend.
+micro() {
+    cat >"$WORK/micro.vms" <<'VMS'
 # Generated by scripts/bench.sh
-[vm linux]
-kernel = $KERNEL
-initrd = $INITRD
-cmdline = $HV_CMDLINE
-memory = 256M
+[vm bench]
+kernel = test-guest.elf
+cmdline = cases=bench
+memory = 64M
+devices = test
 VMS
-    say "building the hypervisor tools (cargo build -p boot)"
-    if ! (cd "$ROOT" && cargo build -q -p boot) >"$WORK/build.log" 2>&1; then
-        tail -n 20 "$WORK/build.log" >&2
-        HV_STATUS="inside the hypervisor: build failed (cargo build -p boot)"
-        return 1
-    fi
-    say "running inside the hypervisor (QEMU TCG, timeout ${HV_TIMEOUT}s)"
-    local start pid rc hv_seen seen
-    start=$(now)
-    # Not --quiet: the serial log then only appears at the end, and the marker must be seen live.
-    (cd "$ROOT" && exec cargo run -q -p boot -- run --platform tcg --vms "$vms" \
-        --timeout "$HV_TIMEOUT" --log "$log") </dev/null >"$out" 2>"$WORK/hv.err" &
-    pid=$!
-    PIDS+=("$pid")
-    # Image building happens before the emulator starts: allow for it on top of the run's timeout.
-    local deadline
-    deadline=$(awk -v s="$start" -v t="$HV_TIMEOUT" 'BEGIN { printf "%.6f", s + t + 300 }')
-    rc=0
-    hv_seen=$(wait_for "INFO +hypervisor .*starting" "$out" "$pid" "$deadline") || rc=$?
-    if [ $rc -eq 0 ]; then
-        rc=0
-        seen=$(wait_for "$MARKER" "$out" "$pid" \
-            "$(awk -v s="$hv_seen" -v t="$HV_TIMEOUT" 'BEGIN { printf "%.6f", s + t }')") || rc=$?
-    fi
-    if [ $rc -eq 0 ]; then
-        HV_TIME=$(elapsed "$hv_seen" "$seen")
-        HV_TOTAL=$(elapsed "$start" "$seen")
-        HV_STATUS="inside the hypervisor: marker after ${HV_TIME}s from the hypervisor's start (${HV_TOTAL}s from the command)"
-    else
-        HV_STATUS="inside the hypervisor: did not reach the marker within ${HV_TIMEOUT} s"
-    fi
-    local hv_rc=0
-    wait_exit "$pid" $((HV_TIMEOUT + 60)) || hv_rc=$?
-    local serial=$out
-    [ -s "$log" ] && serial=$log
-    local vm_end
-    vm_end=$(tr -d '\r' <"$serial" | grep -m1 '^VM-END vm=linux' || true)
-    [ -z "$vm_end" ] || HV_STATUS+=$'\n'"  $vm_end"
-    [ $hv_rc -eq 0 ] || HV_STATUS+=$'\n'"  boot run ended with exit status $hv_rc"
-    # The exit-count table: the "vm linux:" line and the indented lines after it.
-    HV_TABLE=$(tr -d '\r' <"$serial" | awk '/^vm linux:/ { p = 1; print; next } p && /^ / { print; next } p { exit }')
-    cp "$serial" "$LOGS/$KIND-hypervisor.log" 2>/dev/null || true
-    [ $rc -eq 0 ]
+    say "micro-benchmarks on $1"
+    boot_tool run --platform "$1" --vms "$WORK/micro.vms" --timeout 600 </dev/null >"$WORK/micro.log" 2>&1 || true
+    cp "$WORK/micro.log" "$LOGS/micro-$1.log"
+    local lines
+    lines=$(tr -d '\r' <"$WORK/micro.log" | sed -n 's/^\[bench\] HV-BENCH //p')
+    [ -n "$lines" ] || lines="no results (log: $LOGS/micro-$1.log)"
+    while IFS= read -r line; do MICRO_ROWS+=("  $1: $line"); done <<<"$lines"
 }
 
-say "kernel: $KERNEL ($(stat -c %s "$KERNEL") bytes)"
-say "initramfs: $INITRD ($(stat -c %s "$INITRD") bytes)"
-say "bare QEMU TCG, $RUNS runs"
-run_bare
-BARE=$(printf '%s\n' "${BARE_TIMES[@]}" | median)
-if [ "$BARE_ONLY" = 0 ]; then
-    run_inside_hypervisor || say "$(head -n1 <<<"$HV_STATUS")"
-else
-    HV_STATUS="inside the hypervisor: skipped (--bare-only)"
-fi
-
-RATIO=""
-[ -n "$BARE" ] && [ -n "$HV_TIME" ] && RATIO=$(awk -v b="$BARE" -v h="$HV_TIME" 'BEGIN { printf "%.1fx", h / b }')
-echo "Linux boot to '$MARKER' ($KIND kernel: $KERNEL)"
-printf '  %-34s %s\n' "bare QEMU TCG (median of $RUNS)" "$([ -n "$BARE" ] && echo "$BARE s" || echo "no marker")  [runs: ${BARE_TIMES[*]:-none}]"
-printf '  %-34s %s\n' "inside the hypervisor (QEMU TCG)" "$([ -n "$HV_TIME" ] && echo "$HV_TIME s" || echo "-")"
-printf '  %-34s %s\n' "ratio hypervisor / bare" "${RATIO:--}"
-[ -z "$BARE_NOTES" ] || echo "  bare notes:$BARE_NOTES"
-[ -z "$BARE" ] || echo "  (last bare serial log: $LOGS/$KIND-bare.log)"
-echo "$HV_STATUS"
-if [ -n "$HV_TABLE" ]; then
-    echo "exit counts:"
-    echo "$HV_TABLE"
-elif [ "$BARE_ONLY" = 0 ]; then
-    echo "exit counts: none (no 'vm linux:' table in the serial log)"
-    if [ -s "$LOGS/$KIND-hypervisor.log" ]; then
-        echo "last lines of the hypervisor's serial log ($LOGS/$KIND-hypervisor.log):"
-        tr -d '\r' <"$LOGS/$KIND-hypervisor.log" | tail -n 8 | sed 's/^/  /'
+if [ "$BOOTS" = 1 ]; then
+    for kind in $KINDS; do bench_kernel "$kind"; done
+    echo "Linux boot to '$MARKER', QEMU TCG, CPU $TCG_CPU (median of $RUNS runs per side)"
+    printf '  %-7s %-8s %8s %8s %7s %8s\n' kernel cmdline "bare s" "inside s" ratio exits
+    printf '%s\n' "${ROWS[@]}"
+    echo "  (console: '$BASE_CMDLINE'; quiet: the same plus 'quiet')"
+    if [ "$BARE_ONLY" = 0 ]; then
+        echo "Reset to the hypervisor's first log line (BIOS image, QEMU TCG): median $(printf '%s\n' "${START_TIMES[@]}" | median) s [${START_TIMES[*]}]"
     fi
 fi
-[ -n "$BARE" ] || exit 1
+if [ "$MICRO" = 1 ]; then
+    micro tcg
+    micro bochs
+    echo "Micro-benchmarks (test guest, guest TSC cycles; on bare QEMU TCG these instructions do not exit, so there is no baseline):"
+    printf '%s\n' "${MICRO_ROWS[@]}"
+fi

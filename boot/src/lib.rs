@@ -489,6 +489,8 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, BootError> {
     build_image(&config.kernel, config.firmware, in_image, &image)?;
     let log_path = config.log_path.clone().unwrap_or_else(|| dir.join("serial.log"));
     let launch = platforms::launch(config, &image, fw_cfg_ramdisk.as_deref(), &dir, uplink.as_ref())?;
+    // scripts/bench.sh times the start (reset to the hypervisor's first line) from here.
+    eprintln!("boot: emulator started");
     supervise(config, launch, log_path)
 }
 
