@@ -624,26 +624,37 @@ fn bench() -> CaseResult {
         }
         (cpu::rdtsc() - start) / ROUNDS
     };
-    report("cpuid", per_round(&|| {
-        core::hint::black_box(cpu::cpuid(0, 0));
-    }));
+    report(
+        "cpuid",
+        per_round(&|| {
+            core::hint::black_box(cpu::cpuid(0, 0));
+        }),
+    );
     // SAFETY: port 0x80 is the POST-code port: writes only record a byte.
-    report("port write (out 0x80)", per_round(&|| unsafe {
-        asm!("out 0x80, al", in("al") 0u8, options(nomem, nostack, preserves_flags))
-    }));
-    report("mmio read (test device)", per_round(&|| {
-        let id: u32;
-        // SAFETY: the test device's ID register: identity-mapped, reads have no side effects.
-        unsafe { asm!("mov {:e}, dword ptr [{}]", out(reg) id, in(reg) MMIO_ID, options(nostack, preserves_flags)) };
-        core::hint::black_box(id);
-    }));
+    report(
+        "port write (out 0x80)",
+        per_round(&|| unsafe { asm!("out 0x80, al", in("al") 0u8, options(nomem, nostack, preserves_flags)) }),
+    );
+    report(
+        "mmio read (test device)",
+        per_round(&|| {
+            let id: u32;
+            // SAFETY: the test device's ID register: identity-mapped, reads have no side effects.
+            unsafe {
+                asm!("mov {:e}, dword ptr [{}]", out(reg) id, in(reg) MMIO_ID, options(nostack, preserves_flags))
+            };
+            core::hint::black_box(id);
+        }),
+    );
 
     // HLT until a local-APIC TSC-deadline timer fires: cycles from the deadline to the handler.
     const LAPIC: usize = 0xfee0_0000;
     const IA32_TSC_DEADLINE: u32 = 0x6e0;
     let lapic_write = |reg: usize, value: u32| {
         // SAFETY: the local APIC page is identity-mapped; this case owns its configuration.
-        unsafe { asm!("mov dword ptr [{}], {:e}", in(reg) LAPIC + reg, in(reg) value, options(nostack, preserves_flags)) };
+        unsafe {
+            asm!("mov dword ptr [{}], {:e}", in(reg) LAPIC + reg, in(reg) value, options(nostack, preserves_flags))
+        };
     };
     lapic_write(0xf0, 0x1ff); // enabled, spurious vector 0xff
     lapic_write(0x320, u32::from(VECTOR_TEST_IRQ) | (2 << 17)); // LVT timer: TSC-deadline mode
@@ -651,7 +662,7 @@ fn bench() -> CaseResult {
     for latency in latencies.iter_mut() {
         traps::reset_test_irq_count();
         let deadline = cpu::rdtsc() + tsc_khz * 2; // 2 ms ahead
-        // SAFETY: arms the local APIC timer; its vector has a handler.
+                                                   // SAFETY: arms the local APIC timer; its vector has a handler.
         unsafe { cpu::wrmsr(IA32_TSC_DEADLINE, deadline) };
         while traps::test_irq_count() == 0 {
             // SAFETY: interrupts are on only for the HLT (see `hlt`).

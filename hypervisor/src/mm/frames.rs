@@ -181,6 +181,13 @@ impl<const N: usize, const R: usize> FrameAllocator<N, R> {
 
     /// Returns `frames` frames at `start` to the free list, refusing double frees and reserved memory.
     pub fn free(&mut self, start: u64, frames: u64) -> Result<(), FrameError> {
+        let range = self.allocated(start, frames)?;
+        self.insert_free(range)
+    }
+
+    /// The range of `frames` frames at `start` if all of it is allocated (neither free nor
+    /// reserved), which is what [`Self::free`] takes back.
+    pub fn allocated(&self, start: u64, frames: u64) -> Result<PhysRange, FrameError> {
         if !start.is_multiple_of(FRAME_SIZE) {
             return Err(FrameError::Unaligned);
         }
@@ -191,7 +198,7 @@ impl<const N: usize, const R: usize> FrameAllocator<N, R> {
         if self.reserved[..self.reserved_len].iter().any(|r| r.overlaps(&range)) {
             return Err(FrameError::Reserved { start });
         }
-        self.insert_free(range)
+        Ok(range)
     }
 
     /// Total free bytes.

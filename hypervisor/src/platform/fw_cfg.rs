@@ -113,7 +113,7 @@ fn dma_read(key: u16, dest: u64, len: u32) -> Result<(), &'static str> {
     }
     // SAFETY: the descriptor frame is ours; the device clears the control word when done.
     let done = u32::from_be(unsafe { core::ptr::read_volatile(control) });
-    let _ = memory::FRAMES.lock().free(descriptor, 1);
+    let _ = memory::free_frames(descriptor, 1);
     match done {
         0 => Ok(()),
         c if c & DMA_CTL_ERROR != 0 => Err("the device reported a DMA error"),
@@ -139,7 +139,7 @@ pub fn ramdisk() -> Option<&'static [u8]> {
     };
     if let Err(e) = dma_read(key, dest, size) {
         log::warn!("fw_cfg: reading {RAMDISK_FILE}: {e}");
-        let _ = memory::FRAMES.lock().free(dest, frames);
+        let _ = memory::free_frames(dest, frames);
         return None;
     }
     // SAFETY: the frames were allocated above and are never freed: the ramdisk lives as long

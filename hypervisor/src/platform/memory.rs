@@ -13,7 +13,7 @@ use x86_64::{PhysAddr, VirtAddr};
 use alloc::sync::Arc;
 
 use crate::devices::virtio::blk::OverlayPool;
-use crate::mm::frames::{FrameAllocator, PhysRange, FRAME_SIZE};
+use crate::mm::frames::{FrameAllocator, FrameError, PhysRange, FRAME_SIZE};
 use crate::mm::second_level::TableMemory;
 
 /// Free ranges and reservations the allocator can track; memory maps have a few dozen entries.
@@ -140,6 +140,23 @@ pub fn heap_used() -> u64 {
     HEAP.lock().used() as u64
 }
 
+/// Gives frames back, zeroed first. Free frames always hold zeros (what [`init`] found free
+/// was scrubbed, or came from a hypervisor's fresh RAM), so memory for a guest can be handed
+/// out without zeroing it then: it can never show the guest what a VM or the hypervisor left.
+pub fn free_frames(start: u64, frames: u64) -> Result<(), FrameError> {
+    FRAMES.lock().allocated(start, frames)?;
+    // SAFETY: the frames are allocated (checked just now) and the caller gives them up, so
+    // nothing refers to them; they are mapped in the physical-memory window.
+    unsafe { core::ptr::write_bytes(phys_map().virt(start) as *mut u8, 0, (frames * FRAME_SIZE) as usize) };
+    FRAMES.lock().free(start, frames)
+}
+
+/// `frames` contiguous frames aligned to `align` bytes, holding zeros without being written
+/// now (see [`free_frames`]): for guest RAM, which is large.
+pub fn alloc_clean(frames: u64, align: u64) -> Option<u64> {
+    FRAMES.lock().alloc(frames, align)
+}
+
 /// Allocates `frames` zeroed, contiguous frames aligned to `align` bytes; returns the physical
 /// address, or `None` when memory is exhausted.
 pub fn alloc_zeroed(frames: u64, align: u64) -> Option<u64> {
@@ -246,7 +263,7 @@ impl TableMemory for HostTables {
     }
 
     fn free_table(&mut self, phys: u64) {
-        if let Err(e) = FRAMES.lock().free(phys, 1) {
+        if let Err(e) = free_frames(phys, 1) {
             log::error!("memory: freeing page-table frame {phys:#x}: {e}");
         }
     }
@@ -340,6 +357,16 @@ pub fn init(boot_info: &BootInfo) -> MemorySummary {
     unsafe { HEAP.lock().init(phys.virt(heap_start) as *mut u8, heap_bytes as usize) };
     if frames.lost_bytes() > 0 {
         log::warn!("memory: {} KiB unusable because the memory map is too fragmented", frames.lost_bytes() / 1024);
+    }
+    // From here on free frames hold zeros ([`free_frames`]). Under a hypervisor RAM came
+    // zeroed, and what firmware and the boot loader left in it is theirs; on bare metal it may
+    // still hold a previous system's data, so it is scrubbed once.
+    if raw_cpuid::cpuid!(1).ecx & (1 << 31) == 0 {
+        for range in frames.free_ranges() {
+            // SAFETY: free frames belong to no one, and the window maps them.
+            unsafe { core::ptr::write_bytes(phys.virt(range.start) as *mut u8, 0, range.len() as usize) };
+        }
+        log::info!("memory: scrubbed {} MiB of free memory (bare metal)", frames.free_bytes() >> 20);
     }
     OVERLAY_POOL.call_once(|| Arc::new(OverlayPool::new(heap_bytes.saturating_sub(HEAP_BYTES))));
     MemorySummary { phys, usable_bytes, heap_bytes }

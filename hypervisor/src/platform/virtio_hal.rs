@@ -8,7 +8,7 @@ use virtio_drivers::transport::pci::bus::{Command, DeviceFunction, PciRoot};
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 
-use super::memory::{self, FRAMES};
+use super::memory;
 use super::pci_config::PortAccess;
 use crate::mm::frames::FRAME_SIZE;
 
@@ -31,7 +31,7 @@ unsafe impl Hal for FrameHal {
     }
 
     unsafe fn dma_dealloc(paddr: PhysAddr, _vaddr: NonNull<u8>, pages: usize) -> i32 {
-        match FRAMES.lock().free(paddr, pages as u64) {
+        match memory::free_frames(paddr, pages as u64) {
             Ok(()) => 0,
             Err(_) => -1,
         }
@@ -73,7 +73,7 @@ unsafe impl Hal for FrameHal {
                 core::ptr::copy_nonoverlapping(memory::phys_map().virt(paddr) as *const u8, virt as *mut u8, len)
             };
         }
-        if FRAMES.lock().free(paddr, (len as u64).div_ceil(FRAME_SIZE)).is_err() {
+        if memory::free_frames(paddr, (len as u64).div_ceil(FRAME_SIZE)).is_err() {
             log::error!("virtio device: freeing bounce buffer at {paddr:#x} failed");
         }
     }

@@ -116,7 +116,7 @@ impl XSaveArea {
 
 impl Drop for XSaveArea {
     fn drop(&mut self) {
-        if let Err(e) = memory::FRAMES.lock().free(self.phys, 1) {
+        if let Err(e) = memory::free_frames(self.phys, 1) {
             log::error!("xstate: freeing the save area at {:#x}: {e}", self.phys);
         }
     }

@@ -115,7 +115,7 @@ struct Page {
 
 impl Drop for Page {
     fn drop(&mut self) {
-        if let Err(e) = memory::FRAMES.lock().free(self.phys, self.frames) {
+        if let Err(e) = memory::free_frames(self.phys, self.frames) {
             log::error!("svm: freeing {} frames at {:#x}: {e}", self.frames, self.phys);
         }
     }

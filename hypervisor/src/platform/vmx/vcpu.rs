@@ -141,7 +141,7 @@ impl Frames {
                 Some(phys) => *slot = (phys, count),
                 None => {
                     for &(phys, count) in got.iter().filter(|(_, count)| *count != 0) {
-                        let _ = memory::FRAMES.lock().free(phys, count);
+                        let _ = memory::free_frames(phys, count);
                     }
                     return Err(VmxError::OutOfMemory);
                 }
@@ -151,10 +151,9 @@ impl Frames {
     }
 
     fn free(&self) {
-        let mut frames = memory::FRAMES.lock();
         for (phys, count) in [self.vmcs, self.io_bitmaps, self.msr_bitmap, self.msr_area].into_iter().zip(FRAME_COUNTS)
         {
-            if let Err(e) = frames.free(phys, count) {
+            if let Err(e) = memory::free_frames(phys, count) {
                 log::error!("vmx: freeing {count} frames at {phys:#x}: {e}");
             }
         }
