@@ -62,18 +62,20 @@ cases!(Platform::Tcg, svm:
     cpuid => "cpuid", msr => "msr", io => "io", hlt_and_interrupt_window => "hlt", mmio => "mmio",
     control_registers => "cr", xsetbv => "xsetbv", exceptions => "exceptions",
     redundant_prefixes_at_exits => "prefixed-exits", control_register_bit_patterns => "cr-patterns",
-    string_io_in_every_form => "string-io", paravirtual_clock_and_hypercalls => "paravirt");
+    string_io_in_every_form => "string-io", paravirtual_clock_and_hypercalls => "paravirt",
+    timer_interrupts_keep_time => "timers");
 cases!(Platform::Bochs, vmx:
     cpuid => "cpuid", msr => "msr", io => "io", hlt_and_interrupt_window => "hlt", mmio => "mmio",
     control_registers => "cr", xsetbv => "xsetbv", exceptions => "exceptions",
     redundant_prefixes_at_exits => "prefixed-exits", control_register_bit_patterns => "cr-patterns",
-    string_io_in_every_form => "string-io", paravirtual_clock_and_hypercalls => "paravirt");
+    string_io_in_every_form => "string-io", paravirtual_clock_and_hypercalls => "paravirt",
+    timer_interrupts_keep_time => "timers");
 
 fn whole_suite_ends_cleanly(platform: Platform) {
     Log(suite(platform))
         .contains("[exits] rep-outsb-ok\n")
         .contains("[exits] fs-outsb-ok\n")
-        .contains("[exits] guest: 12 passed, 0 failed\n")
+        .contains("[exits] guest: 13 passed, 0 failed\n")
         .contains("VM-END vm=exits reason=debug-exit status=0")
         .contains("[real-mode] real-mode: ok\n")
         .contains("[real-mode] real-mode: rep outsb ok\n")
