@@ -30,10 +30,23 @@ pub fn boot_vms(platform: Platform, firmware: Firmware, vms: &str) -> RunOutcome
 
 /// [`boot_vms`] on the emulator's CPU model `cpu_model` rather than the platform's default.
 pub fn boot_vms_on(platform: Platform, firmware: Firmware, vms: &str, cpu_model: Option<&str>) -> RunOutcome {
+    boot_vms_with(platform, firmware, vms, cpu_model, HOST_CPUS)
+}
+
+/// [`boot_vms_on`] on a machine of `cpus` host CPUs. One, where a test needs its vCPU to run
+/// whenever it is due: QEMU's single-threaded TCG runs the machine's CPUs in turns, so with two
+/// one of them stands still for whole time slices.
+pub fn boot_vms_with(
+    platform: Platform,
+    firmware: Firmware,
+    vms: &str,
+    cpu_model: Option<&str>,
+    cpus: u32,
+) -> RunOutcome {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images").join(vms);
     let mut config = boot::RunConfig::new(platform, firmware, boot::HYPERVISOR_KERNEL);
     config.timeout = TIMEOUT;
-    config.cpus = HOST_CPUS;
+    config.cpus = cpus;
     config.cpu_model = cpu_model.map(String::from);
     config.ramdisk = boot::ramdisk_files(Some(&path)).unwrap_or_else(|e| panic!("VM set {vms}: {e}"));
     match boot::run(&config) {

@@ -157,7 +157,7 @@ extern "C" {
 
 /// A plain `mov` load: the hypervisor emulates moves to and from device memory, and a
 /// volatile read may compile to another instruction (`test` with a memory operand).
-fn lapic_read(reg: usize) -> u32 {
+pub fn lapic_read(reg: usize) -> u32 {
     let value: u32;
     // SAFETY: the local APIC page is identity-mapped device memory; reads have no side effects
     // on the registers used here.
@@ -165,7 +165,7 @@ fn lapic_read(reg: usize) -> u32 {
     value
 }
 
-fn lapic_write(reg: usize, value: u32) {
+pub fn lapic_write(reg: usize, value: u32) {
     // SAFETY: as above; the case owns the APIC's configuration.
     unsafe { asm!("mov dword ptr [{}], {:e}", in(reg) LAPIC + reg, in(reg) value, options(nostack, preserves_flags)) };
 }
