@@ -370,7 +370,8 @@ pub trait Vcpu {
     /// for.
     fn exit_on_spin_loops(&mut self) {}
     /// Lets go of the host CPU that ran the vCPU last, so any CPU may run it next (VMX clears
-    /// its VMCS there). Call before the vCPU goes back to the scheduler.
+    /// its VMCS there, and the guest's extended state is saved). Call before the vCPU goes back
+    /// to the scheduler.
     fn leave_cpu(&mut self) {}
 }
 

@@ -2,7 +2,8 @@
 //!
 //! The host is built soft-float and never touches these registers itself, but anything the
 //! guest leaves in them must not leak to another guest, and the guest must find them as it left
-//! them. Each vCPU owns an XSAVE area; the world switch swaps XCR0 and the areas around entry.
+//! them. Each vCPU owns an XSAVE area, saved when the vCPU leaves a host CPU and loaded in full
+//! before its next entry; between exits of one slice the state simply stays in the registers.
 
 use core::arch::asm;
 
@@ -122,46 +123,59 @@ impl Drop for XSaveArea {
     }
 }
 
-/// The host's and one guest's extended state, swapped around guest execution.
+/// One guest's extended state. The host never uses these registers (it is built soft-float),
+/// so the guest's state stays in them across exits: it is saved only when the vCPU leaves the
+/// host CPU ([`XState::leave_cpu`], at the end of each slice) and loaded in full at its next
+/// entry, where whatever another vCPU left in the registers is overwritten.
 pub struct XState {
     features: XFeatures,
-    host: XSaveArea,
     guest: XSaveArea,
     /// The guest's XCR0 (starts as x87 only, as after reset).
     pub guest_xcr0: u64,
+    /// The guest's state is in this CPU's registers (since the first entry of this slice).
+    loaded: bool,
 }
 
 impl XState {
-    /// Areas for one vCPU.
+    /// The area for one vCPU.
     pub fn new() -> Option<Self> {
-        Some(XState { features: enable(), host: XSaveArea::new()?, guest: XSaveArea::new()?, guest_xcr0: XCR0_X87 })
+        Some(XState { features: enable(), guest: XSaveArea::new()?, guest_xcr0: XCR0_X87, loaded: false })
     }
 
-    /// Before entry: park the host's state, load the guest's XCR0 and state.
+    /// Before entry: load the guest's state if it is not in the registers yet, and its XCR0.
     pub fn enter_guest(&mut self) {
-        let host_xcr0 = self.features.supported_xcr0;
-        self.host.save(&self.features, host_xcr0);
+        if !self.loaded {
+            // Every component the CPU has, so none keeps what another vCPU left in it:
+            // components the area does not hold are initialised.
+            let all = self.features.supported_xcr0;
+            if self.features.xsave {
+                // SAFETY: the host's XCR0 is what `enable` validated.
+                unsafe { set_xcr0(all) };
+            }
+            self.guest.restore(&self.features, all);
+            self.loaded = true;
+        }
         if self.features.xsave {
             // SAFETY: guest_xcr0 was validated against supported_xcr0 by the exit handler.
             unsafe { set_xcr0(self.guest_xcr0) };
         }
-        self.guest.restore(&self.features, self.guest_xcr0);
     }
 
-    /// After exit: save the guest's state, bring the host's XCR0 and state back.
+    /// After exit: note the guest's XCR0. Its state stays in the registers.
     pub fn leave_guest(&mut self) {
         if self.features.xsave {
             // Normally equal to guest_xcr0; where XSETBV is not intercepted (QEMU's TCG ignores
             // the SVM intercept bit) the guest set it directly and the CPU validated it.
             self.guest_xcr0 = xgetbv0();
         }
-        self.guest.save(&self.features, self.guest_xcr0);
-        let host_xcr0 = self.features.supported_xcr0;
-        if self.features.xsave {
-            // SAFETY: the host's XCR0 is what `enable` validated.
-            unsafe { set_xcr0(host_xcr0) };
+    }
+
+    /// The vCPU leaves this host CPU: save its state (XCR0 is still the guest's).
+    pub fn leave_cpu(&mut self) {
+        if self.loaded {
+            self.guest.save(&self.features, self.guest_xcr0);
+            self.loaded = false;
         }
-        self.host.restore(&self.features, host_xcr0);
     }
 
     /// The XCR0 bits the guest may enable.

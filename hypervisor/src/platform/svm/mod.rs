@@ -807,6 +807,10 @@ impl Vcpu for SvmVcpu {
         self.intercept(misc1::PAUSE, true);
     }
 
+    fn leave_cpu(&mut self) {
+        self.xstate.leave_cpu();
+    }
+
     fn xcr0(&self) -> u64 {
         self.xstate.guest_xcr0
     }

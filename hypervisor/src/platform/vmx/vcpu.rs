@@ -1079,6 +1079,7 @@ impl Vcpu for VmxVcpu {
     }
 
     fn leave_cpu(&mut self) {
+        self.xstate.leave_cpu();
         // SAFETY: VMX is on and the region is ours; VMCLEAR writes the VMCS back to memory and
         // makes it inactive, so another CPU may load it.
         if let Err(e) = unsafe { vmx::vmclear(self.frames.vmcs) } {
