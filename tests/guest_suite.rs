@@ -142,8 +142,9 @@ fn vmx_exit_table_is_printed() {
 on_both_backends!(triple_fault_stops_only_that_vm);
 
 /// A VM alone on a one-CPU machine: over a second of its TSC the local-APIC timer and the PIT, at
-/// 1 kHz each, interrupt 1000 times (at most 2% more, 10% fewer: an emulator's thread may be
-/// descheduled by the machine under it); the micro-benchmark lines are printed.
+/// 1 kHz each, interrupt 1000 times (at most 2% more; fewer only while the emulator's thread
+/// is descheduled by a loaded machine, so down to 60% is accepted); the micro-benchmark lines
+/// are printed.
 fn timer_interrupts_keep_time(platform: Platform) {
     let outcome = integration_tests::boot_vms_with(platform, Firmware::Bios, "timers.vms", None, 1);
     let log = Log(&outcome);
@@ -198,12 +199,13 @@ fn vmx_spec_ctrl_stays_with_its_vcpu() {
 /// Four vCPUs: INIT-SIPI-SIPI starts the three APs in real mode, then fixed (physical and
 /// logical), lowest-priority, NMI, self and broadcast IPIs each land exactly where they should;
 /// then all four send themselves IPIs at once, each taken exactly once and never inside its
-/// own handler.
+/// own handler; an IPI to another vCPU is answered (the micro-benchmark's round trip).
 fn application_processors_start_and_ipis_land(platform: Platform) {
     Log(suite(platform))
         .contains("vm smp: 16 MiB RAM, 4 vCPUs")
         .contains("[smp] case smp: 2000 self-IPIs on each CPU, each taken once\n")
         .contains("[smp] case smp: ok\n")
+        .line_with_all(&["[smp] HV-BENCH ipi round trip to another vCPU", " cycles ("])
         .vm_ended("smp", "debug-exit status=0");
 }
 

@@ -63,6 +63,11 @@ static NMIS: [AtomicU32; MAX_APIC_IDS] = [const { AtomicU32::new(0) }; MAX_APIC_
 /// The self-IPI phase: its vector, rounds per CPU and how long (TSC ticks) its handler stays
 /// before the EOI, so that a second delivery would find it still running.
 const SELF_IPI_VECTOR: u8 = 0x70;
+/// The IPI round trip (`cases=bench`): the BSP sends PING to APIC 1, whose handler answers
+/// with PONG.
+const PING_VECTOR: u8 = 0x71;
+const PONG_VECTOR: u8 = 0x72;
+static PONGS: AtomicU32 = AtomicU32::new(0);
 const SELF_IPI_ROUNDS: u32 = 2000;
 const SELF_IPI_HANDLER_TICKS: u64 = 20_000;
 /// Set by the BSP: the APs run their self-IPI rounds when the next IPI wakes them.
@@ -214,6 +219,16 @@ pub fn count_interrupt(vector: u64) -> bool {
         NMIS[id].fetch_add(1, Ordering::SeqCst);
         return true;
     }
+    if vector == u64::from(PING_VECTOR) {
+        lapic_write(REG_EOI, 0);
+        send_ipi(0, u32::from(PONG_VECTOR));
+        return true;
+    }
+    if vector == u64::from(PONG_VECTOR) {
+        PONGS.fetch_add(1, Ordering::SeqCst);
+        lapic_write(REG_EOI, 0);
+        return true;
+    }
     if vector == u64::from(SELF_IPI_VECTOR) {
         if SELF_IPI_RUNNING[id].swap(true, Ordering::SeqCst) {
             SELF_IPIS_NESTED[id].fetch_add(1, Ordering::SeqCst);
@@ -233,6 +248,26 @@ pub fn count_interrupt(vector: u64) -> bool {
     IPIS[id][index as usize].fetch_add(1, Ordering::SeqCst);
     lapic_write(REG_EOI, 0);
     true
+}
+
+/// TSC cycles from the BSP sending an IPI to APIC 1 to the answer arriving (median of 16), or
+/// `None` if APIC 1 is not up (the `smp` case starts it) or does not answer.
+pub fn ipi_round_trip_cycles() -> Option<u64> {
+    if ARRIVED.load(Ordering::SeqCst) & 0b10 == 0 {
+        return None;
+    }
+    let mut rounds = [0u64; 16];
+    for round in rounds.iter_mut() {
+        let before = PONGS.load(Ordering::SeqCst);
+        let start = cpu::rdtsc();
+        send_ipi(1, u32::from(PING_VECTOR));
+        if !wait_for(|| PONGS.load(Ordering::SeqCst) != before) {
+            return None;
+        }
+        *round = cpu::rdtsc() - start;
+    }
+    rounds.sort_unstable();
+    Some(rounds[rounds.len() / 2])
 }
 
 /// NMIs taken on every CPU so far.
