@@ -25,8 +25,8 @@ use crate::vm::{Env, Slice, VcpuContext, Vm, VmEnd};
 
 const GUEST_RAM_ALIGN: u64 = 2 << 20;
 
-/// Guest RAM: contiguous host frames, taken already zeroed ([`memory::free_frames`] keeps free
-/// frames zeroed) and zeroed again when the VM is dropped.
+/// Guest RAM: contiguous host frames, taken unwritten (they hold nothing another VM or the
+/// hypervisor left: [`memory::free_frames`]) and zeroed when the VM is dropped.
 struct GuestRam {
     phys: u64,
     bytes: u64,

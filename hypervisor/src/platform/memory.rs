@@ -140,9 +140,10 @@ pub fn heap_used() -> u64 {
     HEAP.lock().used() as u64
 }
 
-/// Gives frames back, zeroed first. Free frames always hold zeros (what [`init`] found free
-/// was scrubbed, or came from a hypervisor's fresh RAM), so memory for a guest can be handed
-/// out without zeroing it then: it can never show the guest what a VM or the hypervisor left.
+/// Gives frames back, zeroed first. So a free frame never holds what a VM or the hypervisor
+/// left: it is zeroed since its last use, or has not been used since start-up, where [`init`]
+/// scrubbed it on bare metal (under a hypervisor it holds zeros, or what the firmware and the
+/// boot loader left: under UEFI, OVMF's data). Guest RAM can then be handed out unwritten.
 pub fn free_frames(start: u64, frames: u64) -> Result<(), FrameError> {
     FRAMES.lock().allocated(start, frames)?;
     // SAFETY: the frames are allocated (checked just now) and the caller gives them up, so
@@ -151,8 +152,9 @@ pub fn free_frames(start: u64, frames: u64) -> Result<(), FrameError> {
     FRAMES.lock().free(start, frames)
 }
 
-/// `frames` contiguous frames aligned to `align` bytes, holding zeros without being written
-/// now (see [`free_frames`]): for guest RAM, which is large.
+/// `frames` contiguous frames aligned to `align` bytes, not written now: they hold nothing a
+/// VM or the hypervisor left ([`free_frames`]), though not always zeros. For guest RAM, which
+/// is large and which no loader expects to be zeroed.
 pub fn alloc_clean(frames: u64, align: u64) -> Option<u64> {
     FRAMES.lock().alloc(frames, align)
 }
@@ -358,9 +360,9 @@ pub fn init(boot_info: &BootInfo) -> MemorySummary {
     if frames.lost_bytes() > 0 {
         log::warn!("memory: {} KiB unusable because the memory map is too fragmented", frames.lost_bytes() / 1024);
     }
-    // From here on free frames hold zeros ([`free_frames`]). Under a hypervisor RAM came
-    // zeroed, and what firmware and the boot loader left in it is theirs; on bare metal it may
-    // still hold a previous system's data, so it is scrubbed once.
+    // From here on a free frame holds nothing a VM or the hypervisor left ([`free_frames`]).
+    // Under a hypervisor RAM came zeroed, and what firmware and the boot loader left in it is
+    // theirs; on bare metal it may still hold a previous system's data, so it is scrubbed once.
     if raw_cpuid::cpuid!(1).ecx & (1 << 31) == 0 {
         for range in frames.free_ranges() {
             // SAFETY: free frames belong to no one, and the window maps them.
