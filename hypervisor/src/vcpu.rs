@@ -6,8 +6,6 @@
 
 use core::fmt;
 
-use crate::guest_clock::GuestClock;
-
 /// General-purpose registers saved and restored by the world switch. RSP and RIP live in the
 /// VMCS/VMCB and are reached through [`Vcpu`] methods. The layout is shared with the assembly
 /// world switches: do not reorder.
@@ -283,10 +281,8 @@ impl GuestMode {
 /// One virtual CPU on one hardware backend. Not `Send`: a VMCS/VMCB is bound to the physical
 /// CPU that loaded it.
 pub trait Vcpu {
-    /// Enters the guest and runs it until the next exit. The backend resumes `clock` (and
-    /// programs the TSC offset it gives) immediately before entry and freezes it immediately
-    /// after the exit, so guest time excludes the world switch.
-    fn run(&mut self, clock: &mut GuestClock) -> Exit;
+    /// Enters the guest and runs it until the next exit.
+    fn run(&mut self) -> Exit;
     /// The general-purpose registers (valid between exits; written back on the next entry).
     fn gprs(&mut self) -> &mut Gprs;
     /// Guest RIP.

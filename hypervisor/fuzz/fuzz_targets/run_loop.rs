@@ -29,7 +29,6 @@ use arbitrary::{Arbitrary, Unstructured};
 use hypervisor::console::ConsoleLines;
 use hypervisor::devices::ioapic::IOAPIC_BASE;
 use hypervisor::devices::test_device::{TestDevice, MMIO_BASE};
-use hypervisor::guest_clock::GuestClock;
 use hypervisor::loader::{page_tables, GuestMemory, MemError, SliceMemory};
 use hypervisor::vcpu::{
     valid_xcr0, Exit, Gprs, GuestMode, IoExit, Segment, StartMode, Vcpu, CR_SOURCE_UNKNOWN, XCR0_AVX, XCR0_SSE,
@@ -386,16 +385,13 @@ impl Mock {
 }
 
 impl Vcpu for Mock {
-    fn run(&mut self, clock: &mut GuestClock) -> Exit {
+    fn run(&mut self) -> Exit {
         self.runs += 1;
-        clock.resume(self.clock.tsc());
         self.event_queued = false;
         let Some(step) = self.steps.pop_front() else {
-            clock.freeze(self.clock.tsc());
             return Exit::TripleFault;
         };
         self.clock.pass(u64::from(step.ran_us) * 1000);
-        clock.freeze(self.clock.tsc());
         for &(reg, value) in step.regs.iter().flatten() {
             match reg % 17 {
                 4 => self.rsp = value.get(),

@@ -314,12 +314,8 @@ impl<M: GuestMemory> Vm<M> {
     fn start(&mut self, env: &Env<'_>) {
         self.started = true;
         self.stats.started_us = Some((env.now_micros)());
-        let (host_tsc, hz) = ((env.host_tsc)(), self.clock.tsc_hz());
-        // Guest time is real time: the TSC (and every device clock, kvm-clock too) runs with the
-        // host's at one fixed offset, exits included, so a guest second is a wall-clock second
-        // and every vCPU reads the same TSC. Guests take the TSC's rate from kvm-clock or
-        // CPUID rather than calibrating it against slow emulated timers.
-        self.clock = GuestClock::shared(host_tsc, hz);
+        // Every device clock, kvm-clock too, counts from here (see `GuestClock`).
+        self.clock = GuestClock::new((env.host_tsc)(), self.clock.tsc_hz());
     }
 
     /// Plugs `device` into the VM's PCI bus as a virtio function known to the logs as `name`;
@@ -1160,8 +1156,6 @@ pub fn run_slice<M: GuestMemory>(
     let vcpus = guard.vcpus();
     drop(guard);
     kick(env, cx.index, vcpus, kicks);
-    // Time away from the CPU is guest time: let the clock run until the next entry.
-    cx.clock.resume((env.host_tsc)());
     slice
 }
 
@@ -1250,7 +1244,7 @@ fn slice<M: GuestMemory>(
         let entered = (env.now_micros)();
         // The backend resumes the guest clock right before entry and freezes it right
         // after the exit, so the world switch's own cost is hidden as well.
-        let exit = vcpu.run(&mut cx.clock);
+        let exit = vcpu.run();
         let exited = (env.now_micros)();
         let mut guard = vm.lock();
         guard.take_guest_cr8(cpu, vcpu);

@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::devices::test_device::{TestDevice, IRQ_PORT, MMIO_BASE};
-use crate::guest_clock::GuestClock;
 use crate::loader::{page_tables, SliceMemory};
 use crate::vcpu::{Gprs, GuestMode, Segment, XCR0_AVX, XCR0_SSE, XCR0_X87};
 use alloc::vec;
@@ -68,7 +67,7 @@ fn long_mode() -> GuestMode {
 }
 
 impl Vcpu for Mock {
-    fn run(&mut self, _clock: &mut GuestClock) -> Exit {
+    fn run(&mut self) -> Exit {
         let (exit, gprs) = self.script.pop_front().expect("the run loop ran past the end of the script");
         if let Some(gprs) = gprs {
             self.gprs = gprs;
@@ -167,7 +166,7 @@ fn zero() -> u64 {
     0
 }
 
-/// The host TSC the tests see (the guest TSC too: nothing is hidden in a test).
+/// The host TSC the tests see (the guest's too).
 fn host_tsc() -> u64 {
     42
 }
@@ -240,7 +239,7 @@ fn step(vm: &mut Vm<SliceMemory<'static>>, cx: &mut VcpuContext, vcpu: &mut Mock
     let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, XCR0_X87 | XCR0_SSE);
     vm.offer_interrupt(0, vcpu);
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     match vm.handle(cx, vcpu, exit, &mut env) {
         Next::End(end) => Some(end),
         Next::Continue | Next::Halt | Next::Yield => None,
@@ -429,7 +428,7 @@ fn amd_legacy_performance_counters_and_nb_cfg_read_as_zero_on_amd_only() {
             .then(Exit::Wrmsr, Gprs { rcx: 0xc001_001f, rdx: 1 << 14, ..Gprs::default() })
             .then(Exit::Rdmsr, Gprs { rcx: 0xc001_001f, rax: 0x55, rdx: 0x66, ..Gprs::default() });
         for _ in 0..4 {
-            let exit = vcpu.run(&mut GuestClock::new(0, 0));
+            let exit = vcpu.run();
             vm.handle(&mut cx, &mut vcpu, exit, &mut env);
         }
         if expect_gp {
@@ -452,7 +451,7 @@ fn refused_msrs_are_counted_for_the_end_report() {
         vcpu = vcpu.then(Exit::Rdmsr, Gprs { rcx: msr, ..Gprs::default() });
     }
     for _ in 0..0x100 {
-        let exit = vcpu.run(&mut GuestClock::new(0, 0));
+        let exit = vcpu.run();
         vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     }
     assert_eq!(vcpu.injected_exceptions.len(), 0x100);
@@ -471,7 +470,7 @@ fn cr8_is_the_local_apics_task_priority() {
         .then(cr8(false, 2), Gprs::default())
         .then(cr8(true, 0), Gprs { rax: 0x10, ..Gprs::default() });
     for _ in 0..3 {
-        let exit = vcpu.run(&mut GuestClock::new(0, 0));
+        let exit = vcpu.run();
         assert!(matches!(vm.handle(&mut cx, &mut vcpu, exit, &mut env), Next::Continue));
         if vcpu.skips == 1 {
             assert_eq!(vm.router.lapic(0).tpr(), 0x90, "MOV CR8, 9 sets TPR[7:4]");
@@ -527,7 +526,7 @@ fn interrupts_wait_for_a_window_then_are_injected() {
     let mut vcpu = Mock::new(vec![]).then(request, Gprs { rax: 0x40, ..Gprs::default() });
     let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, 1);
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     vm.offer_interrupt(0, &mut vcpu);
     assert!(vcpu.window, "IF=0: ask for an interrupt window");
@@ -538,7 +537,7 @@ fn interrupts_wait_for_a_window_then_are_injected() {
     assert!(!vcpu.window);
     // HLT with the interrupt already delivered and IF=1 has nothing left to wait for.
     vcpu.script.push_back((Exit::Hlt, None));
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     assert!(matches!(vm.handle(&mut cx, &mut vcpu, exit, &mut env), Next::Halt));
     assert!(matches!(vm.halted_until(&cx, &env), Slice::Ended(VmEnd::Halted(_))));
 }
@@ -556,7 +555,7 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
     );
     let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, 1);
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     assert_eq!(vcpu.gprs.rax, 0x1234_5678);
     assert_eq!(vcpu.rip, START_RIP + 2);
@@ -564,7 +563,7 @@ fn mmio_loads_and_stores_are_decoded_and_emulated() {
         Exit::NestedFault { gpa: MMIO_BASE + 8, write: true, fetch: false },
         Gprs { rbx: MMIO_BASE + 8, rcx: 0x1122_3344_5566_7788, ..Gprs::default() },
     );
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     assert_eq!(vcpu.rip, START_RIP + 5);
     assert_eq!(vm.bus.mmio_read(MMIO_BASE + 8, 8, 0, &mut Events::default()), Some(0x1122_3344_5566_7788));
@@ -584,13 +583,13 @@ fn mmio_through_rsp_and_from_a_code_segment_with_a_base() {
     let scratch = Exit::NestedFault { gpa: MMIO_BASE + 8, write: true, fetch: false };
     let mut vcpu = Mock::new(vec![]).then(scratch, Gprs { rbx: MMIO_BASE + 8, ..Gprs::default() });
     vcpu.rsp = 0x7e57_5000;
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     assert_eq!(vm.bus.mmio_read(MMIO_BASE + 8, 8, 0, &mut Events::default()), Some(0x7e57_5000));
     vcpu.rsp = 0;
     let load = Exit::NestedFault { gpa: MMIO_BASE + 8, write: false, fetch: false };
     vcpu = vcpu.then(load, Gprs { rbx: MMIO_BASE + 8, ..Gprs::default() });
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     assert_eq!((vcpu.rsp, vcpu.rip), (0x7e57_5000, START_RIP + 6));
 
@@ -611,7 +610,7 @@ fn mmio_through_rsp_and_from_a_code_segment_with_a_base() {
         Exit::NestedFault { gpa: MMIO_BASE, write: false, fetch: false },
         Gprs { rbx: MMIO_BASE, ..Gprs::default() },
     );
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     assert_eq!((vcpu.gprs.rax, vcpu.rip), (0x1234_5678, START_RIP + 0x12 - 0x10_0000));
 }
@@ -631,11 +630,11 @@ fn unclaimed_guest_physical_data_accesses_see_an_open_bus() {
         Exit::NestedFault { gpa: HOLE, write: false, fetch: false },
         Gprs { rax: 0x1234_5678_0000_0000, rbx: HOLE, ..Gprs::default() },
     );
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     assert!(matches!(vm.handle(&mut cx, &mut vcpu, exit, &mut env), Next::Continue));
     assert_eq!((vcpu.gprs.rax, vcpu.rip), (0xffff_ffff, START_RIP + 2), "a 32-bit load zero-extends all ones");
     vcpu = vcpu.then(Exit::NestedFault { gpa: HOLE, write: true, fetch: false }, Gprs { rbx: HOLE, ..Gprs::default() });
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     assert!(matches!(vm.handle(&mut cx, &mut vcpu, exit, &mut env), Next::Continue));
     assert_eq!(vcpu.rip, START_RIP + 5);
     assert_eq!(vm.stats.unclaimed_mmio_accesses, 2);
@@ -690,7 +689,7 @@ fn rep_string_io_moves_guest_memory() {
     };
     let mut env = test_env(&mut console, 1);
     for _ in 0..2 {
-        let exit = vcpu.run(&mut GuestClock::new(0, 0));
+        let exit = vcpu.run();
         vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     }
     let mut buf = [0u8; 5];
@@ -720,7 +719,7 @@ fn string_io_in_real_mode_and_into_an_unmapped_page() {
         GuestMode { cr0: 0x10, cr3: 0, cr4: 0, efer: 0, long_code: false, default_32: false, cs_base: 0x1000, cpl: 0 };
     vcpu.rip = 0x10;
     vcpu.ds_base = 0x5000;
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     assert_eq!((vcpu.gprs.rsi, vcpu.gprs.rcx, vcpu.skips), (0x7_0001, 0x1_0000, 1), "SI and CX wrap at 16 bits");
     assert_eq!(vm.console_line, b"ab");
@@ -741,7 +740,7 @@ fn string_io_in_real_mode_and_into_an_unmapped_page() {
     let mut vcpu = Mock::new(vec![]).then(ins, Gprs { rdi: 0x3ffe, rcx: 4, ..Gprs::default() });
     vcpu.mode.cr3 = pml4;
     vcpu.rip = 0x1000;
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     assert_eq!(vcpu.injected_exceptions, [(14, Some(0b10))], "#PF, not present, write");
     assert_eq!((vcpu.cr2, vcpu.gprs.rdi, vcpu.gprs.rcx, vcpu.rip), (0x4000, 0x4000, 2, 0x1000));
@@ -757,13 +756,13 @@ fn xsetbv_is_validated() {
     let mut console = |_: &str, _: bool| {};
     let mut env = test_env(&mut console, XCR0_X87 | XCR0_SSE);
     let mut vcpu = Mock::new(vec![]).then(Exit::Xsetbv, Gprs { rax: 3, ..Gprs::default() });
-    let exit = vcpu.run(&mut GuestClock::new(0, 0));
+    let exit = vcpu.run();
     vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     assert_eq!(vcpu.injected_exceptions, [(VECTOR_UD, None)], "CR4.OSXSAVE clear");
     vcpu.mode.cr4 |= CR4_OSXSAVE;
     for (rax, rcx) in [(3, 0), (2, 0), (7, 0), (3, 1)] {
         vcpu = vcpu.then(Exit::Xsetbv, Gprs { rax, rcx, ..Gprs::default() });
-        let exit = vcpu.run(&mut GuestClock::new(0, 0));
+        let exit = vcpu.run();
         vm.handle(&mut cx, &mut vcpu, exit, &mut env);
     }
     assert_eq!(vcpu.xcr0, 3);

@@ -15,7 +15,6 @@ use super::debug_regs::DebugRegs;
 use super::memory;
 use super::xstate::XState;
 use crate::exit_decode;
-use crate::guest_clock::GuestClock;
 use crate::mm::frames::FRAME_SIZE;
 use crate::mm::tlb_tags::Tag;
 use crate::vcpu::{Exit, Gprs, GuestMode, Segment, StartMode, Vcpu};
@@ -198,29 +197,13 @@ pub struct SvmVcpu {
     _not_send: PhantomData<*const ()>,
 }
 
-/// What the world switch needs to start and stop the guest clock at VMRUN itself.
-#[repr(C)]
-struct TscSync {
-    /// Exit time hidden so far.
-    hidden: u64,
-    /// When the clock stopped.
-    frozen_at: u64,
-    /// Virtual address of the VMCB's TSC_OFFSET field.
-    offset_field: u64,
-    /// Host TSC right before VMRUN (written by the switch).
-    entry: u64,
-    /// Host TSC right after #VMEXIT (written by the switch).
-    exit: u64,
-}
-
 unsafe extern "C" {
     /// The world switch in `global_asm!` below.
-    fn hv_svm_run(vmcb: u64, gprs: *mut Gprs, host_area: u64, sync: *mut TscSync);
+    fn hv_svm_run(vmcb: u64, gprs: *mut Gprs, host_area: u64);
 }
 
-// rdi = guest VMCB, rsi = Gprs, rdx = host VMSAVE area (physical), rcx = TscSync.
+// rdi = guest VMCB, rsi = Gprs, rdx = host VMSAVE area (physical).
 // Host FS/GS/TR/LDTR and syscall MSRs are parked with VMSAVE because VMLOAD replaces them.
-// The TSC is read as close to VMRUN and #VMEXIT as possible so guest time hides the rest.
 global_asm!(
     ".global hv_svm_run",
     "hv_svm_run:",
@@ -233,25 +216,13 @@ global_asm!(
     "push rsi",
     "push rdi",
     "push rdx",
-    "push rcx",
     "clgi",
     // Host interrupts stay blocked by GIF until VMRUN; with IF set they exit the guest.
     "sti",
     "mov rax, rdx",
     "vmsave rax",
-    // TSC offset = -(hidden + now - frozen_at).
-    "mov rcx, [rsp]",
-    "rdtsc",
-    "shl rdx, 32",
-    "or rax, rdx",
-    "mov [rcx + {entry}], rax",
-    "sub rax, [rcx + {frozen_at}]",
-    "add rax, [rcx + {hidden}]",
-    "neg rax",
-    "mov rdx, [rcx + {offset_field}]",
-    "mov [rdx], rax",
-    "mov rax, [rsp + 16]",
-    "mov rsi, [rsp + 24]",
+    "mov rax, [rsp + 8]",
+    "mov rsi, [rsp + 16]",
     "mov rbx, [rsi + 8]",
     "mov rcx, [rsi + 16]",
     "mov rdx, [rsi + 24]",
@@ -269,7 +240,7 @@ global_asm!(
     "vmload rax",
     "vmrun rax",
     "vmsave rax",
-    "mov rax, [rsp + 24]",
+    "mov rax, [rsp + 16]",
     "mov [rax + 8], rbx",
     "mov [rax + 16], rcx",
     "mov [rax + 24], rdx",
@@ -284,16 +255,11 @@ global_asm!(
     "mov [rax + 96], r13",
     "mov [rax + 104], r14",
     "mov [rax + 112], r15",
-    "rdtsc",
-    "shl rdx, 32",
-    "or rax, rdx",
-    "mov rcx, [rsp]",
-    "mov [rcx + {exit}], rax",
-    "mov rax, [rsp + 8]",
+    "mov rax, [rsp]",
     "vmload rax",
     "cli",
     "stgi",
-    "add rsp, 32",
+    "add rsp, 24",
     "pop r15",
     "pop r14",
     "pop r13",
@@ -301,11 +267,6 @@ global_asm!(
     "pop rbp",
     "pop rbx",
     "ret",
-    hidden = const core::mem::offset_of!(TscSync, hidden),
-    frozen_at = const core::mem::offset_of!(TscSync, frozen_at),
-    offset_field = const core::mem::offset_of!(TscSync, offset_field),
-    entry = const core::mem::offset_of!(TscSync, entry),
-    exit = const core::mem::offset_of!(TscSync, exit),
 );
 
 impl SvmVcpu {
@@ -413,7 +374,7 @@ impl SvmVcpu {
     }
 
     /// One VMRUN and the raw decoding of its exit; `None` for exits handled here.
-    fn run_once(&mut self, clock: &mut GuestClock) -> Option<Exit> {
+    fn run_once(&mut self) -> Option<Exit> {
         self.vmcb.write(save::RAX, self.gprs.rax);
         let cpu = super::percpu::current().index;
         if self.last_cpu != Some(cpu) || self.shared_asid {
@@ -424,24 +385,11 @@ impl SvmVcpu {
         self.load_tsc_aux();
         self.debug.enter_guest();
         self.xstate.enter_guest();
-        let (hidden, frozen_at) = clock.entry_base(rdtsc());
-        // A clock that hides nothing has one fixed offset: the switch then writes its computed
-        // offset into `discarded` instead, and every entry of every vCPU sees the same TSC.
-        let mut discarded = 0u64;
-        let offset_field = if clock.hides_exits() {
-            self.vmcb.ptr::<u64>(control::TSC_OFFSET) as u64
-        } else {
-            self.vmcb.write(control::TSC_OFFSET, clock.tsc_offset());
-            core::ptr::addr_of_mut!(discarded) as u64
-        };
-        let mut sync = TscSync { hidden, frozen_at, offset_field, entry: 0, exit: 0 };
         // SAFETY: the VMCB passed the setup above (SVME set, VMRUN intercepted, ASID != 0,
         // valid maps), the host save area is set by `enable`, both pages are owned by this
-        // vCPU, `offset_field` points into the VMCB or at `discarded` (alive across the
-        // call), and `hv_svm_run` restores every callee-saved register.
-        unsafe { hv_svm_run(self.vmcb.phys, &mut self.gprs, self.host_area.phys, &mut sync) };
-        clock.resume(sync.entry);
-        clock.freeze(sync.exit);
+        // vCPU, and `hv_svm_run` restores every callee-saved register. TSC_OFFSET stays 0:
+        // guest time is the host's.
+        unsafe { hv_svm_run(self.vmcb.phys, &mut self.gprs, self.host_area.phys) };
         self.xstate.leave_guest();
         self.debug.leave_guest();
         self.gprs.rax = self.vmcb.read(save::RAX);
@@ -620,9 +568,9 @@ fn msrpm_position(msr: u32) -> Option<(usize, u32)> {
 }
 
 impl Vcpu for SvmVcpu {
-    fn run(&mut self, clock: &mut GuestClock) -> Exit {
+    fn run(&mut self) -> Exit {
         loop {
-            if let Some(exit) = self.run_once(clock) {
+            if let Some(exit) = self.run_once() {
                 return exit;
             }
         }
@@ -821,9 +769,4 @@ impl SvmVcpu {
     pub fn supported_xcr0(&self) -> u64 {
         self.xstate.supported_xcr0()
     }
-}
-
-fn rdtsc() -> u64 {
-    // SAFETY: RDTSC has no side effects.
-    unsafe { core::arch::x86_64::_rdtsc() }
 }

@@ -11,7 +11,6 @@ pub mod control {
     pub const PAUSE_FILTER_COUNT: usize = 0x03e;
     pub const IOPM_BASE: usize = 0x040;
     pub const MSRPM_BASE: usize = 0x048;
-    pub const TSC_OFFSET: usize = 0x050;
     pub const GUEST_ASID: usize = 0x058;
     pub const TLB_CONTROL: usize = 0x05c;
     pub const V_INTR: usize = 0x060;

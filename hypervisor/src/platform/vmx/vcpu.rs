@@ -15,7 +15,6 @@ use super::instructions::{self as vmx, VmxError};
 use super::switch::{self, SwitchState};
 use super::{cap_msr, ept_vpid_cap, msr, rdmsr, revision_id};
 use crate::exit_decode;
-use crate::guest_clock::GuestClock;
 use crate::mm::frames::FRAME_SIZE;
 use crate::mm::tlb_tags::Tag;
 use crate::platform::debug_regs::DebugRegs;
@@ -33,7 +32,6 @@ const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 // Primary processor-based controls.
 const PRIMARY_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
 const PRIMARY_NMI_WINDOW_EXITING: u32 = 1 << 22;
-const PRIMARY_USE_TSC_OFFSETTING: u32 = 1 << 3;
 const PRIMARY_HLT_EXITING: u32 = 1 << 7;
 const PRIMARY_MWAIT_EXITING: u32 = 1 << 10;
 const PRIMARY_RDPMC_EXITING: u32 = 1 << 11;
@@ -295,7 +293,6 @@ impl VmxVcpu {
                 | PRIMARY_MONITOR_EXITING
                 | PRIMARY_CR8_LOAD_EXITING
                 | PRIMARY_CR8_STORE_EXITING
-                | PRIMARY_USE_TSC_OFFSETTING
                 | PRIMARY_USE_IO_BITMAPS
                 | PRIMARY_USE_MSR_BITMAPS
                 | PRIMARY_ACTIVATE_SECONDARY,
@@ -306,7 +303,6 @@ impl VmxVcpu {
                 (PRIMARY_MONITOR_EXITING, "MONITOR exiting"),
                 (PRIMARY_CR8_LOAD_EXITING, "CR8-load exiting"),
                 (PRIMARY_CR8_STORE_EXITING, "CR8-store exiting"),
-                (PRIMARY_USE_TSC_OFFSETTING, "use TSC offsetting"),
                 (PRIMARY_USE_IO_BITMAPS, "use I/O bitmaps"),
                 (PRIMARY_USE_MSR_BITMAPS, "use MSR bitmaps"),
                 (PRIMARY_ACTIVATE_SECONDARY, "activate secondary controls"),
@@ -799,7 +795,7 @@ impl VmxVcpu {
     }
 
     /// One VM entry and exit; `None` when the backend handled the exit and the guest continues.
-    fn run_once(&mut self, clock: &mut GuestClock) -> Option<Exit> {
+    fn run_once(&mut self) -> Option<Exit> {
         if self.vmcs_access_failed.get() {
             return Some(Exit::BackendFailed { what: "a VMCS field could not be read or written (logged above)" });
         }
@@ -825,13 +821,10 @@ impl VmxVcpu {
         self.debug.enter_guest();
         self.xstate.enter_guest();
         load_cr2(self.guest_cr2);
-        clock.resume(rdtsc());
-        self.set(w64::TSC_OFFSET, clock.tsc_offset());
         // SAFETY: VMX is on, our VMCS is current with complete host state (HOST_RIP is the exit
         // path of the same assembly, HOST_RSP is written by it), and `state` points at our
         // boxed switch state, which outlives the call.
         let result = unsafe { switch::hv_vmx_run(state, u64::from(self.launched)) };
-        clock.freeze(rdtsc());
         self.guest_cr2 = Cr2::read_raw();
         self.xstate.leave_guest();
         self.debug.leave_guest();
@@ -933,9 +926,9 @@ impl VmxVcpu {
 }
 
 impl Vcpu for VmxVcpu {
-    fn run(&mut self, clock: &mut GuestClock) -> Exit {
+    fn run(&mut self) -> Exit {
         loop {
-            if let Some(exit) = self.run_once(clock) {
+            if let Some(exit) = self.run_once() {
                 return exit;
             }
         }
