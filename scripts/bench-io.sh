@@ -53,22 +53,13 @@ INITRD=$("$ROOT/guest-images/linux/root-initramfs.sh" | tail -n1) || die "root-i
 NET_INITRD=$("$ROOT/guest-images/linux/net-initramfs.sh" | tail -n1) || die "net-initramfs.sh failed"
 command -v qemu-system-x86_64 >/dev/null || ensure_packages qemu-system-x86
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/hv-bench-io.XXXXXX")
-LOGS=$HV_CACHE/bench
-mkcache "$LOGS"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workspace hv-bench-io
 
 # measure NAME LOG PID: waits for the four HV-BENCH markers on LOG and prints
 # "write_MBps read_MBps", or returns 1 with what went wrong on stderr.
 measure() {
     local name=$1 log=$2 pid=$3 deadline t_ws t_wd t_rs t_rd
-    deadline=$(awk -v s="$(now)" -v t="$TIMEOUT" 'BEGIN { printf "%.6f", s + t }')
+    deadline=$(deadline_in "$TIMEOUT")
     t_ws=$(wait_for 'HV-BENCH: write start' "$log" "$pid" "$deadline") &&
         t_wd=$(wait_for 'HV-BENCH: write done' "$log" "$pid" "$deadline") &&
         t_rs=$(wait_for 'HV-BENCH: read start' "$log" "$pid" "$deadline") &&
@@ -147,7 +138,7 @@ run_net_hypervisor() {
     sed -e "s|linux/out/distro-vmlinuz|$KERNEL|" -e "s|linux/out/net-initramfs.cpio.gz|$NET_INITRD|" \
         "$ROOT/guest-images/linux-net.vms" >"$vms"
     boot_hypervisor "$vms" "$out"
-    deadline=$(awk -v s="$(now)" -v t="$TIMEOUT" 'BEGIN { printf "%.6f", s + t }')
+    deadline=$(deadline_in "$TIMEOUT")
     if t_start=$(wait_for 'HV-NET-SEND: start' "$out" "$HV_PID" "$deadline") &&
         t_done=$(wait_for 'HV-NET-SEND: done' "$out" "$HV_PID" "$deadline"); then
         wait_for 'HV-END' "$out" "$HV_PID" "$deadline" >/dev/null || true

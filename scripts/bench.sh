@@ -49,16 +49,7 @@ BASE_CMDLINE='console=ttyS0 panic=-1 hv.quick=1'
 command -v qemu-system-x86_64 >/dev/null || ensure_packages qemu-system-x86
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found"
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/hv-bench.XXXXXX")
-LOGS=$HV_CACHE/bench
-mkcache "$LOGS"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workspace hv-bench
 
 if [ "$BARE_ONLY" = 0 ]; then
     say "building the hypervisor tools (cargo build -p boot)"
@@ -66,8 +57,6 @@ if [ "$BARE_ONLY" = 0 ]; then
 fi
 # Runs the built boot tool (no cargo in the timed path).
 boot_tool() { "$ROOT/target/debug/boot" "$@"; }
-
-deadline_in() { awk -v s="$(now)" -v t="$1" 'BEGIN { printf "%.6f", s + t }'; }
 
 # bare_run KERNEL INITRD CMDLINE LOG: seconds from starting QEMU to the marker, or nothing.
 bare_run() {

@@ -200,3 +200,48 @@ write_initramfs() {
     zcat "$archive.gz" | cpio -t --quiet 2>/dev/null | grep -x init >/dev/null \
         || die "compressed archive lacks /init"
 }
+
+# module_initramfs NAME INIT RECIPE KEY_EXTRA STAGE_EXTRA MODULE...: the distro kernel's
+# initramfs NAME.cpio.gz, cached in $HV_CACHE/NAME/<hash>/ and published: busybox-static, INIT
+# as /init, and the MODULEs with their dependencies (see stage_modules). STAGE_EXTRA, if not
+# empty, is a function called with the staging root to add files; KEY_EXTRA (text) names what
+# it adds in the cache key, as RECIPE numbers the recipe. Rebuilt when FORCE is 1.
+module_initramfs() {
+    local name=$1 init=$2 recipe=$3 key_extra=$4 stage_extra=$5 key base out root archive
+    shift 5
+    [ -r "$init" ] || die "init script not found: $init"
+    ensure_packages cpio gzip xz-utils
+    ensure_busybox
+    use_distro_kernel
+    resolve_modules "$@"
+    key=$(hash_of_text "recipe=$recipe busybox=$BB_VERSION init=$(hash_of "$init") ${key_extra:+$key_extra }\
+kernel=$KVER modules=${MODULE_ORDER[*]} files=$(cd "$MODULES" && hash_of "${MODULE_ORDER[@]}")")
+    base=$HV_CACHE/$name
+    out=$base/$key
+    if [ "${FORCE:-0}" = 0 ] && [ -s "$out/$name.cpio.gz" ]; then
+        say "up to date (hash $key, kernel $KVER, busybox-static $BB_VERSION)"
+        publish "$name.cpio.gz" "$out/$name.cpio.gz"
+        return 0
+    fi
+
+    mkcache "$base"
+    WORK=$(mktemp -d "$base/.build.XXXXXX")
+    trap 'rm -rf "$WORK"' EXIT
+    root=$WORK/root
+    say "staging busybox-static $BB_VERSION, /init and ${#MODULE_ORDER[@]} modules of $KVER"
+    stage_busybox "$root"
+    cp "$init" "$root/init"
+    chmod 755 "$root/init"
+    [ -z "$stage_extra" ] || "$stage_extra" "$root"
+    stage_modules "$root"
+
+    archive=$WORK/$name.cpio
+    say "load order: $(module_names)"
+    say "writing the newc archive ($BB_LINKS applet links)"
+    write_initramfs "$root" "$archive"
+    rm -rf "$out"
+    mkdir -p "$out"
+    mv "$archive.gz" "$out/$name.cpio.gz"
+    say "built: $(stat -c %s "$out/$name.cpio.gz") bytes, $INITRAMFS_ENTRIES entries"
+    publish "$name.cpio.gz" "$out/$name.cpio.gz"
+}

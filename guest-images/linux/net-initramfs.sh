@@ -24,7 +24,6 @@ case "${1:-}" in
 esac
 
 INIT=$LINUX_DIR/net-init
-[ -r "$INIT" ] || die "init script not found: $INIT"
 # Bump when the recipe below changes in a way that changes the output.
 RECIPE=1
 # A virtio-net NIC on PCI, beyond what the kernel has built in: the PCI transport and the
@@ -33,39 +32,10 @@ NET_MODULES=(virtio_pci virtio_net)
 # The page the guest serves on port 8080.
 SERVICE_PAGE=HV-NET-SERVICE-OK
 
-ensure_packages cpio gzip xz-utils
-ensure_busybox
-use_distro_kernel
-resolve_modules "${NET_MODULES[@]}"
+# Adds the service's page.
+stage_page() {
+    mkdir -p "$1/www"
+    echo "$SERVICE_PAGE" >"$1/www/index.html"
+}
 
-KEY=$(hash_of_text "recipe=$RECIPE busybox=$BB_VERSION init=$(hash_of "$INIT") page=$SERVICE_PAGE \
-kernel=$KVER modules=${MODULE_ORDER[*]} files=$(cd "$MODULES" && hash_of "${MODULE_ORDER[@]}")")
-BASE=$HV_CACHE/net-initramfs
-OUT=$BASE/$KEY
-if [ "$FORCE" = 0 ] && [ -s "$OUT/net-initramfs.cpio.gz" ]; then
-    say "up to date (hash $KEY, kernel $KVER, busybox-static $BB_VERSION)"
-    publish net-initramfs.cpio.gz "$OUT/net-initramfs.cpio.gz"
-    exit 0
-fi
-
-mkcache "$BASE"
-WORK=$(mktemp -d "$BASE/.build.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-ROOT=$WORK/root
-say "staging busybox-static $BB_VERSION, /init and ${#MODULE_ORDER[@]} modules of $KVER"
-stage_busybox "$ROOT"
-cp "$INIT" "$ROOT/init"
-chmod 755 "$ROOT/init"
-mkdir -p "$ROOT/www"
-echo "$SERVICE_PAGE" >"$ROOT/www/index.html"
-stage_modules "$ROOT"
-
-ARCHIVE=$WORK/net-initramfs.cpio
-say "load order: $(module_names)"
-say "writing the newc archive ($BB_LINKS applet links)"
-write_initramfs "$ROOT" "$ARCHIVE"
-rm -rf "$OUT"
-mkdir -p "$OUT"
-mv "$ARCHIVE.gz" "$OUT/net-initramfs.cpio.gz"
-say "built: $(stat -c %s "$OUT/net-initramfs.cpio.gz") bytes, $INITRAMFS_ENTRIES entries"
-publish net-initramfs.cpio.gz "$OUT/net-initramfs.cpio.gz"
+module_initramfs net-initramfs "$INIT" "$RECIPE" "page=$SERVICE_PAGE" stage_page "${NET_MODULES[@]}"

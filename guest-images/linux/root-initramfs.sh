@@ -23,7 +23,6 @@ case "${1:-}" in
 esac
 
 INIT=$LINUX_DIR/root-initramfs-init
-[ -r "$INIT" ] || die "init script not found: $INIT"
 # Bump when the recipe below changes in a way that changes the output.
 RECIPE=2
 # What mounting an ext4 root on a virtio-blk disk takes, beyond what the kernel has built in:
@@ -33,39 +32,7 @@ RECIPE=2
 # takes a virtio entropy device if the VM has one (`devices = rng`).
 ROOT_MODULES=(virtio_pci virtio_blk crc32c_generic ext4 virtio_rng)
 
-ensure_packages cpio gzip xz-utils
-ensure_busybox
+# Adds the mount point of the real root.
+stage_newroot() { mkdir -p "$1/newroot"; }
 
-use_distro_kernel
-resolve_modules "${ROOT_MODULES[@]}"
-
-KEY=$(hash_of_text "recipe=$RECIPE busybox=$BB_VERSION init=$(hash_of "$INIT") kernel=$KVER \
-modules=${MODULE_ORDER[*]} files=$(cd "$MODULES" && hash_of "${MODULE_ORDER[@]}")")
-BASE=$HV_CACHE/root-initramfs
-OUT=$BASE/$KEY
-if [ "$FORCE" = 0 ] && [ -s "$OUT/root-initramfs.cpio.gz" ]; then
-    say "up to date (hash $KEY, kernel $KVER, busybox-static $BB_VERSION)"
-    publish root-initramfs.cpio.gz "$OUT/root-initramfs.cpio.gz"
-    exit 0
-fi
-
-mkcache "$BASE"
-WORK=$(mktemp -d "$BASE/.build.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-ROOT=$WORK/root
-say "staging busybox-static $BB_VERSION, /init and ${#MODULE_ORDER[@]} modules of $KVER"
-stage_busybox "$ROOT"
-cp "$INIT" "$ROOT/init"
-chmod 755 "$ROOT/init"
-mkdir -p "$ROOT/newroot"
-stage_modules "$ROOT"
-
-ARCHIVE=$WORK/root-initramfs.cpio
-say "load order: $(module_names)"
-say "writing the newc archive ($BB_LINKS applet links)"
-write_initramfs "$ROOT" "$ARCHIVE"
-rm -rf "$OUT"
-mkdir -p "$OUT"
-mv "$ARCHIVE.gz" "$OUT/root-initramfs.cpio.gz"
-say "built: $(stat -c %s "$OUT/root-initramfs.cpio.gz") bytes, $INITRAMFS_ENTRIES entries"
-publish root-initramfs.cpio.gz "$OUT/root-initramfs.cpio.gz"
+module_initramfs root-initramfs "$INIT" "$RECIPE" "" stage_newroot "${ROOT_MODULES[@]}"

@@ -35,6 +35,24 @@ wait_exit() {
     return $rc
 }
 
+# deadline_in SECONDS: the clock reading SECONDS from now, for wait_for.
+deadline_in() { awk -v s="$(now)" -v t="$1" 'BEGIN { printf "%.6f", s + t }'; }
+
+# bench_workspace NAME: makes WORK (a scratch directory, removed at exit), LOGS (kept logs, in
+# the cache) and PIDS (emulators started; append to it, they are killed at exit).
+bench_workspace() {
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")
+    LOGS=$HV_CACHE/bench
+    mkcache "$LOGS"
+    PIDS=()
+    trap bench_cleanup EXIT
+}
+bench_cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+
 median() { sort -n | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 
 # The CPU QEMU TCG emulates, on bare QEMU as under the hypervisor (boot/src/platforms.rs,
