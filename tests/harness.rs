@@ -82,7 +82,7 @@ pub fn boot_set_with_disk(
 pub struct Log<'a>(pub &'a RunOutcome);
 
 impl Log<'_> {
-    fn fail(&self, what: &str) -> ! {
+    pub fn fail(&self, what: &str) -> ! {
         panic!(
             "{what}\n--- run: {}\n--- serial log ({}):\n{}\n--- emulator messages:\n{}",
             self.0.summary(),

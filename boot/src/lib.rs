@@ -29,10 +29,11 @@ pub const HYPERVISOR_KERNEL: &str = env!("CARGO_BIN_FILE_HYPERVISOR_hypervisor")
 /// A test build that takes a page fault right after bring-up.
 pub const FAULT_TEST_KERNEL: &str = env!("CARGO_BIN_FILE_HYPERVISOR_hypervisor-fault-test");
 /// Guest images built with the hypervisor, available to VM sets by these names.
-pub const BUILT_IN_IMAGES: [(&str, &str); 3] = [
+pub const BUILT_IN_IMAGES: [(&str, &str); 4] = [
     ("test-guest.elf", env!("CARGO_BIN_FILE_TEST_GUEST_test-guest")),
     ("real-mode-guest.elf", env!("CARGO_BIN_FILE_TEST_GUEST_real-mode-guest")),
     ("multiboot-guest.elf", env!("CARGO_BIN_FILE_TEST_GUEST_multiboot-guest")),
+    ("bench-guest.elf", env!("CARGO_BIN_FILE_TEST_GUEST_bench-guest")),
 ];
 /// Name of the VM configuration inside the ramdisk.
 pub const VM_CONFIG_FILE: &str = "vms.conf";

@@ -6,9 +6,12 @@ use std::path::PathBuf;
 
 fn main() {
     let dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    for (bin, script) in
-        [("test-guest", "link.ld"), ("real-mode-guest", "real-mode.ld"), ("multiboot-guest", "multiboot.ld")]
-    {
+    for (bin, script) in [
+        ("test-guest", "link.ld"),
+        ("real-mode-guest", "real-mode.ld"),
+        ("multiboot-guest", "multiboot.ld"),
+        ("bench-guest", "multiboot.ld"),
+    ] {
         let script = dir.join(script);
         println!("cargo:rerun-if-changed={}", script.display());
         println!("cargo:rustc-link-arg-bin={bin}=-T{}", script.display());

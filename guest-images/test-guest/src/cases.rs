@@ -610,71 +610,14 @@ fn paravirt() -> CaseResult {
     check_caught("vmclear", traps::caught(), vmclear_at, 0)
 }
 
-/// Micro-benchmarks (`cases=bench`, with `devices = test`, for scripts/bench.sh): cycles of
-/// the guest's TSC per CPUID, port write, MMIO read and HLT wake-up, and after the `smp` case
-/// the IPI round trip, one `HV-BENCH` line each.
+/// The IPI round trip micro-benchmark (`cases=smp,bench` on two or more vCPUs, for
+/// scripts/bench.sh): TSC cycles from sending an IPI to another vCPU to its answer. The other
+/// micro-benchmarks are the bench guest's (`bench-guest.elf`), which also runs on bare QEMU.
 fn bench() -> CaseResult {
-    const ROUNDS: u64 = 2000;
-    let tsc_khz = u64::from(cpu::cpuid(0x4000_0010, 0).eax).max(1);
-    let report = |what: &str, cycles: u64| {
-        println!("HV-BENCH {what}: {cycles} cycles ({} ns)", cycles * 1_000_000 / tsc_khz);
+    let Some(cycles) = crate::smp::ipi_round_trip_cycles() else {
+        return Err(fail!("needs the smp case first, on two or more vCPUs"));
     };
-    let per_round = |op: &dyn Fn()| {
-        let start = cpu::rdtsc();
-        for _ in 0..ROUNDS {
-            op();
-        }
-        (cpu::rdtsc() - start) / ROUNDS
-    };
-    report(
-        "cpuid",
-        per_round(&|| {
-            core::hint::black_box(cpu::cpuid(0, 0));
-        }),
-    );
-    // SAFETY: port 0x80 is the POST-code port: writes only record a byte.
-    report(
-        "port write (out 0x80)",
-        per_round(&|| unsafe { asm!("out 0x80, al", in("al") 0u8, options(nomem, nostack, preserves_flags)) }),
-    );
-    report(
-        "mmio read (test device)",
-        per_round(&|| {
-            let id: u32;
-            // SAFETY: the test device's ID register: identity-mapped, reads have no side effects.
-            unsafe {
-                asm!("mov {:e}, dword ptr [{}]", out(reg) id, in(reg) MMIO_ID, options(nostack, preserves_flags))
-            };
-            core::hint::black_box(id);
-        }),
-    );
-
-    // HLT until a local-APIC TSC-deadline timer fires: cycles from the deadline to the handler.
-    const IA32_TSC_DEADLINE: u32 = 0x6e0;
-    let lapic_write = crate::smp::lapic_write;
-    lapic_write(0x80, 0); // task priority 0: the timer's vector gets through
-    lapic_write(0xf0, 0x1ff); // enabled, spurious vector 0xff
-    lapic_write(0x320, u32::from(VECTOR_TEST_IRQ) | (2 << 17)); // LVT timer: TSC-deadline mode
-    let mut latencies = [0u64; 16];
-    for latency in latencies.iter_mut() {
-        traps::reset_test_irq_count();
-        let deadline = cpu::rdtsc() + tsc_khz * 2; // 2 ms ahead
-                                                   // SAFETY: arms the local APIC timer; its vector has a handler.
-        unsafe { cpu::wrmsr(IA32_TSC_DEADLINE, deadline) };
-        while traps::test_irq_count() == 0 {
-            // SAFETY: interrupts are on only for the HLT (see `hlt`).
-            unsafe { asm!("sti", "hlt", "cli", options(nostack)) };
-        }
-        *latency = cpu::rdtsc().saturating_sub(deadline);
-        lapic_write(0xb0, 0); // EOI
-    }
-    lapic_write(0x320, 1 << 16); // masked
-    latencies.sort_unstable();
-    report("hlt wake-up by the APIC timer (median of 16)", latencies[latencies.len() / 2]);
-    // With the application processors up (`cases=smp,bench` on four vCPUs).
-    if let Some(cycles) = crate::smp::ipi_round_trip_cycles() {
-        report("ipi round trip to another vCPU (median of 16)", cycles);
-    }
+    println!("HV-BENCH ipi round trip to another vCPU (median of 16): {cycles} cycles");
     Ok(())
 }
 
