@@ -52,23 +52,13 @@ const CALIBRATION_TICKS: u32 = 20_000_000;
 #[no_mangle]
 static BENCH_TICKS: AtomicU64 = AtomicU64::new(0);
 
+global_asm!(include_str!("../multiboot_header.s"), options(att_syntax));
+
 // The way to long mode: zero the bss, identity-map 4 GiB with 2 MiB pages (PML4, one PDPT, four
 // PDs, all in the bss), PAE, EFER.LME, paging, a 64-bit code segment. Then the interrupt
 // stubs: the timer counts and sends EOI; anything else unexpected ends the guest with status 3.
 global_asm!(
     r#"
-    .section .multiboot_header, "a"
-    .balign 4
-bench_multiboot_header:
-    .long 0x1badb002                      // magic
-    .long 0x00010000                      // flags: a.out kludge
-    .long -(0x1badb002 + 0x00010000)      // checksum
-    .long bench_multiboot_header          // header_addr
-    .long __mb_load_start                 // load_addr
-    .long __mb_load_end                   // load_end_addr
-    .long __mb_bss_end                    // bss_end_addr
-    .long multiboot_start                     // entry_addr
-
     .section .text.multiboot_entry, "ax"
     .code32
     .global multiboot_start

@@ -29,22 +29,12 @@
 use core::arch::global_asm;
 use core::panic::PanicInfo;
 
+global_asm!(include_str!("../multiboot_header.s"), options(att_syntax));
+
 // AT&T syntax, like the real-mode guest. Register use in the checks: EBX = info structure,
 // EDI = number of failed checks; the print helpers preserve every register.
 global_asm!(
     r#"
-    .section .multiboot_header, "a"
-    .balign 4
-multiboot_header:
-    .long 0x1badb002                      // magic
-    .long 0x00010003                      // flags: page-align modules, memory info, a.out kludge
-    .long -(0x1badb002 + 0x00010003)      // checksum
-    .long multiboot_header                // header_addr
-    .long __mb_load_start                 // load_addr
-    .long __mb_load_end                   // load_end_addr
-    .long __mb_bss_end                    // bss_end_addr
-    .long multiboot_start                 // entry_addr
-
     .section .text.multiboot_entry, "ax"
     .code32
     .global multiboot_start
