@@ -10,6 +10,7 @@
 
 mod cases;
 mod cpu;
+mod idt;
 mod serial;
 mod smp;
 mod traps;

@@ -1,9 +1,10 @@
 //! IDT, trap entry stubs and the dispatcher that the cases use to check faults they provoke.
 
-use core::arch::{asm, global_asm};
+use core::arch::global_asm;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use crate::idt::{load_idt, IdtEntry};
 use crate::serial::{self, println};
 
 pub const VECTOR_DE: u8 = 0;
@@ -14,9 +15,6 @@ pub const VECTOR_PF: u8 = 14;
 /// The vector the `hlt` case asks the test device to inject.
 pub const VECTOR_TEST_IRQ: u8 = 0x40;
 
-const KERNEL_CS: u16 = 0x08;
-/// Present, DPL 0, 64-bit interrupt gate (IF is cleared on entry).
-const INTERRUPT_GATE: u8 = 0x8E;
 /// Each stub in `trap_stubs` is padded to this size, so vector N's stub is at `trap_stubs + N * 16`.
 const STUB_SIZE: u64 = 16;
 
@@ -117,35 +115,6 @@ pub struct TrapFrame {
     ss: u64,
 }
 
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct IdtEntry {
-    offset_low: u16,
-    selector: u16,
-    ist: u8,
-    type_attr: u8,
-    offset_mid: u16,
-    offset_high: u32,
-    reserved: u32,
-}
-
-impl IdtEntry {
-    const MISSING: IdtEntry =
-        IdtEntry { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
-
-    fn interrupt_gate(handler: u64) -> IdtEntry {
-        IdtEntry {
-            offset_low: handler as u16,
-            selector: KERNEL_CS,
-            ist: 0,
-            type_attr: INTERRUPT_GATE,
-            offset_mid: (handler >> 16) as u16,
-            offset_high: (handler >> 32) as u32,
-            reserved: 0,
-        }
-    }
-}
-
 #[repr(C, align(16))]
 struct Idt([IdtEntry; 256]);
 
@@ -155,12 +124,6 @@ struct IdtCell(UnsafeCell<Idt>);
 unsafe impl Sync for IdtCell {}
 
 static IDT: IdtCell = IdtCell(UnsafeCell::new(Idt([IdtEntry::MISSING; 256])));
-
-#[repr(C, packed)]
-struct DescriptorPointer {
-    limit: u16,
-    base: u64,
-}
 
 /// Fills the IDT with a gate for every vector and loads it. Must run before anything can fault.
 pub fn init() {
@@ -181,13 +144,6 @@ pub fn load_empty_idt() {
 /// Restores the guest's own IDT after `load_empty_idt`.
 pub fn reload_idt() {
     load_idt(IDT.0.get() as u64, (core::mem::size_of::<Idt>() - 1) as u16);
-}
-
-fn load_idt(base: u64, limit: u16) {
-    let pointer = DescriptorPointer { limit, base };
-    // SAFETY: `pointer` describes either the fully initialised IDT or an empty one (on purpose, for
-    // the triple-fault case).
-    unsafe { asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags)) };
 }
 
 const NO_VECTOR: u32 = u32::MAX;

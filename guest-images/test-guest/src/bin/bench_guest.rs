@@ -21,6 +21,8 @@
 #[allow(dead_code)] // shared with the test guest, which uses all of it
 #[path = "../cpu.rs"]
 mod cpu;
+#[path = "../idt.rs"]
+mod idt;
 #[allow(dead_code)]
 #[path = "../serial.rs"]
 mod serial;
@@ -29,6 +31,7 @@ use core::arch::{asm, global_asm};
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use idt::{load_idt, IdtEntry};
 use serial::println;
 
 const ROUNDS: u64 = 2000;
@@ -174,62 +177,20 @@ unsafe extern "C" {
     fn bench_unexpected_trap();
 }
 
-/// One 64-bit interrupt gate.
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct Gate {
-    offset_low: u16,
-    selector: u16,
-    ist: u8,
-    kind: u8,
-    offset_mid: u16,
-    offset_high: u32,
-    reserved: u32,
-}
+static mut IDT: [IdtEntry; 256] = [IdtEntry::MISSING; 256];
 
-impl Gate {
-    const EMPTY: Gate =
-        Gate { offset_low: 0, selector: 0, ist: 0, kind: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
-
-    fn to(handler: unsafe extern "C" fn()) -> Gate {
-        let at = handler as usize as u64;
-        Gate {
-            offset_low: at as u16,
-            selector: 0x08,
-            ist: 0,
-            kind: 0x8e, // present, DPL 0, interrupt gate
-            offset_mid: (at >> 16) as u16,
-            offset_high: (at >> 32) as u32,
-            reserved: 0,
-        }
-    }
-}
-
-static mut IDT: [Gate; 256] = [Gate::EMPTY; 256];
-
-fn load_idt() {
+fn install_idt() {
     // SAFETY: runs once, before interrupts are enabled; nothing else touches the table.
-    unsafe {
-        let idt = &mut *core::ptr::addr_of_mut!(IDT);
-        for (vector, gate) in idt.iter_mut().enumerate() {
-            *gate = match vector as u8 {
-                TIMER_VECTOR => Gate::to(bench_timer_interrupt),
-                SPURIOUS_VECTOR => Gate::to(bench_spurious_interrupt),
-                _ => Gate::to(bench_unexpected_trap),
-            };
-        }
-        let pointer: [u16; 5] = {
-            let base = idt.as_ptr() as u64;
-            [
-                (size_of::<[Gate; 256]>() - 1) as u16,
-                base as u16,
-                (base >> 16) as u16,
-                (base >> 32) as u16,
-                (base >> 48) as u16,
-            ]
+    let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
+    for (vector, entry) in idt.iter_mut().enumerate() {
+        let handler: unsafe extern "C" fn() = match vector as u8 {
+            TIMER_VECTOR => bench_timer_interrupt,
+            SPURIOUS_VECTOR => bench_spurious_interrupt,
+            _ => bench_unexpected_trap,
         };
-        asm!("lidt [{}]", in(reg) pointer.as_ptr(), options(nostack, readonly));
+        *entry = IdtEntry::interrupt_gate(handler as usize as u64);
     }
+    load_idt(idt.as_ptr() as u64, (size_of::<[IdtEntry; 256]>() - 1) as u16);
 }
 
 // The accesses are plain MOVs in assembly: the compiler may fold a volatile load into another
@@ -298,7 +259,7 @@ fn hlt_wake_up_cycles() -> u64 {
 
 #[no_mangle]
 extern "C" fn bench_main() -> ! {
-    load_idt();
+    install_idt();
     // SAFETY: masks both 8259s, so only the local APIC interrupts (the BIOS may have left the
     // PIT's IRQ 0 on, at a vector this guest does not handle).
     unsafe {
