@@ -180,12 +180,21 @@ fn registers_do_not_leak_between_vms_on_one_cpu(platform: Platform) {
 
 on_both_backends!(registers_do_not_leak_between_vms_on_one_cpu);
 
-/// On an Intel CPU with IBRS (Bochs's Tiger Lake), SPEC_CTRL is offered and each vCPU keeps its
-/// own: the second VM reads 0 while the first, on the same host CPU, holds IBRS and STIBP.
+/// On an Intel CPU with IBRS and IBPB (Bochs's Tiger Lake), SPEC_CTRL is offered and each vCPU
+/// keeps its own: the second VM reads 0 while the first, on the same host CPU, holds IBRS and
+/// STIBP. And the CPU clears its branch predictors (IBPB) each time it goes from one VM to the
+/// other.
 #[test]
-fn vmx_spec_ctrl_stays_with_its_vcpu() {
+fn vmx_spec_ctrl_and_branch_predictors_stay_with_their_vm() {
     let outcome = integration_tests::boot_vms_on(Platform::Bochs, Firmware::Bios, "traces.vms", Some("tigerlake"));
+    let barriers = outcome.serial.lines().find_map(|line| {
+        line.split_once("host: ")?.1.strip_suffix(" branch-predictor barriers (IBPB) between VMs")?.parse::<u64>().ok()
+    });
+    if barriers.is_none_or(|n| n == 0) {
+        Log(&outcome).fail("no \"host: N branch-predictor barriers (IBPB) between VMs\" line with N above 0");
+    }
     Log(&outcome)
+        .contains("speculation: an IBPB whenever a CPU goes from one VM to another")
         .contains("[traces] case leave-traces: ok\n")
         .contains("[no-traces] case find-no-traces: SPEC_CTRL checked\n")
         .contains("[no-traces] case find-no-traces: ok\n")

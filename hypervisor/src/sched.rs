@@ -141,9 +141,26 @@ pub fn next_input_vm(running: &[bool], current: usize) -> Option<usize> {
     (1..=count).map(|step| (current + step) % count).find(|&vm| running[vm])
 }
 
+/// No VM: what a CPU has run before its first vCPU.
+pub const NO_VM: usize = usize::MAX;
+
+/// Whether a CPU that last ran a vCPU of VM `last` (or [`NO_VM`]) must clear its branch
+/// predictors before running one of VM `next`: only when they are different VMs.
+pub fn needs_predictor_barrier(last: usize, next: usize) -> bool {
+    last != NO_VM && last != next
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn predictors_are_cleared_only_between_different_vms() {
+        assert!(!needs_predictor_barrier(NO_VM, 0), "the first vCPU on a CPU");
+        assert!(!needs_predictor_barrier(3, 3), "the same VM again (another vCPU of it too)");
+        assert!(needs_predictor_barrier(3, 4));
+        assert!(needs_predictor_barrier(4, 3));
+    }
 
     #[test]
     fn input_moves_to_the_next_running_vm_and_wraps() {

@@ -19,6 +19,7 @@ pub mod percpu;
 pub mod scheduler;
 pub mod serial;
 pub mod smp;
+pub mod speculation;
 pub mod svm;
 pub mod virtio_disk;
 pub mod virtio_hal;
@@ -98,6 +99,14 @@ pub fn bring_up(boot_info: &'static mut BootInfo) -> Host {
     };
     let cpu = cpu::identify();
     log::info!("{cpu}");
+    log::info!(
+        "speculation: {}",
+        if speculation::has_ibpb() {
+            "an IBPB whenever a CPU goes from one VM to another"
+        } else {
+            "no IBPB on this CPU: VMs that take turns on a CPU share its branch predictors"
+        }
+    );
     if let Err(e) = apic::init() {
         exit::end(RunStatus::Failure, &format!("host local APIC: {e}"));
     }

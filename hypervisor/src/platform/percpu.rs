@@ -39,6 +39,9 @@ pub struct PerCpu {
     /// The value last written to this CPU's TSC_AUX for a guest (SVM switches it by hand):
     /// an entry rewrites the MSR only when the next vCPU's value differs.
     pub guest_tsc_aux: AtomicU64,
+    /// The VM (index in the set) whose vCPU ran here last, [`crate::sched::NO_VM`] before any:
+    /// see `speculation::entering_vm`.
+    pub last_vm: AtomicUsize,
 }
 
 static CPU_COUNT: AtomicUsize = AtomicUsize::new(0);
@@ -57,6 +60,7 @@ pub fn create(index: usize, apic_id: u32, tables: &'static CpuTables) -> &'stati
         online: AtomicBool::new(false),
         timer_deadline_tsc: AtomicU64::new(0),
         guest_tsc_aux: AtomicU64::new(0),
+        last_vm: AtomicUsize::new(crate::sched::NO_VM),
     }));
     block.self_address = block as *const PerCpu as u64;
     CPUS[index].store(block.self_address, Ordering::Release);

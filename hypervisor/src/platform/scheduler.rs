@@ -161,6 +161,7 @@ fn run_task(mut task: Task, affinity: CpuSet, next_wake_us: Option<u64>) {
     // Kicks from now on are seen by this slice or make the task runnable when it is put back.
     slot.kicked.store(false, Ordering::Release);
     let vm_index = shared.index;
+    super::speculation::entering_vm(vm_index);
     let mut input = || read_input(vm_index);
     let kick_vcpu = |vcpu: usize| kick(&shared, vcpu);
     let slice = task.run_slice(slice_end, &mut input, &kick_vcpu);
@@ -285,6 +286,10 @@ fn finish_run() -> ! {
     let (total, failed) = (outcome.names.len(), outcome.failed.clone());
     drop(outcome);
     host_nic::report();
+    let barriers = super::speculation::barriers();
+    if barriers > 0 {
+        log::info!("host: {barriers} branch-predictor barriers (IBPB) between VMs");
+    }
     let nmis = super::idt::platform_nmis();
     if nmis > 0 {
         log::warn!("host: {nmis} platform NMIs taken and ignored");
