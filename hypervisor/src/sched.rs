@@ -150,9 +150,31 @@ pub fn needs_predictor_barrier(last: usize, next: usize) -> bool {
     last != NO_VM && last != next
 }
 
+/// Whether a host timer armed to fire at `armed` (TSC; 0: not armed) can stay as it is for
+/// a caller who needs it at `wanted`: it has not fired yet (`now`) and fires no later than
+/// `slack` after `wanted` (callers compute deadlines from a microsecond clock, so the same
+/// deadline comes back a little different). An earlier one costs at most one extra exit;
+/// re-arming costs two local-APIC writes, which under a nested hypervisor are exits of their
+/// own, on every exit of the guest.
+pub fn keeps_armed_timer(armed: u64, now: u64, wanted: u64, slack: u64) -> bool {
+    armed != 0 && now < armed && armed <= wanted.saturating_add(slack)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_armed_timer_is_kept_only_when_it_fires_in_time() {
+        assert!(keeps_armed_timer(1_000, 500, 1_000, 0), "the same deadline again");
+        assert!(keeps_armed_timer(1_000, 500, 5_000, 0), "fires early: one extra exit at worst");
+        assert!(!keeps_armed_timer(1_000, 500, 900, 0), "would fire too late");
+        assert!(keeps_armed_timer(1_000, 500, 990, 10), "late, within the slack");
+        assert!(!keeps_armed_timer(1_000, 500, 989, 10), "late beyond the slack");
+        assert!(!keeps_armed_timer(1_000, 1_000, 5_000, 0), "has fired");
+        assert!(!keeps_armed_timer(0, 500, 5_000, 0), "not armed");
+        assert!(keeps_armed_timer(u64::MAX, 500, u64::MAX - 5, 10), "no overflow");
+    }
 
     #[test]
     fn predictors_are_cleared_only_between_different_vms() {

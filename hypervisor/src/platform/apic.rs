@@ -233,26 +233,40 @@ fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// How much later than asked an armed timer may fire and still be kept (see [`arm`]).
+const TIMER_SLACK_US: u64 = 4;
+
 /// Arms the one-shot timer to fire after `ns` (clamped to the counter's range), or disarms it.
+/// A timer already armed to fire in time is left alone (see [`crate::sched::keeps_armed_timer`]).
 pub fn arm(ns: Option<u64>) {
     if !READY.load(Ordering::Relaxed) {
         return;
     }
-    let deadline_tsc = match ns {
-        None => {
+    let armed = &super::percpu::current().timer_deadline_tsc;
+    let Some(ns) = ns else {
+        if armed.swap(0, Ordering::Relaxed) != 0 {
             write(TIMER_INITIAL, 0);
-            0
         }
-        Some(ns) => {
-            let ticks =
-                (ns as u128 * TICKS_PER_MS.load(Ordering::Relaxed) as u128 / 1_000_000).clamp(1, u32::MAX as u128);
-            write(LVT_TIMER, TIMER_VECTOR as u32);
-            write(TIMER_INITIAL, ticks as u32);
-            let tsc_ns = (ns as u128 * super::serial::tsc_per_microsecond() as u128 / 1000).min(u64::MAX as u128);
-            rdtsc().saturating_add(tsc_ns as u64).max(1)
-        }
+        return;
     };
-    super::percpu::current().timer_deadline_tsc.store(deadline_tsc, Ordering::Relaxed);
+    let ticks_per_ms = TICKS_PER_MS.load(Ordering::Relaxed) as u128;
+    let ticks = (ns as u128 * ticks_per_ms / 1_000_000).clamp(1, u32::MAX as u128);
+    // When the counter really runs out: `ns` may be beyond its range.
+    let fires_in_us = ticks * 1000 / ticks_per_ms;
+    let now = rdtsc();
+    let fires_in_tsc = (fires_in_us * super::serial::tsc_per_microsecond() as u128).min(u64::MAX as u128);
+    let deadline_tsc = now.saturating_add(fires_in_tsc as u64).max(1);
+    let previous = armed.load(Ordering::Relaxed);
+    let slack = TIMER_SLACK_US * super::serial::tsc_per_microsecond();
+    if crate::sched::keeps_armed_timer(previous, now, deadline_tsc, slack) {
+        return;
+    }
+    if previous == 0 {
+        // Unmasked at the first arming; a disarmed timer (initial count 0) stays quiet.
+        write(LVT_TIMER, TIMER_VECTOR as u32);
+    }
+    write(TIMER_INITIAL, ticks as u32);
+    armed.store(deadline_tsc, Ordering::Relaxed);
 }
 
 /// Signals end of interrupt.

@@ -1242,8 +1242,7 @@ fn slice<M: GuestMemory>(
         drop(guard);
         kick(env, cpu, vcpus, kicks);
         let entered = (env.now_micros)();
-        // The backend resumes the guest clock right before entry and freezes it right
-        // after the exit, so the world switch's own cost is hidden as well.
+        // Time in the guest, world switch included, for the exit table.
         let exit = vcpu.run();
         let exited = (env.now_micros)();
         let mut guard = vm.lock();
