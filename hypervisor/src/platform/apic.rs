@@ -253,11 +253,12 @@ pub fn arm(ns: Option<u64>) {
     let ticks = (ns as u128 * ticks_per_ms / 1_000_000).clamp(1, u32::MAX as u128);
     // When the counter really runs out: `ns` may be beyond its range.
     let fires_in_us = ticks * 1000 / ticks_per_ms;
+    let tsc_per_us = super::serial::tsc_per_microsecond();
     let now = rdtsc();
-    let fires_in_tsc = (fires_in_us * super::serial::tsc_per_microsecond() as u128).min(u64::MAX as u128);
+    let fires_in_tsc = (fires_in_us * tsc_per_us as u128).min(u64::MAX as u128);
     let deadline_tsc = now.saturating_add(fires_in_tsc as u64).max(1);
     let previous = armed.load(Ordering::Relaxed);
-    let slack = TIMER_SLACK_US * super::serial::tsc_per_microsecond();
+    let slack = TIMER_SLACK_US * tsc_per_us;
     if crate::sched::keeps_armed_timer(previous, now, deadline_tsc, slack) {
         return;
     }
